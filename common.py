@@ -1,0 +1,703 @@
+"""common.py: the small shared layer under prfl.py, velr.py, prism.py and dina_lrm.py.
+
+Everything here is plumbing that three or more methods need and that is not a method itself:
+
+    backbones      load_backbone(name) -> diffusers WanPipeline ("tiny" is built offline in memory),
+                   WAN_CONFIGS (known real configs, for shapes and parameter counts without weights)
+    text           encode_prompts(pipe, prompts) -> (embeds [P,L,D], mask [P,L]), computed once
+    flow matching  shift_sigma, sigma_schedule, add_noise, velocity_target, x0_from_velocity,
+                   euler_step, sample_train_sigma, predict_velocity
+    rollout        rollout(transformer, x, embeds, sigmas, start, stop, grad_steps, cfg)
+    DiT prefix     dit_prefix_features(transformer, x, timestep, embeds, taps) (stops after max(taps))
+    LoRA           add_lora / save_lora (diffusers format, loads with WanPipeline.load_lora_weights)
+    data           save_dataset / load_dataset (safetensors shards + meta.json), prompt tables
+    toy world      toy_prompts, make_toy_clips, toy_reward, true_reward, build_toy_dataset
+    plumbing       arg / parse_args (dataclass -> argparse), seed_everything, Run (run directory,
+                   metrics.jsonl, summary.json), save_safetensors (atomic), export_video, mean_se
+
+Conventions (Wan2.1 / diffusers): sigma in [0, 1] with x_sigma = (1 - sigma) x0 + sigma eps, the
+transformer's timestep is 1000 * sigma and it predicts the velocity eps - x0. Latents are the VAE's
+normalised latents, [B, 16, F', H', W'] with F' = (frames - 1) // 4 + 1 and H' = H / 8.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# Backbones
+# ----------------------------------------------------------------------------------------------
+# Configs of the real Wan2.1 text-to-video checkpoints (diffusers format), kept so that shapes,
+# token counts, parameter counts and memory can be computed without downloading any weights.
+_WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                temperal_downsample=[False, True, True])
+WAN_CONFIGS = {
+    "wan2.1-1.3b": dict(
+        repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", height=480, width=832, num_frames=81,
+        max_sequence_length=512, flow_shift=3.0, vae=_WAN_VAE,
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                         in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                         num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                         eps=1e-6, rope_max_seq_len=1024)),
+    "wan2.1-14b": dict(
+        repo="Wan-AI/Wan2.1-T2V-14B-Diffusers", height=720, width=1280, num_frames=81,
+        max_sequence_length=512, flow_shift=5.0, vae=_WAN_VAE,
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
+                         in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
+                         num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                         eps=1e-6, rope_max_seq_len=1024)),
+    # 12 blocks so every method's paper default (8 or 12 blocks, taps 4/8/12) exists unchanged.
+    # Inner dim 32 = 2 heads x 16 so the heads of PRFL (8) and DiNa (8) divide it.
+    "tiny": dict(
+        repo=None, height=32, width=32, num_frames=9, max_sequence_length=32, flow_shift=3.0,
+        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                 temperal_downsample=[False, True, True],
+                 # the random tiny VAE's latents have std ~0.2; normalise them to ~unit scale
+                 latents_mean=[0.0] * 16, latents_std=[0.2] * 16),
+        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                         in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                         num_layers=12, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                         eps=1e-6, rope_max_seq_len=32),
+        text_encoder=dict(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                          relative_attention_num_buckets=8)),
+}
+
+
+def backbone_config(name: str) -> dict:
+    """The WAN_CONFIGS entry for a known name; for a folder / hub id, the 1.3B defaults."""
+    return WAN_CONFIGS.get(name, WAN_CONFIGS["wan2.1-1.3b"])
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A real diffusers WanPipeline of random tiny components, deterministic, offline, < 1 s."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    cfg = WAN_CONFIGS["tiny"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(**cfg["transformer"])
+        vae = AutoencoderKLWan(**cfg["vae"])
+        text_encoder = UMT5EncoderModel(UMT5Config(**cfg["text_encoder"]))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=cfg["flow_shift"])
+    # ByT5 is byte-level: it needs no vocabulary file, so the tiny pipeline has a real tokenizer.
+    return WanPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder.eval(), vae=vae.eval(),
+                       transformer=transformer, scheduler=scheduler)
+
+
+def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a WanPipeline: "tiny", "wan2.1-1.3b", "wan2.1-14b", a local folder or a hub id.
+
+    The transformer runs in bf16 on CUDA and fp32 on CPU (or `dtype`); VAE and text encoder in fp32.
+    """
+    from diffusers import WanPipeline
+
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name == "tiny":
+        pipe = build_tiny_pipeline()
+    else:
+        repo = WAN_CONFIGS[name]["repo"] if name in WAN_CONFIGS else name
+        try:
+            # transformer in `dtype`, everything else (VAE, text encoder) in fp32
+            pipe = WanPipeline.from_pretrained(repo, torch_dtype={"transformer": dtype, "default": torch.float32})
+        except (OSError, ValueError) as e:  # hub unreachable / not cached / not a Wan folder
+            raise SystemExit(
+                f"could not load the Wan checkpoint '{repo}' ({type(e).__name__}).\n"
+                f"Download it once where the Hugging Face hub is reachable, e.g.\n"
+                f"    huggingface-cli download {repo} --local-dir checkpoints/{repo.split('/')[-1]}\n"
+                f"then pass the folder: --backbone checkpoints/{repo.split('/')[-1]}") from None
+    pipe.backbone_name = name
+    if pipe.transformer.dtype != dtype:  # tiny on CUDA
+        pipe.transformer.to(dtype=dtype)
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
+    if pipe.text_encoder is not None:
+        pipe.text_encoder.to(device)
+    pipe.transformer.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    if pipe.text_encoder is not None:
+        pipe.text_encoder.requires_grad_(False)
+    return pipe
+
+
+def backbone_geometry(pipe, height=None, width=None, num_frames=None) -> dict:
+    """Video size (defaults from the backbone) and the latent shape and token count it gives."""
+    cfg = backbone_config(getattr(pipe, "backbone_name", "tiny"))
+    h, w, f = height or cfg["height"], width or cfg["width"], num_frames or cfg["num_frames"]
+    st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    if (f - 1) % st or h % (ss * 2) or w % (ss * 2):
+        raise ValueError(f"video {f}x{h}x{w}: frames must be {st}k+1 and height/width multiples of {ss * 2}")
+    shape = (pipe.transformer.config.in_channels, (f - 1) // st + 1, h // ss, w // ss)
+    p = pipe.transformer.config.patch_size
+    tokens = shape[1] // p[0] * shape[2] // p[1] * shape[3] // p[2]
+    return dict(height=h, width=w, num_frames=f, latent_shape=shape, tokens=tokens,
+                max_sequence_length=cfg["max_sequence_length"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: encode every prompt once; training never needs the text encoder afterwards.
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], max_sequence_length: int | None = None, batch_size: int = 16):
+    """T5 embeddings [P, L, D] (zero-padded past each prompt, as Wan does) and the mask [P, L]."""
+    L = max_sequence_length or backbone_geometry(pipe)["max_sequence_length"]
+    if pipe.text_encoder is None:
+        raise RuntimeError("the text encoder was already dropped: encode prompts before training")
+    embeds, masks = [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i:i + batch_size])
+        e = pipe._get_t5_prompt_embeds(chunk, max_sequence_length=L, device=pipe.text_encoder.device,
+                                       dtype=torch.float32)
+        ids = pipe.tokenizer(chunk, padding="max_length", max_length=L, truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        embeds.append(e.cpu())
+        masks.append(ids.attention_mask.bool())
+    return torch.cat(embeds), torch.cat(masks)
+
+
+def drop_text_encoder(pipe):
+    """Free the text encoder (11 GB for real Wan) once all prompts are cached."""
+    pipe.text_encoder = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow matching (rectified flow, as Wan is trained), one line each, differentiable.
+# ----------------------------------------------------------------------------------------------
+def shift_sigma(s, shift: float):
+    """Timestep shift s' = shift*s / (1 + (shift-1)*s): spends more steps at high noise."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
+    """N+1 sigmas from 1 to 0 (shifted); step i goes from sigmas[i] to sigmas[i+1]."""
+    return shift_sigma(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
+
+
+def add_noise(x0, eps, sigma):
+    """x_sigma = (1 - sigma) x0 + sigma eps (sigma broadcast over [B])."""
+    s = _bcast(sigma, x0)
+    return (1 - s) * x0 + s * eps
+
+
+def velocity_target(x0, eps):
+    """The flow-matching regression target v = eps - x0."""
+    return eps - x0
+
+
+def x0_from_velocity(x_t, v, sigma):
+    """x0 = x_sigma - sigma v (exact for the straight path)."""
+    return x_t - _bcast(sigma, x_t) * v
+
+
+def euler_step(x, v, sigma, sigma_next):
+    """One Euler step of the flow ODE: x + (sigma_next - sigma) v."""
+    return x + (_bcast(sigma_next, x) - _bcast(sigma, x)) * v
+
+
+def sample_train_sigma(batch: int, shift: float = 1.0, generator=None, device="cpu") -> torch.Tensor:
+    """sigma = shift(u), u uniform on the 1000-point training grid (shift 1: uniform sigma)."""
+    u = torch.randint(1, 1001, (batch,), generator=generator).float() / 1000
+    return shift_sigma(u, shift).to(device)
+
+
+def _bcast(sigma, x):
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma
+
+
+def predict_velocity(transformer, x, sigma, embeds):
+    """The generator's velocity v(x, sigma, text) in fp32; sigma is a float or a [B] tensor."""
+    dtype = transformer.dtype
+    t = (torch.as_tensor(sigma, device=x.device, dtype=torch.float32) * 1000).expand(x.shape[0])
+    out = transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
+                      return_dict=False)[0]
+    return out.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout with a gradient window
+# ----------------------------------------------------------------------------------------------
+def rollout(transformer, x, embeds, sigmas, start: int = 0, stop: int | None = None, grad_steps=(),
+            guidance_scale: float = 1.0, negative_embeds=None, progress: bool = False):
+    """Denoise x from sigmas[start] to sigmas[stop] with Euler steps; return (x, v of the last step).
+
+    The transformer is called with autograd on only for the step indices in `grad_steps` (the
+    window): outside it, the velocity is computed under no_grad, so gradient reaches the generator
+    only through the window's steps (the Euler update itself stays differentiable in x).
+    With guidance_scale > 1, classifier-free guidance with `negative_embeds` (one batched call).
+    Block gradient checkpointing applies inside the window when enabled on the transformer.
+    """
+    stop = len(sigmas) - 1 if stop is None else stop
+    grad_steps = set(grad_steps)
+    v = None
+    for i in tqdm(range(start, stop), desc="rollout", leave=False, disable=not progress):
+        with torch.set_grad_enabled(i in grad_steps and torch.is_grad_enabled()):
+            if guidance_scale > 1.0:
+                v_c, v_u = predict_velocity(transformer, torch.cat([x, x]), sigmas[i],
+                                            torch.cat([embeds, negative_embeds])).chunk(2)
+                v = v_u + guidance_scale * (v_c - v_u)
+            else:
+                v = predict_velocity(transformer, x, sigmas[i], embeds)
+        x = euler_step(x, v, sigmas[i], sigmas[i + 1])
+    return x, v
+
+
+@torch.no_grad()
+def sample_latents(pipe, embeds, seeds: list[int], num_steps: int = 20, shift: float | None = None,
+                   guidance_scale: float = 1.0, negative_embeds=None, batch_size: int = 16):
+    """Fresh samples (no gradient) from fixed seeds: one latent per (embedding row, seed)."""
+    geo = backbone_geometry(pipe)
+    dev = pipe.transformer.device
+    sigmas = sigma_schedule(num_steps, shift or backbone_config(getattr(pipe, "backbone_name", "tiny"))["flow_shift"])
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        e = embeds[i:i + batch_size].to(dev)
+        noise = torch.stack([torch.randn(geo["latent_shape"], generator=torch.Generator().manual_seed(s))
+                             for s in seeds[i:i + batch_size]]).to(dev)
+        neg = None if negative_embeds is None else negative_embeds.expand(len(e), -1, -1).to(dev)
+        out.append(rollout(pipe.transformer, noise, e, sigmas, guidance_scale=guidance_scale,
+                           negative_embeds=neg)[0].cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT prefix features: the transformer's own embeddings, then only its first blocks
+# ----------------------------------------------------------------------------------------------
+def dit_prefix_features(transformer, x, timestep, embeds, taps=(8,)):
+    """Run patch/rope/condition embeddings and blocks[:max(taps)] (the rest never runs).
+
+    Returns dict(hidden=[h after block k for k in taps] each [B, N, D], text=[B, L, D] embedded text
+    tokens, temb=[B, D] timestep embedding, grid=(F', H'/2, W'/2) token grid in raster order).
+    `timestep` is on the 0..1000 scale. Block gradient checkpointing is used when it is enabled
+    on the transformer and autograd is on, as in the transformer's own forward.
+    """
+    tr = transformer
+    if max(taps) > len(tr.blocks):
+        raise ValueError(f"tap {max(taps)} > {len(tr.blocks)} blocks")
+    dtype = tr.dtype
+    x = x.to(dtype)
+    rotary = tr.rope(x)
+    h = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+    t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    temb, tproj, text, _ = tr.condition_embedder(t, embeds.to(dtype), None)
+    tproj = tproj.unflatten(1, (6, -1))
+    hidden, ckpt = [], torch.is_grad_enabled() and tr.gradient_checkpointing
+    for k, block in enumerate(tr.blocks[:max(taps)], start=1):
+        h = tr._gradient_checkpointing_func(block, h, text, tproj, rotary) if ckpt else block(h, text, tproj, rotary)
+        if k in taps:
+            hidden.append(h)
+    p = tr.config.patch_size
+    grid = (x.shape[2] // p[0], x.shape[3] // p[1], x.shape[4] // p[2])
+    return dict(hidden=hidden, text=text, temb=temb, grid=grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA (peft through diffusers), saved in the diffusers format
+# ----------------------------------------------------------------------------------------------
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of attn1 and attn2
+
+
+def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: str = "default",
+             blocks: list[int] | None = None, targets=LORA_TARGETS):
+    """Attach a (named) LoRA adapter; base weights stay frozen. `blocks` restricts it to those blocks.
+
+    LoRA params are kept in fp32 even when the base runs in bf16 (diffusers' cast_training_params).
+    """
+    from peft import LoraConfig
+
+    if blocks is None:
+        target = targets
+    else:  # a regex: peft matches it against the full module name
+        target = rf"blocks\.({'|'.join(map(str, blocks))})\.attn[12]\.({'|'.join(re.escape(t) for t in targets)})"
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True,
+                                       target_modules=target), adapter_name=adapter_name)
+    params = [p for n, p in transformer.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(transformer, adapter_name: str = "default") -> dict:
+    from peft.utils import get_peft_model_state_dict
+    return get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+
+
+def save_lora(transformer, out_dir, adapter_name: str = "default"):
+    """Write out_dir/pytorch_lora_weights.safetensors: WanPipeline.load_lora_weights(out_dir) loads it."""
+    from diffusers import WanPipeline
+    WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=lora_state_dict(transformer, adapter_name))
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a latent dataset is a folder of safetensors shards + meta.json
+# ----------------------------------------------------------------------------------------------
+# Per-row tensors share dim 0; prompts are stored once: prompt_embeds [P, L, D], prompt_mask [P, L],
+# and each row has prompt_idx [N]. meta.json has {"kind", "prompts": [P strings], ...}.
+# kinds: "binary" (latents, label), "score" (latents, score), "pairs" (latents_a, latents_b, pref
+# with 0 = A better, 1 = B better, 2 = tie), "prompts" (only the prompt table; latents optional).
+DATASET_KEYS = {"binary": ("latents", "label"), "score": ("latents", "score"),
+                "pairs": ("latents_a", "latents_b", "pref"), "prompts": ()}
+PROMPT_KEYS = ("prompt_embeds", "prompt_mask")
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """Atomic write: a temp file in the same folder, then rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_dataset(folder, tensors: dict, meta: dict, shard: int = 0):
+    """Write one shard (shard-00000.safetensors) and meta.json; the prompt table goes in prompts.safetensors."""
+    folder = Path(folder)
+    rows = {k: v for k, v in tensors.items() if k not in PROMPT_KEYS}
+    save_safetensors({k: tensors[k] for k in PROMPT_KEYS}, folder / "prompts.safetensors")
+    save_safetensors(rows, folder / f"shard-{shard:05d}.safetensors")
+    save_json(meta, folder / "meta.json")
+
+
+def load_dataset(folder, kind: str | None = None) -> tuple[dict, dict]:
+    """Load and validate a dataset folder; every problem is reported with the file and the key."""
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a dataset folder (no meta.json); make one with the toy world "
+                                f"or the preparation step")
+    meta = json.loads((folder / "meta.json").read_text())
+    if kind is not None and meta.get("kind") != kind:
+        raise ValueError(f"{folder}/meta.json: kind is '{meta.get('kind')}', this method needs '{kind}'")
+    prompts = load_file(str(folder / "prompts.safetensors"))
+    shards = sorted(folder.glob("shard-*.safetensors"))
+    parts = [load_file(str(s)) for s in shards]
+    data = {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+    data.update(prompts)
+    need = DATASET_KEYS[meta["kind"]] + ("prompt_idx",) * bool(DATASET_KEYS[meta["kind"]]) + PROMPT_KEYS
+    for k in need:
+        if k not in data:
+            raise ValueError(f"{folder}: key '{k}' missing (a '{meta['kind']}' dataset needs {need})")
+    n = len(data[need[0]])
+    if n == 0:
+        raise ValueError(f"{folder}: the dataset is empty")
+    for k, v in data.items():
+        if k not in PROMPT_KEYS and len(v) != n:
+            raise ValueError(f"{folder}: '{k}' has {len(v)} rows, '{need[0]}' has {n}")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = (~torch.isfinite(v.flatten(1) if v.ndim > 1 else v[:, None])).any(1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"{folder}: '{k}' has NaN/inf values (rows {bad})")
+    if "prompt_idx" in data and data["prompt_idx"].max() >= len(data["prompt_embeds"]):
+        raise ValueError(f"{folder}: prompt_idx points past the {len(data['prompt_embeds'])} prompts")
+    if len(meta.get("prompts", [])) != len(data["prompt_embeds"]):
+        raise ValueError(f"{folder}/meta.json: {len(meta.get('prompts', []))} prompts listed, "
+                         f"prompts.safetensors holds {len(data['prompt_embeds'])}")
+    return data, meta
+
+
+def check_latent_shape(latents, pipe, where: str):
+    """Fail early when a dataset's latents do not fit the backbone (e.g. made for another one)."""
+    c = pipe.transformer.config.in_channels
+    if latents.ndim != 5 or latents.shape[1] != c:
+        raise ValueError(f"{where}: latents have shape {tuple(latents.shape)}, the backbone needs [N, {c}, F', H', W']")
+    p = pipe.transformer.config.patch_size
+    if latents.shape[3] % p[1] or latents.shape[4] % p[2]:
+        raise ValueError(f"{where}: latent height/width {tuple(latents.shape[3:])} not divisible by the patch {p[1:]}")
+
+
+def split_indices(n: int, test_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = max(1, int(round(n * test_fraction)))
+    return perm[k:], perm[:k]
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy world: coloured squares that move; a differentiable pixel-space reward of prompt AND motion
+# ----------------------------------------------------------------------------------------------
+TOY_COLOURS = {"red": 0, "green": 1, "blue": 2}
+TOY_DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+TOY_SHAPES = ["square", "block", "box", "patch"]
+
+
+def toy_prompts(split: str = "train") -> list[str]:
+    """48 prompts "a <colour> <shape> moving <direction>"; the 'patch' ones are held out for evaluation."""
+    shapes = TOY_SHAPES[:3] if split == "train" else TOY_SHAPES[3:]
+    return [f"a {c} {s} moving {d}" for s in shapes for c in TOY_COLOURS for d in TOY_DIRECTIONS]
+
+
+def parse_toy_prompt(prompt: str) -> tuple[int, tuple[float, float]]:
+    words = prompt.lower().split()
+    colour = [TOY_COLOURS[w] for w in words if w in TOY_COLOURS]
+    direction = [TOY_DIRECTIONS[w] for w in words if w in TOY_DIRECTIONS]
+    if not colour or not direction:
+        raise ValueError(f"toy prompt '{prompt}' names no colour {list(TOY_COLOURS)} or direction {list(TOY_DIRECTIONS)}")
+    return colour[0], direction[0]
+
+
+def make_toy_clips(n: int, frames: int = 9, size: int = 32, generator=None) -> torch.Tensor:
+    """n clips [n, 3, F, H, W] in [-1, 1]: a square of a random colour moving in a random direction."""
+    g = generator or torch.Generator().manual_seed(0)
+    video = torch.full((n, 3, frames, size, size), -0.8)
+    side = max(2, size // 4)
+    for i in range(n):
+        colour = torch.full((3,), -1.0)
+        colour[torch.randint(0, 3, (1,), generator=g)] = 1.0
+        dx, dy = list(TOY_DIRECTIONS.values())[torch.randint(0, 4, (1,), generator=g)]
+        speed = size / 16 * (0.5 + torch.rand(1, generator=g).item())
+        x0, y0 = (torch.rand(2, generator=g) * size * 0.5 + size * 0.25).tolist()
+        x0, y0 = x0 - dx * speed * (frames - 1) / 2, y0 - dy * speed * (frames - 1) / 2
+        for f in range(frames):
+            x, y = int(round(x0 + dx * speed * f)), int(round(y0 + dy * speed * f))
+            video[i, :, f, max(0, y - side // 2):max(0, y + side // 2), max(0, x - side // 2):max(0, x + side // 2)] = colour[:, None, None]
+    return video
+
+
+def toy_reward(video: torch.Tensor, prompts: list[str], temperature: float = 0.05) -> torch.Tensor:
+    """Differentiable reward [B] of videos [B, 3, F, H, W] in [-1, 1] for their prompts.
+
+    colour: a soft-max over pixels of how much the prompt's colour channel exceeds the others;
+    motion: the displacement of that colour's soft centre of mass from the first to the last frame
+    along the prompt's direction. One frame cannot score the motion term.
+    """
+    B, _, Fr, H, W = video.shape
+    cols, dirs = zip(*(parse_toy_prompt(p) for p in prompts))
+    onehot = F.one_hot(torch.tensor(cols, device=video.device), 3).to(video.dtype)[:, :, None, None, None]
+    match = (video * onehot).sum(1) - (video * (1 - onehot)).sum(1) / 2          # [B, F, H, W]
+    w = torch.softmax(match.flatten(2) / temperature, -1).view(B, Fr, H, W)
+    colour = (w * match).sum((-1, -2)).mean(1) / 2                               # about [-1, 1]
+    ys = torch.linspace(-1, 1, H, device=video.device, dtype=video.dtype)
+    xs = torch.linspace(-1, 1, W, device=video.device, dtype=video.dtype)
+    cx, cy = (w.sum(2) * xs).sum(-1), (w.sum(3) * ys).sum(-1)                    # [B, F]
+    d = torch.tensor(dirs, device=video.device, dtype=video.dtype)
+    motion = torch.tanh(2 * ((cx[:, -1] - cx[:, 0]) * d[:, 0] + (cy[:, -1] - cy[:, 0]) * d[:, 1]))
+    return colour + motion
+
+
+def encode_video(pipe, video: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Videos [B, 3, F, H, W] in [-1, 1] -> normalised latents (posterior mean), as the pipeline does."""
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(video), batch_size):
+            z = vae.encode(video[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+            out.append((z - mean) / std)
+    return torch.cat(out)
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> videos [B, 3, F, H, W] in [-1, 1]; differentiable (pixel ReFL uses it)."""
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+    return vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+
+def true_reward(pipe, latents: torch.Tensor, prompts: list[str], batch_size: int = 8) -> torch.Tensor:
+    """The toy world's ground truth for a latent: decode with the VAE, then the pixel toy reward."""
+    with torch.no_grad():
+        return torch.cat([toy_reward(decode_latents(pipe, latents[i:i + batch_size].to(pipe.vae.device)),
+                                     prompts[i:i + batch_size]).cpu()
+                          for i in range(0, len(latents), batch_size)])
+
+
+def build_toy_dataset(pipe, kind: str, n: int, seed: int = 0, generated_fraction: float = 0.5,
+                      tie_margin: float = 0.1, num_steps: int = 10) -> tuple[dict, dict]:
+    """A toy latent dataset of `kind` ("binary" | "score" | "pairs" | "prompts"), same layout as real data.
+
+    Latents: half encoded synthetic clips, half sampled from the tiny generator (so reward models also
+    see the generator's own distribution). Labels come from true_reward: score = reward,
+    label = reward above the median, pref = which of a same-prompt pair scores higher (tie within
+    `tie_margin`). Needs the text encoder (prompts are encoded here).
+    """
+    g = torch.Generator().manual_seed(seed)
+    prompts = toy_prompts("train")
+    embeds, mask = encode_prompts(pipe, prompts)
+    geo = backbone_geometry(pipe)
+
+    def latents_for(idx, offset):
+        m = len(idx)
+        n_gen = int(round(m * generated_fraction))
+        clips = make_toy_clips(m - n_gen, geo["num_frames"], geo["height"], generator=g)
+        z = [encode_video(pipe, clips)] if m - n_gen else []
+        if n_gen:
+            z.append(sample_latents(pipe, embeds[idx[:n_gen]], [seed * 100003 + offset + i for i in range(n_gen)],
+                                    num_steps=num_steps))
+        z = torch.cat(z)
+        perm = torch.randperm(m, generator=g)
+        return z[perm]
+
+    prompt_idx = torch.randint(0, len(prompts), (n,), generator=g)
+    names = [prompts[i] for i in prompt_idx]
+    tensors = dict(prompt_embeds=embeds, prompt_mask=mask, prompt_idx=prompt_idx)
+    if kind in ("binary", "score"):
+        z = latents_for(prompt_idx, 0)
+        r = true_reward(pipe, z, names)
+        tensors.update(latents=z, score=r) if kind == "score" else tensors.update(latents=z, label=(r > r.median()).float())
+    elif kind == "pairs":
+        za, zb = latents_for(prompt_idx, 0), latents_for(prompt_idx, 10**6)
+        ra, rb = true_reward(pipe, za, names), true_reward(pipe, zb, names)
+        pref = torch.where(ra - rb > tie_margin, 0, torch.where(rb - ra > tie_margin, 1, 2))
+        tensors.update(latents_a=za, latents_b=zb, pref=pref, reward_a=ra, reward_b=rb)
+    elif kind == "prompts":
+        tensors.update(latents=latents_for(prompt_idx, 0))
+    else:
+        raise ValueError(f"unknown dataset kind '{kind}' (one of {list(DATASET_KEYS)})")
+    meta = dict(kind=kind, prompts=prompts, source="toy", n=n, seed=seed, backbone="tiny", **{
+        k: geo[k] for k in ("height", "width", "num_frames")})
+    return tensors, meta
+
+
+def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data", **kw) -> tuple[dict, dict]:
+    """build_toy_dataset, cached on disk under cache_dir/<kind>-<n>-<seed>/ (safetensors)."""
+    folder = Path(cache_dir) / f"{kind}-{n}-{seed}"
+    if (folder / "meta.json").is_file():
+        return load_dataset(folder, kind)
+    tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
+    save_dataset(folder, tensors, meta)
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: args, seeding, run directory, logging, timing, statistics
+# ----------------------------------------------------------------------------------------------
+def arg(default, help: str, **kw):
+    """A dataclass field with its --help text (every Args field uses this)."""
+    factory = kw.pop("factory", None)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=dict(help=help, **kw))
+    return dataclasses.field(default=default, metadata=dict(help=help, **kw))
+
+
+def parse_args(cls, argv=None):
+    """dataclass -> argparse: --field-name for every field, its help and default shown."""
+    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = "--" + f.name.replace("_", "-")
+        kw = dict(default=default, help=f.metadata.get("help", ""))
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if isinstance(default, bool):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, (list, tuple)):
+            p.add_argument(name, nargs="*", type=type(default[0]) if default else str, **kw)
+        else:
+            p.add_argument(name, type=type(default) if default is not None else str, **kw)
+    ns = p.parse_args(argv)
+    return cls(**vars(ns))
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+class Run:
+    """runs/<method>-<backbone>-<time>/ with args.json, metrics.jsonl, summary.json, checkpoints, samples."""
+
+    def __init__(self, method: str, args, out_dir: str | None = None):
+        backbone = Path(str(getattr(args, "backbone", "tiny"))).name
+        self.dir = Path(out_dir or f"runs/{method}-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_json(dataclasses.asdict(args), self.dir / "args.json")
+        self.metrics = open(self.dir / "metrics.jsonl", "a")
+
+    def log(self, step: int, stage: str, **values):
+        row = dict(step=step, stage=stage, time=round(time.time(), 3),
+                   **{k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()})
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+
+    def summary(self, summary: dict):
+        save_json(summary, self.dir / "summary.json")
+
+
+class StepTimer:
+    """Seconds per step and peak memory (CUDA allocator peak, or the process's peak RSS on CPU)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.times = []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter() - self.t0)
+
+    @property
+    def seconds_per_step(self) -> float:
+        t = self.times[1:] or self.times  # the first step pays for warm-up
+        return sum(t) / max(1, len(t))
+
+    def peak_memory_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def mean_se(x) -> tuple[float, float]:
+    """Mean and standard error of the mean."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
+
+
+def export_video(video: torch.Tensor, path, fps: int = 8):
+    """One video [3, F, H, W] in [-1, 1] -> mp4 (diffusers' export_to_video, imageio-ffmpeg)."""
+    from diffusers.utils import export_to_video
+    frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    export_to_video(list(frames), str(path), fps=fps)
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain markdown table (also valid for the README)."""
+    columns = columns or list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
