@@ -115,7 +115,7 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
         repo = WAN_CONFIGS[name]["repo"] if name in WAN_CONFIGS else name
         try:
             # transformer in `dtype`, everything else (VAE, text encoder) in fp32
-            pipe = WanPipeline.from_pretrained(repo, torch_dtype={"transformer": dtype, "default": torch.float32})
+            pipe = WanPipeline.from_pretrained(repo, dtype={"transformer": dtype, "default": torch.float32})
         except (OSError, ValueError) as e:  # hub unreachable / not cached / not a Wan folder
             raise SystemExit(
                 f"could not load the Wan checkpoint '{repo}' ({type(e).__name__}).\n"
@@ -701,3 +701,20 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
+
+
+def summarize(root) -> str:
+    """One table of the headline numbers in root/*/summary.json (what `make demo` prints)."""
+    rows = []
+    for path in sorted(Path(root).glob("*/summary.json")):
+        for key, value in json.loads(path.read_text()).items():
+            if isinstance(value, (int, float, str)):
+                rows.append(dict(method=path.parent.name, metric=key, value=value))
+    return format_table(rows) if rows else f"no summary.json under {root}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "summarize":
+        print(summarize(sys.argv[2]))
+    else:
+        print("usage: python common.py summarize RUNS_DIR   (the method scripts are the entry points)")
