@@ -14,6 +14,9 @@ Everything here is plumbing that three or more methods need and that is not a me
     toy world      toy_prompts, make_toy_clips, toy_reward, true_reward, build_toy_dataset
     plumbing       arg / parse_args (dataclass -> argparse), seed_everything, Run (run directory,
                    metrics.jsonl, summary.json), save_safetensors (atomic), export_video, mean_se
+    estimator      estimate(fn, *args) / estimate_training_step: peak live bytes + FLOPs of real code
+                   on fake tensors (real Wan configs, no weights); build_wan_transformer / build_wan_vae
+                   (weightless inside fake_mode()), transformer_step and rgb_refl_step (the baseline)
 
 Conventions (Wan2.1 / diffusers): sigma in [0, 1] with x_sigma = (1 - sigma) x0 + sigma eps, the
 transformer's timestep is 1000 * sigma and it predicts the velocity eps - x0. Latents are the VAE's
@@ -22,7 +25,9 @@ normalised latents, [B, 16, F', H', W'] with F' = (frames - 1) // 4 + 1 and H' =
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -30,12 +35,18 @@ import random
 import re
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.flop_counter as flop_counter
 from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +366,7 @@ def save_lora(transformer, out_dir, adapter_name: str = "default"):
 # and each row has prompt_idx [N]. meta.json has {"kind", "prompts": [P strings], ...}.
 # kinds: "binary" (latents, label), "score" (latents, score), "pairs" (latents_a, latents_b, pref
 # with 0 = A better, 1 = B better, 2 = tie), "prompts" (only the prompt table; latents optional).
+GiB = 2**30
 DATASET_KEYS = {"binary": ("latents", "label"), "score": ("latents", "score"),
                 "pairs": ("latents_a", "latents_b", "pref"), "prompts": ()}
 PROMPT_KEYS = ("prompt_embeds", "prompt_mask")
@@ -404,12 +416,14 @@ def load_dataset(folder, kind: str | None = None) -> tuple[dict, dict]:
     for k in need:
         if k not in data:
             raise ValueError(f"{folder}: key '{k}' missing (a '{meta['kind']}' dataset needs {need})")
-    n = len(data[need[0]])
+    per_row = [k for k in data if k not in PROMPT_KEYS]  # a "prompts" dataset may have no per-row tensors
+    row_key = per_row[0] if per_row else "prompt_embeds"
+    n = len(data[row_key])
     if n == 0:
         raise ValueError(f"{folder}: the dataset is empty")
     for k, v in data.items():
-        if k not in PROMPT_KEYS and len(v) != n:
-            raise ValueError(f"{folder}: '{k}' has {len(v)} rows, '{need[0]}' has {n}")
+        if k in per_row and len(v) != n:
+            raise ValueError(f"{folder}: '{k}' has {len(v)} rows, '{row_key}' has {n}")
         if v.is_floating_point() and not torch.isfinite(v).all():
             bad = (~torch.isfinite(v.flatten(1) if v.ndim > 1 else v[:, None])).any(1).nonzero()[:5, 0].tolist()
             raise ValueError(f"{folder}: '{k}' has NaN/inf values (rows {bad})")
@@ -513,8 +527,9 @@ def encode_video(pipe, video: torch.Tensor, batch_size: int = 8) -> torch.Tensor
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents -> videos [B, 3, F, H, W] in [-1, 1]; differentiable (pixel ReFL uses it)."""
-    vae = pipe.vae
+    """Normalised latents -> videos [B, 3, F, H, W] in [-1, 1]; differentiable (pixel ReFL uses it).
+    `pipe` is a WanPipeline or its VAE."""
+    vae = getattr(pipe, "vae", pipe)
     mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
     return vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
@@ -702,6 +717,303 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and FLOPs at real scale without a GPU: the real code on fake tensors
+# ----------------------------------------------------------------------------------------------
+def fake_mode() -> FakeTensorMode:
+    """Tensors (and models) made inside `with fake_mode():` have shapes, dtypes, devices, no data."""
+    return FakeTensorMode()
+
+
+# FlopCounterMode's formulas cover the CUDA attention kernels; on (fake) CPU tensors SDPA runs the CPU
+# flash kernel, whose FLOPs are the same. FlopCounterMode itself is not used: the hooks of its module
+# tracker keep tensors alive that block checkpointing would free (measured: a 4-block 1.3B LoRA step
+# peaks at 14.2 GiB inside it, 5.5 GiB without it).
+_FLOP_FORMULAS = {
+    **flop_counter.flop_registry,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *a, out_val=None, **kw: flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda g, q, k, v, *a, out_val=None, **kw: flop_counter.sdpa_backward_flop_count(
+            g.shape, q.shape, k.shape, v.shape),
+}
+
+
+class MemoryFlopMeter(TorchDispatchMode):
+    """Peak of live tensor-storage bytes and FLOPs of every op run inside it (real or fake tensors).
+
+    Memory: +size when an op first returns a storage, -size when PyTorch frees it (a weakref callback
+    on the storage). Storages are keyed by identity, so views cost nothing. FLOPs: PyTorch's own
+    formulas (torch.utils.flop_counter: matmuls, convolutions, attention; elementwise ops count 0).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.flops = {}                      # op name -> FLOPs
+        self._seen = WeakIdKeyDictionary()   # storage -> its weakref (whose callback frees the bytes)
+
+    def track(self, t: torch.Tensor):
+        st = t.untyped_storage()
+        if st in self._seen:
+            return
+        n = st.nbytes()
+        self._seen[st] = weakref.ref(st, lambda _, n=n: self._free(n))
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+    def _free(self, n: int):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = _FLOP_FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            name = str(func._overloadpacket)
+            self.flops[name] = self.flops.get(name, 0) + formula(*args, **kwargs, out_val=out)
+        if isinstance(out, (torch.Tensor, list, tuple)):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.track(t)
+        return out
+
+
+def _live_tensors(obj, weights: list, inputs: list):
+    """Sort what an argument keeps alive into weights (module parameters, buffers, grads) and inputs."""
+    if isinstance(obj, torch.nn.Module):
+        weights += [p for p in obj.parameters()] + [p.grad for p in obj.parameters() if p.grad is not None]
+        weights += list(obj.buffers())
+    elif isinstance(obj, torch.optim.Optimizer):
+        inputs += [t for s in obj.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    elif isinstance(obj, torch.Tensor):
+        inputs.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _live_tensors(o, weights, inputs)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _live_tensors(o, weights, inputs)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared storages counted once)."""
+    seen = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
+def estimate(fn, *args, **kwargs) -> dict:
+    """Run fn(*args, **kwargs) once, tracking the peak of live tensor bytes and counting FLOPs.
+
+    Live at the start: the distinct storages reachable from the arguments (a module's parameters,
+    buffers and grads are "weights", an optimizer's state and plain tensors are "inputs"); everything
+    fn allocates is tracked from its first op to its release. Tensors kept alive elsewhere (globals,
+    closures) are not counted: pass them as arguments. Works on real tensors as on fake ones; with
+    fake arguments, their fake mode is entered for the call.
+    Returns dict(peak_bytes, flops, breakdown=dict(weights, inputs, allocated), flops_by_op, seconds,
+    cpu_seconds), where `allocated` is the peak of what fn allocated on top of the arguments.
+    """
+    # Storages held only by reference cycles die when the cyclic GC runs; start from a clean slate so
+    # that such frees happen at the same points in a real and in a fake run.
+    gc.collect()
+    weights, inputs = [], []
+    _live_tensors((args, kwargs), weights, inputs)
+    mode = torch._guards.detect_fake_mode(weights + inputs)
+    meter = MemoryFlopMeter()
+    for t in weights + inputs:
+        meter.track(t)
+    base = meter.live
+    w = _storage_bytes(weights)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with (mode if mode is not None and torch._guards.active_fake_mode() is None else contextlib.nullcontext()), meter:
+        fn(*args, **kwargs)
+    return dict(peak_bytes=meter.peak, flops=sum(meter.flops.values()), flops_by_op=meter.flops,
+                breakdown=dict(weights=w, inputs=base - w, allocated=meter.peak - base),
+                seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
+
+
+def estimate_training_step(step_fn, *args, **kwargs) -> dict:
+    """estimate() of one forward+backward, plus AdamW state, split into weights / optimizer / activations.
+
+    step_fn runs forward and backward (no optimizer step). AdamW keeps two fp32 moments per trainable
+    parameter for the whole run, so 8 bytes per trainable parameter are added to the measured peak.
+    weights = all parameter (and buffer) bytes; optimizer = AdamW moments + the grads of the trainable
+    parameters; activations = peak - weights - optimizer (saved activations, the step's inputs and
+    temporaries). The grads are counted as optimizer state although at the activation peak (start of
+    backward) most of them do not exist yet, so `activations` is a slight underestimate, never the peak.
+    """
+    est = estimate(step_fn, *args, **kwargs)
+    modules = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.nn.Module)]
+    trainable = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values()
+    moments = sum(8 * p.numel() for p in trainable)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    peak = est["peak_bytes"] + moments
+    weights = est["breakdown"]["weights"]
+    est.update(peak_bytes=peak, trainable_params=sum(p.numel() for p in trainable),
+               breakdown=dict(weights=weights, optimizer=moments + grads, activations=peak - weights - moments - grads))
+    return est
+
+
+def format_estimate(est: dict, label: str = "") -> str:
+    """One line: `estimated peak: 14.2 GiB (weights .. + optimizer .. + activations .. GiB), .. TFLOPs  label`."""
+    parts = " + ".join(f"{k} {v / GiB:.2f}" for k, v in est["breakdown"].items())
+    return (f"estimated peak: {est['peak_bytes'] / GiB:.1f} GiB ({parts} GiB), "
+            f"{est['flops'] / 1e12:.1f} TFLOPs  {label}").rstrip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Weightless real-size Wan models, and the two reference training steps
+# ----------------------------------------------------------------------------------------------
+def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters in dtype except those of the model's _keep_in_fp32_modules, as from_pretrained(torch_dtype=)
+    leaves them (Wan: rope, time_embedder, scale_shift_table, norm1-3 stay fp32)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, module in model.named_modules():
+        for pn, p in list(module._parameters.items()):
+            want = torch.float32 if any(k in f"{name}.{pn}".split(".") for k in keep) else dtype
+            if p is not None and p.dtype != want:
+                module._parameters[pn] = torch.nn.Parameter(p.detach().to(want), requires_grad=p.requires_grad)
+    return model
+
+
+@contextlib.contextmanager
+def _meta_if_fake():
+    """Inside fake_mode(): build on the meta device, outside the fake mode (no init, no data); else as is.
+
+    peft's LoRA injection calls module.to(), which swaps parameters in place and cannot swap fake
+    ones, so a model is built (and LoRA attached) on meta and made fake afterwards (_meta_to_fake).
+    """
+    if torch._guards.active_fake_mode() is None:
+        yield
+        return
+    with unset_fake_temporarily(), torch.device("meta"):
+        yield
+
+
+def _meta_to_fake(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace meta parameters and buffers by CPU tensors made in the active fake mode (shapes only)."""
+    if torch._guards.active_fake_mode() is None:
+        return model
+    for module in model.modules():
+        for n, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
+                module._parameters[n] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+        for n, b in module._buffers.items():
+            if b is not None and b.is_meta:
+                module._buffers[n] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="cpu")
+    return model
+
+
+def _config(backbone) -> dict:
+    """A WAN_CONFIGS entry by name, or such a dict itself (tests shrink one)."""
+    if isinstance(backbone, str) and backbone not in WAN_CONFIGS:
+        raise ValueError(f"no known config for backbone '{backbone}' (known: {', '.join(WAN_CONFIGS)})")
+    return WAN_CONFIGS[backbone] if isinstance(backbone, str) else backbone
+
+
+def build_wan_transformer(backbone, dtype=torch.bfloat16, lora_rank: int = 0, gradient_checkpointing: bool = True):
+    """WanTransformer3DModel of WAN_CONFIGS[backbone] (a name or such a dict): frozen, in dtype, with
+    common.add_lora's adapter (fp32) if lora_rank > 0, block gradient checkpointing if asked.
+
+    Inside `with fake_mode():` this allocates nothing (build the real configs only so: 1.3B is 5.7 GB fp32).
+    """
+    from diffusers import WanTransformer3DModel
+    with _meta_if_fake():
+        tr = cast_like_from_pretrained(WanTransformer3DModel(**_config(backbone)["transformer"]), dtype)
+        tr.requires_grad_(False)
+        if lora_rank:
+            add_lora(tr, lora_rank)
+        if gradient_checkpointing:
+            tr.enable_gradient_checkpointing()
+    return _meta_to_fake(tr)
+
+
+def build_wan_vae(backbone, dtype=torch.bfloat16):
+    """AutoencoderKLWan of WAN_CONFIGS[backbone] (a name or such a dict), frozen, in dtype (weightless in
+    fake_mode())."""
+    from diffusers import AutoencoderKLWan
+    with _meta_if_fake():
+        vae = cast_like_from_pretrained(AutoencoderKLWan(**_config(backbone)["vae"]), dtype).requires_grad_(False)
+    return _meta_to_fake(vae)
+
+
+def latent_shape(backbone, height=None, width=None, num_frames=None) -> tuple:
+    """[16, F', H', W'] of a video (defaults: the backbone's own size); Wan's VAE is 4x in time, 8x in space."""
+    cfg = _config(backbone)
+    h, w, f = height or cfg["height"], width or cfg["width"], num_frames or cfg["num_frames"]
+    return (cfg["transformer"]["in_channels"], (f - 1) // 4 + 1, h // 8, w // 8)
+
+
+def transformer_step(transformer, x0, embeds, sigma: float = 0.5):
+    """The generic training step: one flow-matching forward + backward (x_sigma -> v, MSE to eps - x0)."""
+    eps = torch.randn_like(x0)
+    v = predict_velocity(transformer, add_noise(x0, eps, sigma), sigma, embeds)
+    loss = (v - velocity_target(x0, eps)).square().mean()  # = F.mse_loss (whose CPU kernel keeps an [N] buffer)
+    loss.backward()
+    return loss.detach()
+
+
+def rgb_refl_step(transformer, vae, x_t, embeds, sigma: float = 0.5, frames: str = "all"):
+    """The RGB ReFL baseline: one transformer step with grad, x0 = x_t - sigma v, VAE decode WITH grad,
+    a pixel reward, backward through decoder and transformer.
+
+    frames="first" decodes only the first latent frame (Wan's causal VAE maps it to the first video
+    frame alone), as PRFL's comparison (ContentV) did. The reward is video.mean(): a stand-in whose
+    own memory is not counted (a pixel reward model such as a VLM adds its own, VELR Table 1).
+    """
+    if frames not in ("all", "first"):
+        raise ValueError(f"frames must be 'all' or 'first', got '{frames}'")
+    v = predict_velocity(transformer, x_t, sigma, embeds)
+    x0 = x0_from_velocity(x_t, v, sigma)
+    if frames == "first":
+        x0 = x0[:, :, :1]
+    video = decode_latents(vae, x0)
+    loss = -video.mean()
+    loss.backward()
+    return loss.detach()
+
+
+def estimate_transformer_step(backbone="wan2.1-1.3b", height=None, width=None, num_frames=None,
+                              lora_rank: int = 64, gradient_checkpointing: bool = True, dtype=torch.bfloat16,
+                              batch_size: int = 1) -> dict:
+    """estimate_training_step of transformer_step at full size on fake tensors (LoRA, checkpointing, bf16)."""
+    cfg = _config(backbone)
+    with fake_mode():
+        tr = build_wan_transformer(cfg, dtype, lora_rank, gradient_checkpointing)
+        x0 = torch.randn(batch_size, *latent_shape(cfg, height, width, num_frames))
+        embeds = torch.randn(batch_size, cfg["max_sequence_length"], tr.config.text_dim)
+        return estimate_training_step(transformer_step, tr, x0, embeds)
+
+
+def estimate_rgb_refl_step(backbone="wan2.1-1.3b", height=None, width=None, num_frames=None,
+                           frames: str = "all", lora_rank: int = 64, gradient_checkpointing: bool = True,
+                           dtype=torch.bfloat16, vae_dtype=torch.bfloat16) -> dict:
+    """estimate_training_step of rgb_refl_step (frames "all" or "first") at full size on fake tensors."""
+    cfg = _config(backbone)
+    with fake_mode():
+        tr = build_wan_transformer(cfg, dtype, lora_rank, gradient_checkpointing)
+        vae = build_wan_vae(cfg, vae_dtype)
+        x_t = torch.randn(1, *latent_shape(cfg, height, width, num_frames))
+        embeds = torch.randn(1, cfg["max_sequence_length"], tr.config.text_dim)
+        return estimate_training_step(rgb_refl_step, tr, vae, x_t, embeds, frames=frames)
+
+
+def print_reference_estimates(backbone: str = "wan2.1-1.3b", height=None, width=None, num_frames=None,
+                              lora_rank: int = 64) -> dict:
+    """Print `estimated peak: X GiB` for the generic LoRA step and the RGB ReFL baseline (all / first frame)."""
+    cfg = _config(backbone)
+    h, w, f = height or cfg["height"], width or cfg["width"], num_frames or cfg["num_frames"]
+    out = {}
+    for key, run in [("transformer step", lambda: estimate_transformer_step(cfg, h, w, f, lora_rank)),
+                     ("RGB ReFL, all frames", lambda: estimate_rgb_refl_step(cfg, h, w, f, "all", lora_rank)),
+                     ("RGB ReFL, first frame", lambda: estimate_rgb_refl_step(cfg, h, w, f, "first", lora_rank))]:
+        out[key] = est = run()
+        print(format_estimate(est, f"| {key}: {backbone} {h}x{w}x{f}, LoRA r{lora_rank}, bf16, block checkpointing "
+                                   f"[{est['seconds']:.0f} s, {est['cpu_seconds']:.0f} s CPU]"), flush=True)
+    return out
 
 def summarize(root) -> str:
     """One table of the headline numbers in root/*/summary.json (what `make demo` prints)."""
