@@ -21,6 +21,9 @@ demo: install
 	@for m in $(METHODS); do echo "== $$m"; $(BIN)/python $$m.py --out-dir runs/demo/$$m || exit 1; done
 	@$(BIN)/python common.py summarize runs/demo
 
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python common.py estimate wan2.1-1.3b wan2.1-14b
+
 test: install
 	$(BIN)/python -m pytest -q tests
 

@@ -1028,5 +1028,9 @@ def summarize(root) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "summarize":
         print(summarize(sys.argv[2]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "estimate":
+        for name in sys.argv[2:] or ["wan2.1-1.3b"]:
+            print_reference_estimates(name)
     else:
-        print("usage: python common.py summarize RUNS_DIR   (the method scripts are the entry points)")
+        print("usage: python common.py summarize RUNS_DIR | estimate [wan2.1-1.3b] [wan2.1-14b]\n"
+              "(the method scripts are the entry points)")
