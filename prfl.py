@@ -1,0 +1,504 @@
+"""PRFL: "Video Generation Models Are Good Latent Reward Models" (Mi et al., arXiv 2511.21541).
+
+Two stages, both in the generator's noisy latent space; nothing in training decodes with the VAE.
+1. PAVRM (process-aware video reward model): a copy of the generator's first 8 DiT blocks reads a noisy
+   latent x_t at any t; one learnable query attends over all tokens (z = attention + query) and an MLP
+   D->1024->512->1 gives a logit s, reward r = sigmoid(s). BCE on noisy latents of labelled videos.
+2. PRFL (process reward feedback learning): roll the generator out from noise without gradient to a random
+   step m, take ONE step with gradient, score the still-noisy x_{m+1} with the frozen PAVRM at t_{m+1},
+   minimise lambda * relu(2 - r); every iteration also a flow-matching SFT step on real latents.
+
+Equation -> code
+    Eq. (4)   features after block 8 of a copy of the DiT         PAVRM.features (common.dit_prefix_features)
+    Eq. (5)   query-based spatio-temporal aggregation (+ query)    QueryAttention
+    Eq. (6)   BCE on noisy latents x_t                             bce_loss  (Tab. 7's BT: bradley_terry_loss)
+    Alg. 1 / Eqs. (7)-(8)  rollout to m, one step with gradient    process_reward (common.rollout, grad_steps=[m])
+    Eq. (9)   L_PRFL = lambda * relu(2 - r)                        prfl_loss
+    Eq. (10)  L_SFT, flow matching on real latents                 sft_loss
+    Tab. 5    accuracy per noise interval                          evaluate_pavrm
+    Tab. 3    early / middle / late / full range of m              sample_cutoff (--m-range)
+
+Follows the official code (Tencent-Hunyuan/HY-Video-PRFL) where it and the paper differ:
+  * PAVRM's 8 blocks are fine-tuned (the paper's text also calls the features "frozen"); embeddings frozen.
+  * The aggregation is torch MultiheadAttention with 8 heads and q/k/v/out projections (Eq. 5: one head).
+  * PAVRM and SFT timesteps are sigma = 5s/(1+4s), s uniform (high-noise heavy); --rm-sigma-shift 1 gives
+    the paper's uniform t. lambda = 0.1 and target 2 on the probability r (the paper gives no lambda).
+  * m ~ U{0..N-2} of a 40-step shift-5 schedule, reward at t_{m+1} (never at x0); conditional prediction only
+    (no CFG) in training; the same 10%-empty-prompt text batch for the SFT and the reward step.
+  * PAVRM gradients are clipped to norm 1.0 over the DiT blocks only (the head is not clipped).
+Deliberate differences from the official code:
+  * z = attn.squeeze(1) + q: the official [B,D] + [B,1,D] broadcasts to [B,B,D] when B > 1.
+  * Euler steps (the paper's Alg. 1, common.rollout) instead of the code's UniPC predictor-corrector.
+  * One optimiser step per iteration on L_SFT + L_PRFL; the code steps twice per accumulation cycle.
+  * LoRA on q/k/v/o by default (the code fully fine-tunes; --full-finetune); the PAVRM is frozen with
+    requires_grad False (the code leaves it True, wasting memory).
+  * On --backbone tiny the paper's learning rates and run lengths are replaced by TINY (see below), because
+    a randomly initialised tiny model learns nothing at lr 1e-6 in a one-minute demo.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # generic
+    stage: str = common.arg("all", "rm: train PAVRM; tune: PRFL (needs a PAVRM); all: both",
+                            choices=["rm", "tune", "all"])
+    out_dir: str = common.arg("", "run folder (default runs/prfl-<backbone>-<time>)")
+    seed: int = common.arg(0, "seed of training randomness (evaluation uses its own fixed seeds)")
+    device: str = common.arg("auto", "auto | cpu | cuda")
+    data: str = common.arg("", "binary latent dataset folder (prepare.py); empty = the toy world (tiny only)")
+    sft_data: str = common.arg("", "dataset folder of real-video latents for L_SFT; empty = rows of --data "
+                                   "labelled 1 (in the toy world the good clips stand in for real videos)")
+    toy_size: int = common.arg(1024, "toy world: number of labelled latents")
+    toy_cache: str = common.arg("runs/toy_data", "toy world: dataset cache folder")
+    test_fraction: float = common.arg(0.2, "held-out share of --data for PAVRM accuracy")
+    tiny_defaults: bool = common.arg(True, "on --backbone tiny, fields not given and at their paper default take "
+                                           "the TINY value (shown as 'tiny: ...' in each help)")
+    # backbone
+    backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
+    gradient_checkpointing: bool = common.arg(True, "block checkpointing in generator and PAVRM (tiny: off)")
+    # reward model (PAVRM)
+    reward_ckpt: str = common.arg("", "PAVRM safetensors to reuse (skips PAVRM training); a pavrm.safetensors "
+                                      "already in --out-dir is reused as well (resume)")
+    rm_blocks: int = common.arg(8, "DiT blocks copied into PAVRM; features after the last one (Eq. 4, Tab. 8)")
+    rm_heads: int = common.arg(8, "heads of the query attention (Eq. 5; official 8)")
+    rm_pooling: str = common.arg("query", "query: attention + query (Eq. 5); attn: without the query residual; "
+                                          "mean / max pooling (Tab. 5 ablations)", choices=["query", "attn", "mean", "max"])
+    rm_loss: str = common.arg("bce", "bce (Eq. 6) | bt: Bradley-Terry over (good, bad) pairs in a batch (Tab. 7)",
+                              choices=["bce", "bt"])
+    rm_sigma_shift: float = common.arg(5.0, "training sigma = shift(s), s uniform: 5 = official code, 1 = paper's U(0,1)")
+    rm_lr_blocks: float = common.arg(1e-6, "AdamW lr of the 8 DiT blocks (paper; tiny: 1e-3)")
+    rm_lr_head: float = common.arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6; tiny: 1e-3)")
+    rm_weight_decay: float = common.arg(0.01, "AdamW weight decay")
+    rm_batch: int = common.arg(2, "PAVRM batch (official: 1 per 4-GPU sequence-parallel group; tiny: 32)")
+    rm_steps: int = common.arg(3000, "PAVRM steps (the paper gives none; tiny: 300)")
+    # fine-tuning (PRFL)
+    full_finetune: bool = common.arg(False, "train every generator weight (official) instead of LoRA")
+    lora_rank: int = common.arg(128, "LoRA rank on q/k/v/o (the official optional LoRA; tiny: 16)")
+    lora_alpha: float = common.arg(0.0, "LoRA alpha; 0 = rank")
+    lr: float = common.arg(5e-6, "AdamW lr, constant (paper, for full fine-tuning; LoRA usually wants ~1e-4; tiny: 1e-3)")
+    weight_decay: float = common.arg(0.01, "AdamW weight decay")
+    grad_clip: float = common.arg(1.0, "gradient-norm clip")
+    tune_steps: int = common.arg(1000, "optimiser steps (paper: 1 epoch of ~30k pairs at batch 30; tiny: 60)")
+    tune_batch: int = common.arg(1, "per-step batch (official per GPU; tiny: 16)")
+    grad_accum: int = common.arg(5, "gradient accumulation (official; tiny: 1)")
+    rollout_steps: int = common.arg(40, "sampler steps N, training rollout and evaluation (paper; tiny: 10)")
+    rollout_shift: float = common.arg(5.0, "schedule shift (official 5.0)")
+    m_range: str = common.arg("full", "cut-off step m: full range, or the early / middle / late third (Tab. 3)",
+                              choices=["full", "early", "middle", "late"])
+    reward_weight: float = common.arg(0.1, "lambda of Eq. 9 (official code)")
+    reward_target: float = common.arg(2.0, "L_PRFL = lambda * relu(target - r) (official code)")
+    sft_weight: float = common.arg(1.0, "weight of L_SFT (Eq. 10); 0 turns the SFT step off (tiny: 1e-3, see TINY)")
+    sft_sigma_shift: float = common.arg(5.0, "L_SFT sigma = shift(s), s uniform (official code)")
+    null_prompt_prob: float = common.arg(0.1, "probability of the empty prompt in a training batch (official)")
+    # evaluation
+    eval_prompts: list = common.arg(None, "held-out prompts (empty: the toy world's held-out ones; with --data "
+                                          "its first 16 prompts, which are not held out)", factory=list)
+    eval_samples: int = common.arg(16, "fresh samples before/after PRFL, prompts cycled, fixed seeds (tiny: 48)")
+    eval_guidance: float = common.arg(5.0, "CFG of evaluation sampling with the empty prompt as negative "
+                                           "(README of the code; tiny: 1.0)")
+    num_videos: int = common.arg(4, "before/after mp4 samples saved (first eval samples)")
+
+
+# Demo sizes for the randomly initialised tiny backbone (the rule: a field still equal to its paper default
+# above takes this value when --backbone tiny, unless --no-tiny-defaults). Real backbones keep the paper's.
+TINY = dict(rm_lr_blocks=1e-3, rm_lr_head=1e-3, rm_batch=32, rm_steps=300, lora_rank=16, lr=1e-3,
+            tune_steps=60, tune_batch=16, grad_accum=1, rollout_steps=10, eval_samples=48, eval_guidance=1.0,
+            gradient_checkpointing=False,
+            # the random tiny generator is far from its flow-matching optimum (L_SFT ~ 2): its SFT gradient is
+            # ~300x that of lambda * L_PRFL (measured), so at weight 1 it drowns PRFL; a pretrained one is near it
+            sft_weight=1e-3)
+INTERVALS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]  # Tab. 5: [0,.2], (.2,.4], ...
+
+
+def resolve_args(args: Args, explicit=()) -> Args:
+    """On tiny, fields at their paper default that were not given explicitly (`explicit`: the names given
+    on the command line) take the TINY value."""
+    if args.backbone != "tiny" or not args.tiny_defaults:
+        return args
+    paper = {f.name: f.default for f in dataclasses.fields(Args)}
+    return dataclasses.replace(args, **{k: v for k, v in TINY.items() if k not in explicit and getattr(args, k) == paper[k]})
+
+
+# ----------------------------------------------------------------------------------------------
+# PAVRM: Eqs. (4)-(6)
+# ----------------------------------------------------------------------------------------------
+class QueryAttention(nn.Module):
+    """Eq. (5): one learnable query attends over all N tokens; z = attention + query (residual optional)."""
+
+    def __init__(self, dim: int, heads: int = 8, residual: bool = True):
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(1, dim))
+        nn.init.xavier_uniform_(self.query)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.residual = residual
+
+    def forward(self, h):  # [B, N, D] -> [B, D]
+        q = self.query.to(h.dtype).expand(len(h), 1, -1)
+        z = self.attn(q, h, h, need_weights=False)[0].squeeze(1)
+        # the raw query is a content-agnostic prior; squeeze BEFORE adding, so [B,D] + [1,D] stays [B,D]
+        return z + self.query.to(z.dtype) if self.residual else z
+
+
+class PAVRM(nn.Module):
+    """Process-aware video reward model: logit s(x_t, t, text) [B]; reward r = sigmoid(s)."""
+
+    def __init__(self, transformer, blocks: int = 8, heads: int = 8, pooling: str = "query"):
+        super().__init__()
+        if blocks > len(transformer.blocks):
+            raise ValueError(f"--rm-blocks {blocks} > the backbone's {len(transformer.blocks)} blocks")
+        self.blocks, self.pooling = blocks, pooling
+        # Eq. (4): a copy of the generator truncated to its first blocks; the generator itself is untouched.
+        self.dit = copy.deepcopy(transformer).float()  # fp32 master weights, bf16 autocast on CUDA
+        if getattr(self.dit, "peft_config", None):  # a generator with LoRA attached: keep the base weights only
+            self.dit.unload_lora()
+        self.dit.blocks = self.dit.blocks[:blocks]
+        self.dit.requires_grad_(False)       # patch / text / time embeddings stay frozen ...
+        self.dit.blocks.requires_grad_(True)  # ... the blocks are fine-tuned (paper Sec. 4.2, official code)
+        dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.pool = QueryAttention(dim, heads, residual=pooling == "query") if pooling in ("query", "attn") else None
+        self.mlp = nn.Sequential(nn.Linear(dim, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 1))
+        for layer in self.mlp[::2]:  # official init: xavier weights, zero biases
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def head_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("dit.")]
+
+    def features(self, x, sigma, embeds):
+        """Eq. (4): raw tokens after block `blocks` (no final norm), [B, N, D]; blocks beyond never run."""
+        return common.dit_prefix_features(self.dit, x, 1000 * sigma, embeds, taps=(self.blocks,))["hidden"][0]
+
+    def forward(self, x, sigma, embeds):
+        h = self.features(x, sigma, embeds)
+        if self.pooling == "mean":
+            z = h.mean(1)
+        elif self.pooling == "max":
+            z = h.amax(1)
+        else:
+            z = self.pool(h)
+        return self.mlp(z.to(self.mlp[0].weight.dtype)).squeeze(-1).float()  # [B] logits
+
+
+def bce_loss(logits, labels):
+    """Eq. (6): binary cross-entropy of sigmoid(s) against the good/bad label."""
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+def bradley_terry_loss(logits, labels):
+    """Tab. 7's alternative: -log sigmoid(s_good - s_bad) over every (good, bad) pair in the batch."""
+    pos, neg = logits[labels > 0.5], logits[labels <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return logits.sum() * 0.0  # no pair in this batch: no signal, but keep the graph
+    return F.softplus(neg[None, :] - pos[:, None]).mean()
+
+
+def save_pavrm(pavrm: PAVRM, path, backbone: str):
+    meta = dict(blocks=pavrm.blocks, heads=pavrm.pool.attn.num_heads if pavrm.pool else 0,
+                pooling=pavrm.pooling, backbone=backbone)
+    common.save_safetensors(pavrm.state_dict(), path, metadata=meta)
+
+
+def load_pavrm(path, transformer) -> PAVRM:
+    """Rebuild the architecture named in the checkpoint's metadata and load it strictly."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--reward-ckpt {path}: no such file")
+    with safe_open(str(path), "pt") as f:
+        meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    if "blocks" not in meta:
+        raise ValueError(f"{path}: no PAVRM metadata (blocks/heads/pooling); was it written by prfl.py?")
+    pavrm = PAVRM(transformer, int(meta["blocks"]), int(meta["heads"]) or 8, meta["pooling"])
+    own = pavrm.state_dict()
+    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if bad or missing or extra:
+        raise ValueError(f"{path} does not fit this backbone: shapes {bad[:3]}, missing {missing[:3]}, unexpected {extra[:3]}")
+    pavrm.load_state_dict(state)
+    return pavrm
+
+
+# ----------------------------------------------------------------------------------------------
+# PRFL: Alg. 1, Eqs. (7)-(10)
+# ----------------------------------------------------------------------------------------------
+def sample_cutoff(num_steps: int, m_range: str = "full") -> int:
+    """m ~ U{0..N-2} (official randint(0, 38) for N = 40), so t_{m+1} > 0; Tab. 3 restricts it to a third."""
+    third = num_steps // 3
+    lo, hi = dict(full=(0, num_steps - 2), early=(0, third - 1), middle=(third, 2 * third - 1),
+                  late=(2 * third, num_steps - 2))[m_range]
+    return int(torch.randint(lo, max(lo, hi) + 1, ()).item())
+
+
+def process_reward(transformer, pavrm, embeds, shape, sigmas, m: int):
+    """Alg. 1 lines 9-14: noise -> (no grad) x_m -> ONE step with grad -> x_{m+1}; r = sigmoid(PAVRM(x_{m+1}, t_{m+1}))."""
+    x = torch.randn(shape, device=embeds.device)
+    # Eqs. (7)-(8): gradient reaches the generator only through the transformer call of step m
+    x, _ = common.rollout(transformer, x, embeds, sigmas, 0, m + 1, grad_steps=[m])
+    sigma = sigmas[m + 1].to(x.device).expand(len(x))
+    return torch.sigmoid(pavrm(x, sigma, embeds))  # the still-noisy latent, never decoded
+
+
+def prfl_loss(r, weight: float = 0.1, target: float = 2.0):
+    """Eq. (9): L_PRFL = lambda * relu(target - r); with r in (0,1) this is lambda * (2 - r) (official)."""
+    return weight * F.relu(target - r).mean()
+
+
+def sft_loss(transformer, x0, embeds, shift: float = 5.0):
+    """Eq. (10): flow matching on real latents, ||v(x_sigma) - (eps - x0)||^2, sigma = shift(s), s uniform."""
+    eps = torch.randn_like(x0)
+    sigma = common.sample_train_sigma(len(x0), shift, device=x0.device)
+    v = common.predict_velocity(transformer, common.add_noise(x0, eps, sigma), sigma, embeds)
+    return F.mse_loss(v, common.velocity_target(x0, eps))
+
+
+def drop_prompts(embeds, null_embed, p: float):
+    """Official dataset: the text is the empty prompt with probability p (keeps CFG alive)."""
+    drop = torch.rand(len(embeds), device=embeds.device) < p
+    return torch.where(drop[:, None, None], null_embed.to(embeds), embeds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def check_finite(loss, step: int, stage: str):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; lower the learning rate")
+
+
+def train_pavrm(args, pavrm, data, idx, device, run):
+    """Stage 1: BCE (or BT) on x_t = (1-sigma) x0 + sigma eps with the official shift-5 sigma."""
+    opt = torch.optim.AdamW([dict(params=pavrm.dit.blocks.parameters(), lr=args.rm_lr_blocks),
+                             dict(params=pavrm.head_parameters(), lr=args.rm_lr_head)],
+                            betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
+    loss_fn = bce_loss if args.rm_loss == "bce" else bradley_terry_loss
+    timer, pavrm = common.StepTimer(device), pavrm.train()
+    for step in (bar := tqdm(range(args.rm_steps), desc="PAVRM")):
+        with timer:
+            b = idx[torch.randint(len(idx), (args.rm_batch,))]
+            x0, y = data["latents"][b].to(device), data["label"][b].to(device)
+            embeds = data["prompt_embeds"][data["prompt_idx"][b]].to(device)
+            sigma = common.sample_train_sigma(len(b), args.rm_sigma_shift, device=device)
+            with autocast(device):
+                logits = pavrm(common.add_noise(x0, torch.randn_like(x0), sigma), sigma, embeds)
+            loss = loss_fn(logits, y)
+            check_finite(loss, step, "PAVRM")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(pavrm.dit.blocks.parameters(), args.grad_clip)  # official: blocks only
+            opt.step()
+        acc = ((logits > 0).float() == y).float().mean()
+        run.log(step, "rm", loss=loss, train_acc=acc, sigma_mean=sigma.mean())
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
+    return timer
+
+
+@torch.no_grad()
+def evaluate_pavrm(pavrm, data, idx, device, batch: int = 64, seed: int = 1234) -> dict:
+    """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval."""
+    pavrm.eval()
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for lo, hi in INTERVALS:
+        correct = []
+        for i in range(0, len(idx), batch):
+            b = idx[i:i + batch]
+            x0, y = data["latents"][b], data["label"][b]
+            sigma = hi - (hi - lo) * torch.rand(len(b), generator=g)  # (lo, hi]
+            x_t = common.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
+            with autocast(device):
+                s = pavrm(x_t.to(device), sigma.to(device), data["prompt_embeds"][data["prompt_idx"][b]].to(device))
+            correct.append(((s.cpu() > 0).float() == y).float())
+        out[f"({lo:.1f},{hi:.1f}]"] = torch.cat(correct).mean().item()
+    return out
+
+
+def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
+    """Stage 2: per step, L_SFT on real latents (Eq. 10) + L_PRFL of one gradient step (Eqs. 7-9)."""
+    tr = pipe.transformer
+    pavrm.eval().requires_grad_(False)  # the reward model is frozen during PRFL (paper and code)
+    if args.full_finetune:
+        tr.float().requires_grad_(True)  # fp32 master weights, bf16 autocast
+        params = list(tr.parameters())
+    else:
+        params = common.add_lora(tr, args.lora_rank, args.lora_alpha or None, adapter_name="prfl")
+    if args.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    sigmas = common.sigma_schedule(args.rollout_steps, args.rollout_shift).to(device)
+    timer = common.StepTimer(device)
+    tr.train()
+    for step in (bar := tqdm(range(args.tune_steps), desc="PRFL")):
+        with timer:
+            for _ in range(args.grad_accum):
+                b = torch.randint(len(sft["latents"]), (args.tune_batch,))
+                x0 = sft["latents"][b].to(device)
+                embeds = drop_prompts(sft["prompt_embeds"][sft["prompt_idx"][b]].to(device), null_embed,
+                                      args.null_prompt_prob)
+                with autocast(device):  # two backward passes: never hold both graphs at once
+                    l_sft = sft_loss(tr, x0, embeds, args.sft_sigma_shift) if args.sft_weight else torch.zeros(())
+                if args.sft_weight:
+                    (args.sft_weight * l_sft / args.grad_accum).backward()
+                m = sample_cutoff(args.rollout_steps, args.m_range)
+                with autocast(device):  # real latents give only the shape (official)
+                    r = process_reward(tr, pavrm, embeds, x0.shape, sigmas, m)
+                l_prfl = prfl_loss(r, args.reward_weight, args.reward_target)
+                check_finite(l_prfl + l_sft.detach(), step, "PRFL")
+                (l_prfl / args.grad_accum).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        run.log(step, "tune", sft=l_sft, prfl=l_prfl, pavrm_reward=r.mean(), m=m, grad_norm=grad_norm)
+        bar.set_postfix(r=f"{r.mean().item():.3f}", sft=f"{l_sft.item():.3f}", m=m)
+    tr.eval()
+    return timer
+
+
+@torch.no_grad()
+def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, toy: bool, tag: str, run) -> dict:
+    """Fresh samples for held-out prompts from fixed seeds: true toy reward, PAVRM reward, a few mp4s."""
+    n = args.eval_samples
+    rows = [i % len(prompts) for i in range(n)]
+    seeds = [10_000 + i for i in range(n)]  # the same noise before and after PRFL: a paired comparison
+    lat = common.sample_latents(pipe, embeds[rows], seeds, num_steps=args.rollout_steps, shift=args.rollout_shift,
+                                guidance_scale=args.eval_guidance, negative_embeds=null_embed)
+    dev = pipe.transformer.device
+    g = torch.Generator().manual_seed(99)  # the paper's PAVRM score: one random t per sample
+    sigma = torch.rand(n, generator=g)
+    x_t = common.add_noise(lat, torch.randn(lat.shape, generator=g), sigma)
+    with autocast(dev):
+        r = torch.sigmoid(torch.cat([pavrm(x_t[i:i + 16].to(dev), sigma[i:i + 16].to(dev), embeds[rows[i:i + 16]].to(dev))
+                                     for i in range(0, n, 16)])).cpu()
+    out = dict(pavrm_reward=r, process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds),
+               true_reward=common.true_reward(pipe, lat, [prompts[i] for i in rows]) if toy else None)
+    for i in range(min(args.num_videos, n)):
+        video = common.decode_latents(pipe, lat[i:i + 1].to(pipe.vae.device))[0]
+        common.export_video(video, run.dir / "samples" / f"{tag}_seed{seeds[i]}.mp4")
+    return out
+
+
+@torch.no_grad()
+def process_reward_eval(args, pipe, pavrm, embeds, seeds) -> torch.Tensor:
+    """The quantity PRFL maximises, without gradient: r(x_{m+1}, t_{m+1}) of conditional rollouts from the
+    fixed seeds, with m = i mod (N-1) so every cut-off is covered; [n]."""
+    dev, n = pipe.transformer.device, len(seeds)
+    shape = common.backbone_geometry(pipe)["latent_shape"]
+    sigmas = common.sigma_schedule(args.rollout_steps, args.rollout_shift).to(dev)
+    m = torch.arange(n) % max(1, args.rollout_steps - 1)
+    r = torch.zeros(n)
+    for k in m.unique().tolist():
+        idx = (m == k).nonzero()[:, 0]
+        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seeds[i])) for i in idx]).to(dev)
+        with autocast(dev):
+            x, _ = common.rollout(pipe.transformer, x, embeds[idx].to(dev), sigmas, 0, k + 1)
+            r[idx] = torch.sigmoid(pavrm(x, sigmas[k + 1].expand(len(idx)), embeds[idx].to(dev))).float().cpu()
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def load_data(args, pipe):
+    """The binary dataset (toy world by default) and the real latents for L_SFT, validated early."""
+    if args.data:
+        data, meta = common.load_dataset(args.data, "binary")
+    elif args.backbone == "tiny":
+        data, meta = common.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
+    else:
+        raise SystemExit("the toy world exists only for --backbone tiny; pass --data <binary dataset folder> (prepare.py)")
+    where = args.data or f"{args.toy_cache}/binary-{args.toy_size}-0"
+    common.check_latent_shape(data["latents"], pipe, where)
+    if not set(data["label"].unique().tolist()) <= {0.0, 1.0}:
+        raise ValueError(f"{where}: 'label' must be 0/1, found {data['label'].unique()[:5].tolist()}")
+    if data["label"].min() == data["label"].max():
+        raise ValueError(f"{where}: every label is {data['label'][0].item()}; PAVRM needs good and bad examples")
+    train_idx, test_idx = common.split_indices(len(data["latents"]), args.test_fraction, seed=0)
+    if args.sft_data:
+        sft, _ = common.load_dataset(args.sft_data)
+        if "latents" not in sft:
+            raise ValueError(f"{args.sft_data}: no 'latents' (L_SFT needs real-video latents)")
+        common.check_latent_shape(sft["latents"], pipe, args.sft_data)
+    else:  # the good training rows: the paper's SFT set is real footage, qualified by construction
+        keep = train_idx[data["label"][train_idx] > 0.5]
+        sft = dict(latents=data["latents"][keep], prompt_idx=data["prompt_idx"][keep], prompt_embeds=data["prompt_embeds"])
+    return data, meta, train_idx, test_idx, sft
+
+
+def main(args: Args, explicit=()) -> dict:
+    args = resolve_args(args, explicit)
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    run = common.Run("prfl", args, args.out_dir or None)
+    # resume at stage granularity: a run folder that already holds a PAVRM skips stage 1
+    ckpt = args.reward_ckpt or (str(run.dir / "pavrm.safetensors") if (run.dir / "pavrm.safetensors").is_file() else "")
+    if args.stage == "tune" and not ckpt:
+        raise SystemExit("--stage tune needs --reward-ckpt (a PAVRM safetensors from --stage rm)")
+    pipe = common.load_backbone(args.backbone, device)
+    data, meta, train_idx, test_idx, sft = load_data(args, pipe)
+    toy = not args.data
+    prompts = args.eval_prompts or (common.toy_prompts("eval") if toy else meta["prompts"][:16])
+    eval_embeds, _ = common.encode_prompts(pipe, prompts)
+    null_embed = common.encode_prompts(pipe, [""])[0].to(device)
+    common.drop_text_encoder(pipe)  # every prompt is cached; T5 never sits next to the training graph
+
+    summary = dict(backbone=args.backbone, run_dir=str(run.dir), reward_ckpt=ckpt or None)
+    if ckpt:
+        print(f"PAVRM from {ckpt}")
+        pavrm = load_pavrm(ckpt, pipe.transformer).to(device)
+    else:
+        pavrm = PAVRM(pipe.transformer, args.rm_blocks, args.rm_heads, args.rm_pooling).to(device)
+    if args.gradient_checkpointing:  # also in PRFL: the reward's backward runs through the 8 blocks
+        pavrm.dit.enable_gradient_checkpointing()
+    if not ckpt:
+        rm_timer = train_pavrm(args, pavrm, data, train_idx, device, run)
+        save_pavrm(pavrm, run.dir / "pavrm.safetensors", args.backbone)
+        summary.update(rm_seconds_per_step=rm_timer.seconds_per_step, rm_peak_memory_gib=rm_timer.peak_memory_gib())
+    acc = evaluate_pavrm(pavrm, data, test_idx, device)
+    summary.update(pavrm_accuracy=acc, pavrm_accuracy_mean=sum(acc.values()) / len(acc), pavrm_test_size=len(test_idx))
+    tables = [common.format_table([dict(noise_interval=k, pavrm_accuracy=v) for k, v in acc.items()]
+                                  + [dict(noise_interval="mean", pavrm_accuracy=summary["pavrm_accuracy_mean"])])]
+
+    if args.stage != "rm":
+        pavrm.to(pipe.transformer.dtype)  # frozen now: run it in the generator's precision
+        before = evaluate_generator(args, pipe, pavrm, eval_embeds, prompts, null_embed, toy, "before", run)
+        timer = train_prfl(args, pipe, pavrm, sft, null_embed, device, run)
+        after = evaluate_generator(args, pipe, pavrm, eval_embeds, prompts, null_embed, toy, "after", run)
+        if args.full_finetune:
+            pipe.transformer.save_pretrained(run.dir / "transformer")  # safetensors, diffusers format
+        else:
+            common.save_lora(pipe.transformer, run.dir / "lora", "prfl")
+        rows = []
+        for key in ["true_reward", "pavrm_reward", "process_reward"][0 if toy else 1:]:
+            b, a = before[key], after[key]
+            for name, x in (("before", b), ("after", a), ("after-before (paired)", a - b)):
+                mean, se = common.mean_se(x)
+                summary[f"{key}_{name.split()[0].replace('-', '_minus_')}"] = [mean, se]
+                rows.append(dict(metric=key, samples=f"{name} (n={len(x)})", mean=mean, se=se))
+        summary.update(tune_seconds_per_step=timer.seconds_per_step, tune_peak_memory_gib=timer.peak_memory_gib(),
+                       eval_prompts=len(prompts), eval_samples=args.eval_samples)
+        tables.append(common.format_table(rows))
+    run.summary(summary)
+    print("\n\n".join(tables))
+    print(f"run folder: {run.dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}
+    main(common.parse_args(Args), explicit=given)

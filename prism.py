@@ -1,0 +1,540 @@
+"""PRISM: "Through the PRISM: Preference Representation in Intermediate States of Video Diffusion Models"
+(Wu et al., arXiv 2606.20310).
+
+A frozen video DiT already encodes preference in its noisy latents. The generator's own first N_b = 12
+blocks read (z_t, prompt, t) under no_grad; a small head (linear projection of [video tokens ; embedded
+text tokens], ONE learnable query with multi-head cross-attention over them, a 5-layer MLP) gives a scalar
+r(z_t, c, t). It is trained on A / B / tie pairs with the Rao-Kupper Bradley-Terry-with-ties likelihood
+(eta = 5), both videos at the same t with the same noise. Because it scores noisy latents, it allows an
+early Best-of-N: N trajectories denoise together for k steps, the head picks one, only it finishes and
+is decoded.
+
+Equation -> code
+    Eq. (1)   z_t = (1 - t/T) z_0 + (t/T) eps, same t and eps for A and B   noisy_pair (common.add_noise)
+    Eq. (2)   F_vis, F_txt = first N_b blocks of the frozen DiT            backbone_features (dit_prefix_features)
+    §3.2      F_uni = [F_vis; F_txt], 1-query cross-attention, 5-layer MLP  PRISMHead  (--pooling mean: Tab. 3)
+    Eq. (3)   Rao-Kupper P(A>B), P(B>A), P(A=B)                             rao_kupper_probs, rao_kupper_log_probs
+    Eq. (4)   L_BTT = -E_t log P_eta(y | z_t^A, z_t^B, c, t)                rao_kupper_nll
+    Tab. 1    accuracy w/o ties and tie-calibrated accuracy vs t            accuracy_without_ties, accuracy_with_ties
+    Fig. 3    early Best-of-N at step k                                     early_best_of_n, evaluate_bon
+
+Where this differs from the paper text (no official code exists; the notes are in shared/reference/prism.md):
+  * Eq. (3) as printed has P(A>B) = e^rA / (e^rB + eta e^rA), which does not normalise (the three terms sum
+    to 0.93 at rA=.3, rB=-.2); the standard Rao-Kupper term e^rA / (e^rA + eta e^rB) is used.
+  * Unreported head details follow the closest public code (PAVRM in Tencent-Hunyuan/HY-Video-PRFL): 8
+    attention heads, xavier-initialised query; GELU MLP of width D; plus a LayerNorm on the tokens before the
+    projection (our choice: block-12 video tokens and embedded text tokens have different scales) and a
+    key-padding mask on the text pads (Wan itself attends to its zero pads). About 21.2M trainable
+    parameters at D = 1536 against the paper's 21.8M.
+  * t ~ U{0..999}, sigma = t/1000 (Eq. 1, unshifted) in training; Best-of-N scores a latent at the shifted
+    sigma the sampler has reached. The sampler is common.rollout's Euler on the shifted schedule, not
+    diffusers' UniPC. Tie-calibrated accuracy is the VideoGen-RewardBench sweep ("Ties Matter", arXiv
+    2305.14324, Alg. 1), evaluated only at thresholds that split distinct |m| values.
+  * Compute of Best-of-N is counted, not timed: transformer forwards, N prefix passes (N_b blocks + head) for
+    the scoring, VAE decodes; FLOPs = those counts x the FLOPs of ONE forward / prefix pass / decode at batch
+    1 and the generated size, counted with torch.utils.flop_counter.FlopCounterMode on meta-device copies
+    (no memory; attention through the math SDPA kernel so its matmuls are counted). The pixel reward model
+    of the oracle is not counted (in the toy world it is free; VideoScore2 in the paper is 8B).
+  * On --backbone tiny the paper's run lengths / widths are replaced by TINY (below) for a one-minute demo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    # generic
+    stage: str = common.arg("all", "rm: train + evaluate the head; bon: early Best-of-N (needs --reward-ckpt); "
+                                   "all: both", choices=["rm", "bon", "all"])
+    out_dir: str = common.arg("", "run folder (default runs/prism-<backbone>-<time>)")
+    seed: int = common.arg(0, "seed of training randomness (evaluation noise uses its own fixed seeds)")
+    device: str = common.arg("auto", "auto | cpu | cuda")
+    data: str = common.arg("", "'pairs' latent dataset folder (prepare.py); empty = the toy world (tiny only)")
+    toy_pairs: int = common.arg(1024, "toy world: number of labelled pairs")
+    toy_cache: str = common.arg("runs/toy_data", "toy world: dataset cache folder")
+    test_fraction: float = common.arg(0.25, "share of PROMPTS held out for evaluation (prompt-disjoint, as VLRM-Bench)")
+    tiny_defaults: bool = common.arg(True, "on --backbone tiny, fields still at their paper default take the "
+                                           "TINY value (shown as 'tiny: ...' in each help)")
+    # backbone (frozen; nothing of it trains)
+    backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
+    num_blocks: int = common.arg(12, "N_b: the head reads the tokens after this many DiT blocks (paper 12)")
+    # reward model (PRISM head)
+    reward_ckpt: str = common.arg("", "head safetensors to reuse (skips training)")
+    head_dim: int = common.arg(1536, "D: projection / attention / MLP width (paper 1536 for every backbone; tiny: 64)")
+    num_heads: int = common.arg(8, "attention heads (not reported; PAVRM code: 8)")
+    num_queries: int = common.arg(1, "N_q learnable queries, averaged after attention (paper 1; Tab. 4: 4, 8)")
+    mlp_layers: int = common.arg(5, "linear layers of the MLP to the scalar reward (paper 5)")
+    pooling: str = common.arg("query", "query: learnable-query cross-attention; mean: masked average pooling "
+                                       "(Tab. 3 ablation)", choices=["query", "mean"])
+    eta: float = common.arg(5.0, "Rao-Kupper tie parameter eta > 1 (paper 5.0; Tab. 4: 3, 8)")
+    lr: float = common.arg(1e-4, "AdamW lr, constant (paper; tiny: 1e-3)")
+    weight_decay: float = common.arg(0.01, "AdamW weight decay (not reported)")
+    batch_size: int = common.arg(16, "pairs per step (not reported; tiny: 32)")
+    train_steps: int = common.arg(5000, "optimiser steps (not reported; ~3 epochs of 26k pairs at 16; tiny: 300)")
+    eval_timesteps: list = common.arg(None, "t in [0, 1000) where accuracy is measured (Tab. 1)",
+                                      factory=lambda: [989, 949, 899, 699, 499, 299, 99, 0])
+    # early Best-of-N (Fig. 3, Tab. 2)
+    bon_n: int = common.arg(5, "N candidates per prompt (paper 5)")
+    bon_steps: list = common.arg(None, "k: select after this many sampler steps (k = num_steps scores the clean "
+                                       "latent)", factory=lambda: [1, 5, 10, 25, 50])
+    num_steps: int = common.arg(50, "sampler steps (paper 50)")
+    flow_shift: float = common.arg(0.0, "schedule shift; 0 = the backbone's (3.0 for 1.3B at 480p, diffusers)")
+    guidance_scale: float = common.arg(5.0, "CFG with the empty prompt as negative (diffusers default; tiny: 1.0)")
+    bon_batch: int = common.arg(1, "prompts denoised at once (each with its N candidates; tiny: 64)")
+    bon_prompts: int = common.arg(0, "cap on Best-of-N prompts (0 = all held-out prompts; toy: 12 unseen + the "
+                                     "test split's 9 = 21)")
+    num_videos: int = common.arg(2, "mp4 of the picks at each k saved for the first prompts")
+
+
+# Demo sizes for the randomly initialised tiny backbone (the rule: a field still equal to its paper default
+# above takes this value when --backbone tiny, unless --no-tiny-defaults). Real backbones keep the paper's.
+TINY = dict(head_dim=64, lr=1e-3, batch_size=32, train_steps=300, guidance_scale=1.0, bon_batch=64)
+
+
+def resolve_args(args: Args) -> Args:
+    if args.backbone != "tiny" or not args.tiny_defaults:
+        return args
+    paper = {f.name: f.default for f in dataclasses.fields(Args)}
+    return dataclasses.replace(args, **{k: v for k, v in TINY.items() if getattr(args, k) == paper[k]})
+
+
+# ----------------------------------------------------------------------------------------------
+# Features and head: Eqs. (1)-(2), §3.2
+# ----------------------------------------------------------------------------------------------
+def noisy_pair(z_a, z_b, sigma, eps):
+    """Eq. (1) for both videos of a pair at the SAME sigma with the SAME noise (§3.3: the difference of the
+    two noisy latents is then (1 - sigma)(z_a - z_b), so noise never decides the comparison)."""
+    return common.add_noise(z_a, eps, sigma), common.add_noise(z_b, eps, sigma)
+
+
+@torch.no_grad()
+def backbone_features(transformer, z_t, sigma, embeds, num_blocks: int):
+    """Eq. (2): tokens after block N_b of the frozen generator and its embedded text tokens, fp32.
+    no_grad: the backbone is frozen, so none of its activations are kept."""
+    f = common.dit_prefix_features(transformer, z_t, 1000 * sigma, embeds, taps=(num_blocks,))
+    return f["hidden"][0].float(), f["text"].float()
+
+
+class PRISMHead(nn.Module):
+    """§3.2: F_uni = [F_vis; F_txt] -> LayerNorm -> Linear(D_in, D) -> N_q queries attend -> MLP -> scalar."""
+
+    def __init__(self, in_dim: int, dim: int = 1536, num_heads: int = 8, num_queries: int = 1,
+                 mlp_layers: int = 5, pooling: str = "query"):
+        super().__init__()
+        self.config = dict(in_dim=in_dim, dim=dim, num_heads=num_heads, num_queries=num_queries,
+                           mlp_layers=mlp_layers, pooling=pooling)
+        self.pooling = pooling
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, dim)
+        self.queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_queries, dim)))
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        layers = []
+        for _ in range(mlp_layers - 1):
+            layers += [nn.Linear(dim, dim), nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(dim, 1))
+
+    def forward(self, f_vis, f_txt, txt_mask):
+        tokens = self.proj(self.norm(torch.cat([f_vis, f_txt], 1)))                 # F_uni projected, [B, N+L, D]
+        keep = torch.cat([torch.ones_like(f_vis[..., 0], dtype=torch.bool), txt_mask.bool()], 1)
+        if self.pooling == "mean":                                                   # Tab. 3 "Pool Agg + MLP"
+            agg = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        else:
+            q = self.queries.expand(len(tokens), -1, -1)
+            agg = self.attn(q, tokens, tokens, key_padding_mask=~keep, need_weights=False)[0].mean(1)
+        return self.mlp(agg).squeeze(-1)
+
+
+def prism_reward(transformer, head, z_t, sigma, embeds, txt_mask, num_blocks: int):
+    """r(z_t, c, t): frozen prefix (no_grad) then the head (with grad when training)."""
+    f_vis, f_txt = backbone_features(transformer, z_t, sigma, embeds, num_blocks)
+    return head(f_vis, f_txt, txt_mask.to(z_t.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rao-Kupper Bradley-Terry with ties: Eqs. (3)-(4)
+# ----------------------------------------------------------------------------------------------
+def rao_kupper_probs(r_a, r_b, eta: float):
+    """Eq. (3), direct form (standard Rao-Kupper; see the module docstring for the printed typo).
+    Returns [..., 3] = P(A>B), P(B>A), P(A=B) in the label order. Overflows for large r: reference only."""
+    pa, pb = r_a.exp(), r_b.exp()
+    p_a = pa / (pa + eta * pb)
+    p_b = pb / (eta * pa + pb)
+    p_tie = (eta ** 2 - 1) * pa * pb / ((pa + eta * pb) * (eta * pa + pb))
+    return torch.stack([p_a, p_b, p_tie], -1)
+
+
+def rao_kupper_log_probs(r_a, r_b, eta: float):
+    """Eq. (3) in log space, a function of d = r_A - r_B only (stable for any d):
+    log P(A>B) = -softplus(log eta - d), log P(B>A) = -softplus(log eta + d),
+    log P(A=B) = log(eta^2 - 1) + log P(A>B) + log P(B>A)   (divide the tie term by pi_A pi_B)."""
+    if eta <= 1:
+        raise ValueError(f"eta must be > 1 (eta = 1 allows no ties), got {eta}")
+    d, lam = r_a - r_b, math.log(eta)
+    log_a, log_b = -F.softplus(lam - d), -F.softplus(lam + d)
+    return torch.stack([log_a, log_b, math.log(eta ** 2 - 1) + log_a + log_b], -1)
+
+
+def rao_kupper_nll(r_a, r_b, pref, eta: float):
+    """Eq. (4): mean negative log-likelihood of the labels pref in {0: A, 1: B, 2: tie}."""
+    return -rao_kupper_log_probs(r_a, r_b, eta).gather(-1, pref.long()[:, None]).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy metrics (Tab. 1; VideoGen-RewardBench protocol)
+# ----------------------------------------------------------------------------------------------
+def human_sign(pref):
+    """pref {0: A, 1: B, 2: tie} -> h {+1, -1, 0}, the sign convention of m = r_A - r_B."""
+    return torch.tensor([1.0, -1.0, 0.0])[pref.long().cpu()]
+
+
+def accuracy_without_ties(h, m) -> float:
+    """C / (C + D) over the pairs humans did not call a tie."""
+    keep = h != 0
+    return (h[keep] * m[keep] > 0).float().mean().item() if keep.any() else float("nan")
+
+
+def accuracy_with_ties(h, m) -> float:
+    """Tie-calibrated 3-way accuracy (Ties Matter, Alg. 1): |m| <= eps predicts a tie; return
+    max over eps in {|m_i|} of (C + T_hm) / (C + D + T_h + T_m + T_hm) = (C + T_hm) / n.
+    Sorted sweep, O(n log n): predicting ties for the j smallest |m| turns their C into T_m."""
+    a, order = m.abs().sort()
+    h, mm = h[order], m[order]
+    correct = (h * mm > 0).float()                       # C if predicted non-tie (always 0 for human ties)
+    t_hm = (h == 0).float().cumsum(0)                    # human ties among the predicted ties
+    c = correct.sum() - correct.cumsum(0)                # correct among the rest
+    last = torch.ones_like(a, dtype=torch.bool)          # only thresholds between distinct |m| values
+    last[:-1] = a[1:] != a[:-1]
+    return ((c + t_hm) / len(h))[last].max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def load_pairs(args, pipe):
+    """A 'pairs' dataset (--data folder or the cached toy world), checked against the backbone."""
+    if args.data:
+        data, meta = common.load_dataset(args.data, "pairs")
+        where = args.data
+    else:
+        if args.backbone != "tiny":
+            raise SystemExit("the toy world exists for --backbone tiny only; pass --data <pairs folder> (prepare.py)")
+        data, meta = common.toy_dataset(pipe, "pairs", args.toy_pairs, seed=0, cache_dir=args.toy_cache)
+        where = f"{args.toy_cache}/pairs-{args.toy_pairs}-0"
+    for k in ("latents_a", "latents_b"):
+        common.check_latent_shape(data[k], pipe, f"{where}: '{k}'")
+    if data["latents_a"].shape != data["latents_b"].shape:
+        raise ValueError(f"{where}: latents_a {tuple(data['latents_a'].shape)} != "
+                         f"latents_b {tuple(data['latents_b'].shape)}")
+    if not ((data["pref"] >= 0) & (data["pref"] <= 2)).all():
+        raise ValueError(f"{where}: 'pref' must be 0 (A), 1 (B) or 2 (tie), found {data['pref'].unique().tolist()}")
+    text_dim = pipe.transformer.config.text_dim
+    if data["prompt_embeds"].shape[-1] != text_dim:
+        raise ValueError(f"{where}: prompt_embeds {tuple(data['prompt_embeds'].shape)}, "
+                         f"the backbone's text dim is {text_dim}")
+    return data, meta
+
+
+def split_by_prompt(data, test_fraction: float, seed: int = 0):
+    """Prompt-disjoint train / test rows (the paper's VLRM-Bench is prompt-disjoint from training)."""
+    train_p, test_p = common.split_indices(len(data["prompt_embeds"]), test_fraction, seed)
+    is_test = torch.isin(data["prompt_idx"], test_p)
+    train, test = (~is_test).nonzero()[:, 0], is_test.nonzero()[:, 0]
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"prompt split left {len(train)} train / {len(test)} test pairs; change --test-fraction")
+    return train, test, test_p
+
+
+def batch_pairs(data, idx, sigma, eps, device):
+    """The pairs idx noised by Eq. (1) at sigma [B] with noise eps [B, ...] shared within each pair."""
+    z_a, z_b = noisy_pair(data["latents_a"][idx], data["latents_b"][idx], sigma, eps)
+    p = data["prompt_idx"][idx]
+    return (z_a.to(device), z_b.to(device), sigma.to(device), data["prompt_embeds"][p].to(device),
+            data["prompt_mask"][p].to(device), data["pref"][idx].to(device))
+
+
+def pair_rewards(transformer, head, z_a, z_b, sigma, embeds, mask, num_blocks):
+    """r_A, r_B in one batched backbone call."""
+    r = prism_reward(transformer, head, torch.cat([z_a, z_b]), torch.cat([sigma, sigma]),
+                     torch.cat([embeds, embeds]), torch.cat([mask, mask]), num_blocks)
+    return r.chunk(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: train the head on the frozen backbone, evaluate accuracy vs t
+# ----------------------------------------------------------------------------------------------
+def train_head(args, pipe, head, data, train_idx, run, device):
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    g = torch.Generator().manual_seed(args.seed)
+    timer, losses = common.StepTimer(device), []
+    head.train()
+    for step in (bar := tqdm(range(args.train_steps), desc="PRISM head")):
+        with timer:
+            idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), generator=g)]
+            sigma = torch.randint(0, 1000, (len(idx),), generator=g) / 1000       # t ~ U{0..999}, sigma = t / T
+            eps = torch.randn(len(idx), *data["latents_a"].shape[1:], generator=g)     # one noise per pair
+            z_a, z_b, s, e, m, pref = batch_pairs(data, idx, sigma, eps, device)
+            r_a, r_b = pair_rewards(pipe.transformer, head, z_a, z_b, s, e, m, args.num_blocks)
+            loss = rao_kupper_nll(r_a, r_b, pref, args.eta)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"PRISM head: loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        run.log(step, "rm", loss=loss.item())
+    head.eval()
+    return dict(steps=args.train_steps, final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+                sec_per_step=timer.seconds_per_step, peak_mem_gib=timer.peak_memory_gib())
+
+
+@torch.no_grad()
+def evaluate_accuracy(args, pipe, head, data, test_idx, device, batch: int = 64) -> list[dict]:
+    """Tab. 1: every test pair at each fixed t, one fixed noise per pair shared by A and B (and by all t)."""
+    g = torch.Generator().manual_seed(12345)
+    eps_all = torch.randn(data["latents_a"][test_idx].shape, generator=g)
+    h = human_sign(data["pref"][test_idx])
+    rows = []
+    for t in tqdm(args.eval_timesteps, desc="accuracy vs t", leave=False):
+        m = []
+        for i in range(0, len(test_idx), batch):
+            idx = test_idx[i:i + batch]
+            sigma = torch.full((len(idx),), t / 1000)
+            z_a, z_b, s, e, msk, _ = batch_pairs(data, idx, sigma, eps_all[i:i + batch], device)
+            r_a, r_b = pair_rewards(pipe.transformer, head, z_a, z_b, s, e, msk, args.num_blocks)
+            m.append((r_a - r_b).cpu())
+        m = torch.cat(m)
+        rows.append(dict(t=t, acc=accuracy_without_ties(h, m), acc_ties=accuracy_with_ties(h, m)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: early Best-of-N (Fig. 3)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def early_best_of_n(pipe, head, noise, embeds, txt_mask, sigmas, k: int, num_blocks: int,
+                    guidance_scale: float = 1.0, negative_embeds=None):
+    """noise [P, N, C, F, H, W]: all P*N trajectories take k steps together, the head scores each latent at
+    the sigma it has reached (sigmas[k]; k = num_steps scores the clean latent), the argmax per prompt
+    finishes alone. Returns (final latents [P, ...] of the winners, winner index [P], scores [P, N])."""
+    P, N = noise.shape[:2]
+    tr = pipe.transformer
+    rep = lambda x: x.repeat_interleave(N, 0)
+    neg = None if negative_embeds is None else negative_embeds.expand(P * N, -1, -1)
+    x, _ = common.rollout(tr, noise.flatten(0, 1), rep(embeds), sigmas, 0, k, guidance_scale=guidance_scale,
+                          negative_embeds=neg)
+    scores = prism_reward(tr, head, x, sigmas[k].expand(P * N).to(x.device), rep(embeds), rep(txt_mask),
+                          num_blocks).view(P, N)
+    best = scores.argmax(1)
+    x = x.view(P, N, *x.shape[1:])[torch.arange(P), best]                      # prune the other N - 1
+    neg = None if negative_embeds is None else negative_embeds.expand(P, -1, -1)
+    x, _ = common.rollout(tr, x, embeds, sigmas, k, len(sigmas) - 1, guidance_scale=guidance_scale,
+                          negative_embeds=neg)
+    return x, best, scores
+
+
+def count_flops(pipe, head, latent_shape, text_len: int, num_blocks: int, device: str = "meta") -> dict:
+    """FLOPs of ONE transformer forward, ONE scoring pass (N_b blocks + head) and ONE VAE decode at batch 1
+    and this latent size, on fresh copies made on `device`: "meta" = shapes only, no memory (real sizes);
+    "cpu" is faster for tiny (meta ops dispatch through Python). Math attention, so that it is counted."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device(device):
+        tr = type(pipe.transformer).from_config(pipe.transformer.config)
+        vae = type(pipe.vae).from_config(pipe.vae.config)
+        hd = PRISMHead(**head.config)
+    for module in (tr, vae, hd):  # the flop counter's module hooks want no autograd on these copies
+        module.requires_grad_(False)
+    x = torch.zeros(1, *latent_shape, device=device)
+    e = torch.zeros(1, text_len, pipe.transformer.config.text_dim, device=device)
+    mask, t = torch.ones(1, text_len, dtype=torch.bool, device=device), torch.full((1,), 0.5, device=device)
+
+    def flops(fn):
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    forward = lambda: tr(hidden_states=x, timestep=1000 * t, encoder_hidden_states=e, return_dict=False)
+    return dict(forward=flops(forward),
+                score=flops(lambda: prism_reward(tr, hd, x, t, e, mask, num_blocks)),
+                decode=flops(lambda: vae.decode(x, return_dict=False)))
+
+
+def bon_compute(n: int, k: int | None, steps: int, cfg: int, flops: dict) -> dict:
+    """Per-prompt cost. k None: finish all n, decode all n (oracle / pixel-RM Best-of-N); n = 1: one sample;
+    else the early Best-of-N: n*k + (steps - k) steps, n scoring passes, one decode."""
+    if k is None:
+        fwd, score, dec = n * steps * cfg, 0, n
+    elif n == 1:
+        fwd, score, dec = steps * cfg, 0, 1
+    else:
+        fwd, score, dec = (n * k + steps - k) * cfg, n, 1
+    total = fwd * flops["forward"] + score * flops["score"] + dec * flops["decode"]
+    return dict(forwards=fwd, score_passes=score, decodes=dec, gflop=total / 1e9)
+
+
+def bon_prompt_table(args, pipe, data, meta, test_p):
+    """Best-of-N prompts: the held-out prompts of the split (+ the toy world's unseen 'patch' prompts)."""
+    prompts = [meta["prompts"][i] for i in test_p.tolist()]
+    embeds, mask = data["prompt_embeds"][test_p], data["prompt_mask"][test_p]
+    if meta.get("source") == "toy" and pipe.text_encoder is not None:
+        unseen = common.toy_prompts("eval")
+        e, m = common.encode_prompts(pipe, unseen, max_sequence_length=embeds.shape[1])
+        prompts, embeds, mask = unseen + prompts, torch.cat([e, embeds]), torch.cat([m, mask])
+    cap = args.bon_prompts or len(prompts)
+    return prompts[:cap], embeds[:cap], mask[:cap]
+
+
+@torch.no_grad()
+def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device) -> list[dict]:
+    """Tab. 2: for each k, the reward of the pick vs a random pick (the expected value over the N candidates)
+    and the oracle (all N finished and decoded, best reward), same seeds throughout; compute per prompt.
+    reward_fn(pipe, latents, prompts) is the toy world's true_reward; None (real data): the picks are only
+    saved (bon_picks.safetensors, mp4) for an external benchmark."""
+    P, N, S = len(prompts), args.bon_n, args.num_steps
+    shift = args.flow_shift or common.backbone_config(args.backbone)["flow_shift"]
+    sigmas = common.sigma_schedule(S, shift).to(device)
+    shape = common.backbone_geometry(pipe)["latent_shape"]
+    seed = lambda p, j: 10_000 * (args.seed + 1) + p * N + j              # candidate j of prompt p, every method
+    noise = torch.stack([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed(p, j)))
+                                      for j in range(N)]) for p in range(P)])
+    cfg = args.guidance_scale > 1
+    neg = common.encode_prompts(pipe, [""], max_sequence_length=embeds.shape[1])[0].to(device) if cfg else None
+    flops = count_flops(pipe, head, shape, embeds.shape[1], args.num_blocks,
+                        "cpu" if args.backbone == "tiny" else "meta")
+    rows = [dict(method=f"random pick (1 of {N})", **bon_compute(1, 0, S, 1 + cfg, flops)),
+            dict(method=f"oracle best-of-{N} (pixel reward)", **bon_compute(N, None, S, 1 + cfg, flops))]
+    chunks = [slice(i, i + args.bon_batch) for i in range(0, P, args.bon_batch)]
+    on = lambda c: (noise[c].to(device), embeds[c].to(device), mask[c].to(device))
+    if reward_fn is not None:  # all N finished: what the random pick and the pixel-reward oracle need
+        r_all = []
+        for c in tqdm(chunks, desc=f"all {N} finished", leave=False):
+            z, e, _ = on(c)
+            final, _ = common.rollout(pipe.transformer, z.flatten(0, 1), e.repeat_interleave(N, 0), sigmas,
+                                      guidance_scale=args.guidance_scale,
+                                      negative_embeds=None if neg is None else neg.expand(len(z) * N, -1, -1))
+            r_all.append(reward_fn(pipe, final, [p for p in prompts[c] for _ in range(N)]).view(-1, N))
+        r_all = torch.cat(r_all)
+        rows[0].update(zip(("reward", "se"), common.mean_se(r_all.mean(1))))
+        rows[1].update(zip(("reward", "se"), common.mean_se(r_all.max(1).values)))
+    picks = {}
+    for k in tqdm(args.bon_steps, desc="early Best-of-N", leave=False):
+        x = torch.cat([early_best_of_n(pipe, head, *on(c), sigmas, k, args.num_blocks, args.guidance_scale, neg)[0]
+                       for c in chunks])
+        picks[f"step{k}"] = x
+        rows.append(dict(method=f"PRISM step {k}", **bon_compute(N, k, S, 1 + cfg, flops)))
+        if reward_fn is not None:
+            r = reward_fn(pipe, x, prompts)
+            gain = r - r_all.mean(1)                               # paired with the random pick, same seeds
+            rows[-1].update(reward=common.mean_se(r)[0], se=common.mean_se(r)[1],
+                            gain_vs_random=common.mean_se(gain)[0], gain_se=common.mean_se(gain)[1])
+        for i in range(min(args.num_videos, P)):
+            video = common.decode_latents(pipe, x[i:i + 1])[0]
+            common.export_video(video, run.dir / "videos" / f"step{k:02d}_p{i}.mp4")
+    common.save_safetensors(picks, run.dir / "bon_picks.safetensors", metadata=dict(prompts=prompts, n=N, steps=S))
+    oracle = rows[1]["gflop"]
+    for r in rows:
+        r["rel_flops"] = r["gflop"] / oracle
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def save_head(head, path, args):
+    common.save_safetensors(head.state_dict(), path, metadata=dict(**head.config, num_blocks=args.num_blocks,
+                                                                   eta=args.eta, backbone=args.backbone))
+
+
+def load_head(path, pipe, num_blocks: int) -> PRISMHead:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--reward-ckpt {path}: no such file")
+    with safe_open(str(path), "pt") as f:
+        meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    if "in_dim" not in meta:
+        raise ValueError(f"{path}: not a PRISM head checkpoint (no head config in its metadata)")
+    cfg = {k: (meta[k] if k == "pooling" else int(meta[k])) for k in
+           ("in_dim", "dim", "num_heads", "num_queries", "mlp_layers", "pooling")}
+    inner = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    if cfg["in_dim"] != inner or int(meta.get("num_blocks", num_blocks)) != num_blocks:
+        raise ValueError(f"{path}: head made for width {cfg['in_dim']} after block {meta.get('num_blocks')}, "
+                         f"this backbone gives width {inner} after block {num_blocks}")
+    head = PRISMHead(**cfg)
+    head.load_state_dict(state)
+    return head
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    args = resolve_args(args)
+    if args.stage == "bon" and not args.reward_ckpt:
+        raise SystemExit("--stage bon needs a trained head: --reward-ckpt <run>/prism_head.safetensors")
+    if not all(1 <= k <= args.num_steps for k in args.bon_steps):
+        raise ValueError(f"--bon-steps {args.bon_steps} must lie in 1..--num-steps {args.num_steps}")
+    if args.eta <= 1:
+        raise ValueError(f"--eta must be > 1, got {args.eta}")
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    run = common.Run("prism", args, args.out_dir or None)
+    pipe = common.load_backbone(args.backbone, device)
+    tr = pipe.transformer
+    data, meta = load_pairs(args, pipe)
+    train_idx, test_idx, test_p = split_by_prompt(data, args.test_fraction)
+    summary = dict(method="prism", backbone=args.backbone, run_dir=str(run.dir), train_pairs=len(train_idx),
+                   test_pairs=len(test_idx), test_ties=(data["pref"][test_idx] == 2).float().mean().item())
+
+    if args.reward_ckpt:
+        head = load_head(args.reward_ckpt, pipe, args.num_blocks).to(device)
+    else:
+        head = PRISMHead(tr.config.num_attention_heads * tr.config.attention_head_dim, args.head_dim,
+                         args.num_heads, args.num_queries, args.mlp_layers, args.pooling).to(device)
+    summary["head_params"] = sum(p.numel() for p in head.parameters())
+    before = [p.clone() for p in tr.parameters()] if args.backbone == "tiny" else None
+
+    if args.stage in ("rm", "all"):
+        if not args.reward_ckpt:
+            summary["train"] = train_head(args, pipe, head, data, train_idx, run, device)
+            save_head(head, run.dir / "prism_head.safetensors", args)
+        rows = evaluate_accuracy(args, pipe, head, data, test_idx, device)
+        summary["accuracy"] = rows
+        print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs, {summary['test_ties']:.0%} ties; "
+              f"'always tie' scores {summary['test_ties']:.3f} w/ ties)")
+        print(common.format_table([{"metric": "w/o ties", **{str(r["t"]): r["acc"] for r in rows}},
+                                   {"metric": "w/ ties", **{str(r["t"]): r["acc_ties"] for r in rows}}]))
+
+    if args.stage in ("bon", "all"):
+        prompts, embeds, mask = bon_prompt_table(args, pipe, data, meta, test_p)
+        # only the toy world has a ground truth; on real data the picks are saved for an external benchmark
+        reward_fn = common.true_reward if meta.get("source") == "toy" else None
+        rows = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device)
+        summary["bon"] = rows
+        print(f"\nEarly Best-of-{args.bon_n}: true toy reward of the pick, {len(prompts)} prompts, {args.num_steps} "
+              f"steps (per-prompt compute; rel_flops vs the oracle)")
+        print(common.format_table(rows, ["method", "reward", "se", "gain_vs_random", "gain_se", "forwards",
+                                         "score_passes", "decodes", "gflop", "rel_flops"]))
+
+    if before is not None:  # the backbone is frozen: nothing of it may have moved
+        summary["backbone_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, tr.parameters()))
+    run.summary(summary)
+    print(f"\nrun folder: {run.dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))

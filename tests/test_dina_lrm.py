@@ -1,0 +1,339 @@
+"""Tests of dina_lrm.py: equations, head properties, adapter isolation, toy-world behaviour, CLI, bad input."""
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import dina_lrm as D  # noqa: E402
+
+def synthetic_pairs(pipe, folder, n=512, seed=0, margin=0.15):
+    """Toy-prompt pairs whose preference is a known latent feature (the mean of channel 0).
+
+    The toy world's own pairs need ~2000 pairs and ~300 steps before the reward model is clearly
+    above chance (see the README), too slow for this suite; this feature is learnable in ~100 steps
+    and is destroyed by noise, so it also tests the sigma dependence. Margin: ties as in the toy world.
+    """
+    g = torch.Generator().manual_seed(seed)
+    prompts = common.toy_prompts("train")
+    emb, mask = common.encode_prompts(pipe, prompts)
+    a, b = torch.randn(n, 16, 3, 4, 4, generator=g), torch.randn(n, 16, 3, 4, 4, generator=g)
+    ra, rb = a[:, 0].mean((1, 2, 3)), b[:, 0].mean((1, 2, 3))
+    pref = torch.where(ra - rb > margin, 0, torch.where(rb - ra > margin, 1, 2))
+    common.save_dataset(folder, dict(latents_a=a, latents_b=b, pref=pref, reward_a=ra, reward_b=rb,
+                                     prompt_idx=torch.randint(0, len(prompts), (n,), generator=g),
+                                     prompt_embeds=emb, prompt_mask=mask),
+                        dict(kind="pairs", prompts=prompts, source="toy-synthetic"))
+    return str(folder)
+
+
+def small_args(out, data, **kw):
+    base = dict(out_dir=str(out), data=str(data), rm_steps=100, rm_lr=3e-3, test_fraction=0.25, ablation="off",
+                eval_sigmas=[0.1, 0.4, 0.9], refl_steps=3, refl_batch=4, num_steps=6, eval_seeds=2, save_videos=0)
+    base.update(kw)
+    return D.Args(**base)
+
+
+class capture_pipe:
+    """Record the pipeline main() builds (to inspect its weights and adapters afterwards)."""
+
+    def __enter__(self):
+        self.load, self.pipe = common.load_backbone, None
+
+        def load(*a, **kw):
+            self.pipe = self.load(*a, **kw)
+            return self.pipe
+
+        common.load_backbone = load
+        return self
+
+    def __exit__(self, *exc):
+        common.load_backbone = self.load
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_pairs(common.load_backbone("tiny"), tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """One run of both stages; the pipeline it used is captured for the isolation checks."""
+    out = tmp_path_factory.mktemp("run")
+    with capture_pipe() as cap:
+        summary = D.main(small_args(out, data))
+    return summary, out, cap.pipe
+
+
+# ---------------------------------------------------------------- equations
+def test_thurstone_variance_matches_eq1_and_grows_with_sigma():
+    s = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    v = D.thurstone_variance(s, k=2.0, clean_var=0.05)
+    torch.testing.assert_close(v, torch.tensor([0.05, 0.175, 0.55, 2.05]))
+    assert (v.diff() > 0).all()
+
+
+def test_thurstone_probability_hand_values():
+    r_a, r_b = torch.tensor([1.0, 0.3, -0.2]), torch.tensor([0.0, 0.3, 0.5])
+    var = D.thurstone_variance(torch.tensor([0.5, 0.1, 0.9]))
+    p = D.thurstone_probability(r_a, r_b, var)
+    expect = [statistics.NormalDist().cdf(d / math.sqrt(2 * v + 1e-6))
+              for d, v in zip((r_a - r_b).tolist(), var.tolist())]
+    torch.testing.assert_close(p, torch.tensor(expect), atol=1e-6, rtol=0)
+    assert abs(p[0].item() - 0.8298) < 1e-3  # Phi(1 / sqrt(1.1)) from a normal table
+    # the same score gap is less decisive at a higher noise level (the calibration)
+    p_lo, p_hi = D.thurstone_probability(torch.tensor(1.0), torch.tensor(0.0), D.thurstone_variance(torch.tensor([0.1, 0.9])))
+    assert p_lo > p_hi > 0.5
+    # P(A > B) + P(B > A) = 1
+    torch.testing.assert_close(p + D.thurstone_probability(r_b, r_a, var), torch.ones(3))
+
+
+def test_fidelity_loss_hand_values_and_tie_target():
+    p = torch.tensor([0.81, 0.25, 1.0])
+    torch.testing.assert_close(D.thurstone_fidelity_loss(p), torch.tensor([0.1, 0.5, 0.0]), atol=1e-5, rtol=0)
+    # FRank with target 1/2: 1 - sqrt(p/2) - sqrt((1-p)/2), zero exactly at p = 1/2, positive elsewhere
+    q = torch.tensor([0.5, 0.9], requires_grad=True)
+    tie = D.thurstone_fidelity_loss(q, 0.5)
+    assert abs(tie[0].item()) < 1e-5 and tie[1].item() > 0.03
+    tie[0].backward()
+    assert abs(q.grad[0].item()) < 1e-4
+
+
+def test_preference_loss_modes():
+    a = D.Args()
+    r_a, r_b, s = torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.5])
+    fid = lambda p: 1 - math.sqrt(p + 1e-6)
+    z = lambda v: statistics.NormalDist().cdf(1 / math.sqrt(2 * v + 1e-6))
+    assert abs(D.preference_loss(r_a, r_b, s, 1.0, a).item() - fid(z(0.55))) < 1e-5
+    a.loss = "thurstone-constant"
+    assert abs(D.preference_loss(r_a, r_b, s, 1.0, a).item() - fid(z(0.5))) < 1e-5
+    a.loss = "bt"
+    assert abs(D.preference_loss(r_a, r_b, s, 1.0, a).item() - math.log1p(math.exp(-1))) < 1e-5
+
+
+def test_refl_loss_official_constants():
+    r = torch.tensor([-2.0, 8.0])
+    assert abs(D.refl_loss(r).item() - ((2 - 1.0) + (2 - 2.0)) / 2) < 1e-6
+
+
+# ---------------------------------------------------------------- head
+def fake_feats(B=2, N=12, L=6, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden=[torch.randn(B, N, dim, generator=g) for _ in range(3)],
+                text=torch.randn(B, L, dim, generator=g), temb=torch.randn(B, dim, generator=g))
+
+
+def perturbed_head(dim=32, seed=0):
+    torch.manual_seed(seed)
+    head = D.DiNaHead(dim)
+    with torch.no_grad():  # leave the zero-init: gates and FiLM become non-trivial
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return head
+
+
+def test_film_is_identity_at_init():
+    tap = D.FiLMTap(32, 32, 8)
+    x, t1, t2 = torch.randn(2, 5, 32), torch.randn(2, 32), 5 * torch.randn(2, 32)
+    torch.testing.assert_close(tap.modulate(x, t1), x + tap.layer_embed)
+    torch.testing.assert_close(tap(x, t1), tap(x, t2))
+    assert D.ValueGate(32)(x).eq(0.5).all()
+
+
+def test_ensemble_concatenates_tokens_not_scores():
+    head = perturbed_head()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    f = [fake_feats(seed=s) for s in range(3)]
+    single = torch.stack([head([fi], mask) for fi in f])
+    # duplicated tokens leave softmax attention unchanged: K copies of one level = that level alone
+    torch.testing.assert_close(head([f[0]] * 3, mask), single[0], atol=1e-5, rtol=1e-5)
+    ens = head(f, mask)
+    assert (ens - single.mean(0)).abs().min() > 1e-3  # not the average of the three scores
+
+
+def test_text_mask_hides_padding():
+    head = perturbed_head()
+    f = fake_feats()
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    g = dict(f, text=f["text"].clone())
+    g["text"][:, 4:] += 10.0
+    torch.testing.assert_close(head([f], mask), head([g], mask))
+    assert (head([f], torch.ones_like(mask)) - head([g], torch.ones_like(mask))).abs().max() > 1e-3
+
+
+def test_dina_reward_ensemble_on_backbone_and_shared_eps():
+    pipe = common.load_backbone("tiny")
+    args = D.resolve(D.Args())
+    head, _ = D.add_reward_model(pipe, args)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        x0, eps = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+        emb, mask = torch.randn(2, 32, 32), torch.ones(2, 32, dtype=torch.bool)
+        one = D.dina_reward(pipe.transformer, head, x0, emb, mask, [0.4], eps, args.taps)
+        three = D.dina_reward(pipe.transformer, head, x0, emb, mask, [0.4] * 3, eps, args.taps)
+        torch.testing.assert_close(one, three, atol=1e-5, rtol=1e-5)
+        levels = [D.dina_reward(pipe.transformer, head, x0, emb, mask, [s], eps, args.taps) for s in (0.2, 0.5, 0.7)]
+        ens = D.dina_reward(pipe.transformer, head, x0, emb, mask, [0.2, 0.5, 0.7], eps, args.taps)
+        assert (ens - torch.stack(levels).mean(0)).abs().min() > 1e-4
+        # the score depends on sigma (the head sees the timestep through FiLM and the backbone)
+        assert (levels[0] - levels[2]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------- adapters and gradient isolation
+def base_weights(transformer):
+    """Base parameters by their plain name (peft renames a wrapped layer's weight to base_layer.weight)."""
+    return {n.replace(".base_layer", ""): p.detach().clone() for n, p in transformer.named_parameters()
+            if "lora_" not in n}
+
+
+def test_refl_step_gradients_reach_only_the_policy():
+    pipe = common.load_backbone("tiny")
+    args = D.resolve(D.Args(num_steps=4, refl_batch=2))
+    head, reward = D.add_reward_model(pipe, args)
+    with torch.no_grad():
+        for p in reward + list(head.parameters()):
+            p.add_(torch.randn_like(p) * 0.05)
+    head.requires_grad_(False)
+    for p in pipe.transformer.parameters():
+        p.requires_grad_(False)
+    policy = common.add_lora(pipe.transformer, 32, 64, adapter_name="policy")
+    with torch.no_grad():  # non-zero B so gradients reach both LoRA factors
+        for p in policy:
+            p.add_(torch.randn_like(p) * 0.01)
+    emb, mask = torch.randn(2, 32, 32), torch.ones(2, 32, dtype=torch.bool)
+    loss, r, mid = D.refl_step(pipe, head, emb, mask, args, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert mid in (3,)  # 4 steps: late window [round(0.75*4), 3]
+    with_grad = {n for n, p in pipe.transformer.named_parameters() if p.grad is not None}
+    assert with_grad and all(".policy." in n for n in with_grad)
+    assert sum(p.grad.abs().sum() > 0 for p in policy) == len(policy)
+    assert all(p.grad is None for p in head.parameters()) and all(p.grad is None for p in reward)
+    assert pipe.transformer.active_adapters() == ["policy"]
+
+
+def test_set_active_adapter_keeps_requires_grad():
+    pipe = common.load_backbone("tiny")
+    reward = common.add_lora(pipe.transformer, 4, 8, adapter_name="reward", blocks=[0])
+    for p in reward:
+        p.requires_grad_(False)
+    policy = common.add_lora(pipe.transformer, 4, 8, adapter_name="policy")
+    D.set_active_adapter(pipe.transformer, "reward")
+    assert not any(p.requires_grad for p in reward) and all(p.requires_grad for p in policy)
+    assert pipe.transformer.active_adapters() == ["reward"]
+
+
+def test_stage1_trains_only_reward_adapter_and_head_stage2_only_policy(trained):
+    summary, out, pipe = trained
+    fresh = common.load_backbone("tiny")  # deterministic: the same random base
+    before, after = base_weights(fresh.transformer), base_weights(pipe.transformer)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed"
+    # stage 1 wrote the reward model; stage 2 must have left it bit-identical
+    sd = D.load_file(str(out / "reward_model.safetensors"))
+    live = {f"lora.{k}": v for k, v in common.lora_state_dict(pipe.transformer, "reward").items()}
+    assert live and all(torch.equal(sd[k], v) for k, v in live.items())
+    assert any(v.abs().sum() > 0 for k, v in live.items() if "lora_B" in k)  # stage 1 did train it
+    assert any(k.startswith("head.") for k in sd)
+    # the reward LoRA covers exactly blocks 0..11, the policy the whole generator
+    blocks = {int(n.split(".")[1]) for n, _ in pipe.transformer.named_parameters() if ".reward." in n}
+    assert blocks == set(range(12))
+    policy = common.lora_state_dict(pipe.transformer, "policy")
+    assert any(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k)
+
+
+def test_stage1_has_no_policy_adapter_and_drops_the_ablation(tmp_path, data):
+    with capture_pipe() as cap:
+        s = D.main(small_args(tmp_path, data, stage="rm", rm_steps=2, ablation="on", eval_sigmas=[0.4]))
+    assert list(cap.pipe.transformer.peft_config) == ["reward"]
+    assert "ablation_acc_sigma_0.4" in s and "true_gain" not in s
+
+
+# ---------------------------------------------------------------- behaviour
+def test_reward_model_beats_chance_on_held_out_pairs(trained):
+    summary, _, _ = trained
+    n = summary["test_strict_pairs"]
+    assert n >= 40
+    # chance is 0.5 (SE ~0.07 here); a broken loss, pairing or sign stays near or under 0.5
+    assert summary["acc_sigma_0.1"] > 0.7, summary["accuracy_table"]
+    assert summary["acc_sigma_0.4"] > 0.65, summary["accuracy_table"]
+    assert summary["acc_ensemble"] > 0.6, summary["accuracy_table"]
+    # at sigma 0.9 the feature is mostly noise: the score must depend on the noise level as it should
+    assert summary["acc_sigma_0.1"] - summary["acc_sigma_0.9"] > 0.1, summary["accuracy_table"]
+
+
+@pytest.mark.skipif(not os.environ.get("DINA_LRM_SLOW"), reason="the full toy-world run takes minutes; "
+                    "set DINA_LRM_SLOW=1 (the ReFL gain currently fails: see the README section)")
+def test_full_toy_world_run(tmp_path):
+    s = D.main(D.Args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"), save_videos=0))
+    assert s["acc_sigma_0.4"] > 0.65 and s["acc_ensemble"] > 0.65, s["accuracy_table"]
+    assert s["eval_samples"] >= 16
+    assert s["true_gain"] > 2 * s["true_gain_se"], s
+    assert s["true_after"] - s["true_before"] > 2 * math.hypot(s["true_before_se"], s["true_after_se"]), s
+
+
+# ---------------------------------------------------------------- CLI smoke and saved LoRA
+def test_cli_tune_stage_and_lora_loads(trained, tmp_path, data):
+    _, out, _ = trained
+    cmd = [sys.executable, str(ROOT / "dina_lrm.py"), "--stage", "tune", "--reward-ckpt",
+           str(out / "reward_model.safetensors"), "--out-dir", str(tmp_path / "cli"), "--data", data,
+           "--refl-steps", "2", "--refl-batch", "2", "--num-steps", "4",
+           "--eval-seeds", "1", "--save-videos", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "true_reward" in res.stdout
+    summary = __import__("json").loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["eval_samples"] == 12 and summary["refl_steps"] == 2
+    assert (tmp_path / "cli" / "samples" / "after_0.mp4").stat().st_size > 0
+    pipe = common.load_backbone("tiny")
+    x, e = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 32, 32)
+    v0 = common.predict_velocity(pipe.transformer, x, 0.5, e)
+    pipe.load_lora_weights(str(tmp_path / "cli" / "policy_lora"), adapter_name="policy")
+    assert pipe.transformer.peft_config["policy"].lora_alpha == 64  # scale alpha / r = 2 survives the round trip
+    assert (common.predict_velocity(pipe.transformer, x, 0.5, e) - v0).abs().max() > 0
+
+
+# ---------------------------------------------------------------- bad input
+def write_pairs(folder, n=4, shape=(16, 3, 4, 4), nan=False, pref=None):
+    lat = torch.randn(n, *shape)
+    if nan:
+        lat[1, 0, 0, 0, 0] = float("nan")
+    t = dict(latents_a=lat, latents_b=torch.randn(n, *shape), pref=pref if pref is not None else torch.zeros(n, dtype=torch.long),
+             prompt_idx=torch.zeros(n, dtype=torch.long), prompt_embeds=torch.randn(1, 32, 32),
+             prompt_mask=torch.ones(1, 32, dtype=torch.bool))
+    common.save_dataset(folder, t, dict(kind="pairs", prompts=["a red square moving left"], source="test"))
+    return str(folder)
+
+
+def test_missing_reward_ckpt_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        D.main(D.Args(stage="tune", reward_ckpt=str(tmp_path / "nope.safetensors"), out_dir=str(tmp_path)))
+
+
+def test_bad_datasets_fail_early(tmp_path):
+    with pytest.raises(ValueError, match="latents_a"):
+        D.main(D.Args(data=write_pairs(tmp_path / "shape", shape=(8, 3, 4, 4)), out_dir=str(tmp_path / "o1")))
+    with pytest.raises(ValueError, match="latents_a.*NaN"):
+        D.main(D.Args(data=write_pairs(tmp_path / "nan", nan=True), out_dir=str(tmp_path / "o2")))
+    with pytest.raises(ValueError, match="tie"):
+        D.main(D.Args(data=write_pairs(tmp_path / "ties", pref=torch.full((4,), 2)), out_dir=str(tmp_path / "o3")))
+    with pytest.raises(ValueError, match="empty"):
+        D.main(D.Args(data=write_pairs(tmp_path / "empty", n=0), out_dir=str(tmp_path / "o4")))
+    with pytest.raises(FileNotFoundError, match="no meta.json"):
+        D.main(D.Args(data=str(tmp_path / "missing"), out_dir=str(tmp_path / "o5")))
+
+
+def test_reward_ckpt_with_other_head_config_is_rejected(trained, tmp_path):
+    _, out, _ = trained
+    with pytest.raises(ValueError, match="num_queries"):
+        D.main(D.Args(stage="tune", reward_ckpt=str(out / "reward_model.safetensors"), num_queries=2,
+                      data=write_pairs(tmp_path / "d"), out_dir=str(tmp_path / "o")))

@@ -1,0 +1,295 @@
+"""Tests of prfl.py (PAVRM + PRFL) on the tiny backbone and the toy world: CPU, offline."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import prfl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    """A small cached binary toy dataset shared by the tests of this file."""
+    cache = tmp_path_factory.mktemp("toy")
+    common.toy_dataset(common.load_backbone("tiny"), "binary", 256, cache_dir=cache)
+    return cache
+
+
+def small_args(tmp_path, toy_cache, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), toy_size=256, toy_cache=str(toy_cache), rm_steps=2, rm_batch=8,
+                tune_steps=2, tune_batch=4, eval_samples=4, num_videos=0)
+    base.update(kw)
+    return prfl.Args(**base)
+
+
+# ---------------------------------------------------------------- defaults ----
+def test_paper_defaults_for_real_backbones_and_the_tiny_rule():
+    real = prfl.resolve_args(prfl.Args(backbone="wan2.1-1.3b"))
+    assert real == prfl.Args(backbone="wan2.1-1.3b")  # real backbones keep the paper's / official values
+    assert (real.rm_blocks, real.rm_heads, real.rollout_steps, real.rollout_shift, real.reward_weight,
+            real.lr, real.null_prompt_prob, real.sft_weight) == (8, 8, 40, 5.0, 0.1, 5e-6, 0.1, 1.0)
+    tiny = prfl.resolve_args(prfl.Args())
+    assert all(getattr(tiny, k) == v for k, v in prfl.TINY.items())
+    assert prfl.resolve_args(prfl.Args(lr=2e-3)).lr == 2e-3  # a non-default value is kept
+    assert prfl.resolve_args(prfl.Args(), explicit={"sft_weight"}).sft_weight == 1.0  # given on the CLI
+    assert prfl.resolve_args(prfl.Args(tiny_defaults=False)) == prfl.Args(tiny_defaults=False)
+
+
+# ---------------------------------------------------------------- Eq. (5): query attention ----
+def test_query_attention_matches_hand_computation():
+    """One head with identity projections: z = softmax(q.h / sqrt(D)) h + q, per sample."""
+    D = 4
+    qa = prfl.QueryAttention(D, heads=1)
+    with torch.no_grad():
+        qa.attn.in_proj_weight.copy_(torch.eye(D).repeat(3, 1))
+        qa.attn.in_proj_bias.zero_()
+        qa.attn.out_proj.weight.copy_(torch.eye(D))
+        qa.attn.out_proj.bias.zero_()
+        qa.query.copy_(torch.tensor([[1.0, 0.0, -1.0, 2.0]]))
+    h = torch.randn(3, 5, D)
+    w = torch.softmax(h @ qa.query[0] / math.sqrt(D), dim=1)              # [B, N]
+    expected = (w[..., None] * h).sum(1) + qa.query                          # [B, D]
+    torch.testing.assert_close(qa(h), expected)
+    qa.residual = False  # Tab. 5's "attention without query residual"
+    torch.testing.assert_close(qa(h), expected - qa.query)
+
+
+def test_pavrm_batch_gives_one_logit_per_sample():
+    """[B] logits for B > 1, each equal to the sample scored alone (the official code broadcasts to [B,B,D])."""
+    pipe = common.load_backbone("tiny")
+    rm = prfl.PAVRM(pipe.transformer).eval()
+    x, emb = torch.randn(3, 16, 3, 4, 4), torch.randn(3, 32, 32)
+    sigma = torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():
+        s = rm(x, sigma, emb)
+        alone = torch.cat([rm(x[i:i + 1], sigma[i:i + 1], emb[i:i + 1]) for i in range(3)])
+    assert s.shape == (3,)
+    torch.testing.assert_close(s, alone, atol=1e-5, rtol=1e-4)
+    for pooling in ("attn", "mean", "max"):
+        assert prfl.PAVRM(pipe.transformer, pooling=pooling)(x, sigma, emb).shape == (3,)
+
+
+def test_pavrm_is_a_truncated_copy_with_frozen_embeddings():
+    pipe = common.load_backbone("tiny")
+    rm = prfl.PAVRM(pipe.transformer, blocks=8)
+    assert len(rm.dit.blocks) == 8 and len(pipe.transformer.blocks) == 12  # the generator keeps its 12
+    gen_ptrs = {p.data_ptr() for p in pipe.transformer.parameters()}
+    assert not gen_ptrs & {p.data_ptr() for p in rm.parameters()}  # a copy, not shared storage
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert any(n.startswith("dit.blocks.7.") for n in trainable)
+    assert not any(n.startswith(("dit.patch_embedding", "dit.condition_embedder")) for n in trainable)
+    assert {"pool.query", "mlp.0.weight", "mlp.4.bias"} <= trainable
+    assert rm.mlp[0].out_features == 1024 and rm.mlp[2].out_features == 512 and rm.mlp[4].out_features == 1
+    with pytest.raises(ValueError, match="blocks"):
+        prfl.PAVRM(pipe.transformer, blocks=13)
+
+
+# ---------------------------------------------------------------- Eqs. (6), (9), (10) ----
+def test_bce_and_bradley_terry_losses():
+    logits, labels = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
+    assert prfl.bce_loss(logits, labels).item() == pytest.approx((math.log(2) + math.log(1 + math.e ** 2)) / 2, rel=1e-5)
+    logits, labels = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 0.0])
+    bt = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-3))) / 2  # pairs (good 2, bad 0) and (2, -1)
+    assert prfl.bradley_terry_loss(logits, labels).item() == pytest.approx(bt, rel=1e-5)
+    one_class = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = prfl.bradley_terry_loss(one_class, torch.ones(2))
+    loss.backward()
+    assert loss.item() == 0 and one_class.grad is not None
+
+
+def test_prfl_loss_is_lambda_relu_two_minus_r():
+    r = torch.tensor([0.3, 0.9], requires_grad=True)
+    loss = prfl.prfl_loss(r, 0.1, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.1 * (1.7 + 1.1) / 2)
+    torch.testing.assert_close(r.grad, torch.full((2,), -0.05))  # higher reward always lowers the loss
+    assert prfl.prfl_loss(torch.tensor([0.9]), 0.1, 0.5).item() == 0.0  # the relu cuts above the target
+
+
+class OracleVelocity(torch.nn.Module):
+    """Knows x0: returns (x_t - x0) / sigma, the exact flow-matching velocity eps - x0."""
+
+    def __init__(self, x0, sign=1.0):
+        super().__init__()
+        self.x0, self.sign, self.w = x0, sign, torch.nn.Parameter(torch.zeros(()))
+        self.dtype = torch.float32  # what common.predict_velocity reads off a diffusers model
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
+        return (self.sign * (hidden_states - self.x0) / sigma + self.w,)
+
+
+def test_sft_loss_is_flow_matching_with_velocity_target():
+    x0 = torch.randn(6, 16, 3, 4, 4)
+    assert prfl.sft_loss(OracleVelocity(x0), x0, torch.zeros(6, 2, 32)).item() < 1e-8
+    assert prfl.sft_loss(OracleVelocity(x0, -1.0), x0, torch.zeros(6, 2, 32)).item() > 1.0
+
+
+def test_sample_cutoff_ranges_follow_official_code_and_tab3():
+    torch.manual_seed(0)
+    full = {prfl.sample_cutoff(40) for _ in range(2000)}
+    assert full == set(range(39))  # randint(0, 38): t_{m+1} is never sigma = 0
+    assert {prfl.sample_cutoff(40, "early") for _ in range(500)} == set(range(13))
+    assert {prfl.sample_cutoff(40, "middle") for _ in range(500)} == set(range(13, 26))
+    assert {prfl.sample_cutoff(40, "late") for _ in range(500)} == set(range(26, 39))
+
+
+# ---------------------------------------------------------------- Alg. 1: the gradient window ----
+def test_process_reward_takes_exactly_one_gradient_step():
+    pipe = common.load_backbone("tiny")
+    rm = prfl.PAVRM(pipe.transformer).eval().requires_grad_(False)
+    tr = pipe.transformer
+    lora = common.add_lora(tr, 4, adapter_name="prfl")
+    calls, forward = [], tr.forward
+
+    def spy(*a, **kw):
+        calls.append(torch.is_grad_enabled())
+        return forward(*a, **kw)
+
+    tr.forward = spy
+    sigmas = common.sigma_schedule(10, 5.0)
+    r = prfl.process_reward(tr, rm, torch.randn(2, 32, 32), (2, 16, 3, 4, 4), sigmas, m=3)
+    assert calls == [False, False, False, True]  # m steps without grad, then one with
+    assert r.shape == (2,) and ((r > 0) & (r < 1)).all()
+    # the fresh LoRA's B matrices are zero, so only they get gradient at first; all must connect
+    r.sum().backward()
+    named = {n: p for n, p in tr.named_parameters() if "lora_" in n}
+    assert len(named) == len(lora) and all(p.grad is not None for p in named.values())
+    assert all(p.grad.abs().sum() > 0 for n, p in named.items() if "lora_B" in n)
+    assert all(p.grad is None for p in rm.parameters())
+    assert all(p.grad is None for n, p in tr.named_parameters() if "lora_" not in n)
+
+
+def test_prfl_stage_freezes_pavrm_and_base_and_never_decodes(tmp_path, toy_cache, monkeypatch):
+    args = prfl.resolve_args(small_args(tmp_path, toy_cache, tune_steps=3, tune_batch=2))
+    pipe = common.load_backbone("tiny")
+    data, meta, train_idx, test_idx, sft = prfl.load_data(args, pipe)
+    null = common.encode_prompts(pipe, [""])[0]
+    rm = prfl.PAVRM(pipe.transformer)
+    rm_before = {k: v.clone() for k, v in rm.state_dict().items()}
+    base_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+    def no_decode(*a, **kw):
+        raise AssertionError("vae.decode called in a PRFL training step")
+
+    monkeypatch.setattr(pipe.vae, "decode", no_decode)
+    monkeypatch.setattr(common, "decode_latents", no_decode)
+    prfl.train_prfl(args, pipe, rm, sft, null, torch.device("cpu"), common.Run("prfl", args, tmp_path / "r"))
+    assert all(torch.equal(v, rm.state_dict()[k]) for k, v in rm_before.items())
+    assert all(p.grad is None for p in rm.parameters())
+    after = pipe.transformer.state_dict()
+    for k, v in base_before.items():  # with LoRA attached the base weight lives under base_layer
+        k2 = k if k in after else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(v, after[k2]), k
+    lora = {k: v for k, v in after.items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # the adapter did train
+
+
+# ---------------------------------------------------------------- toy-world behaviour ----
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, toy_cache):
+    """One short run of both stages (the behaviour tests share it)."""
+    out = tmp_path_factory.mktemp("demo")
+    args = prfl.Args(out_dir=str(out), toy_size=256, toy_cache=str(toy_cache), rm_steps=200, tune_steps=10,
+                     eval_samples=16, num_videos=2)
+    return prfl.main(args), out
+
+
+def test_pavrm_beats_chance_at_every_noise_level(demo):
+    summary, _ = demo
+    acc = summary["pavrm_accuracy"]
+    assert len(acc) == 5
+    # 51 held-out latents, balanced labels: chance is 0.5 +- 0.07 (SE); a broken head or label stays near it
+    assert min(acc.values()) > 0.7, acc
+
+
+def test_prfl_raises_its_objective_on_the_training_prompts(demo, toy_cache, tmp_path):
+    """PRFL optimises what it claims: PAVRM's reward of the one-step latents x_{m+1}, for fixed seeds and
+    cut-offs m on training prompts (paired before/after), goes up. A detached step or a flipped sign fails."""
+    _, out = demo
+    args = prfl.resolve_args(small_args(tmp_path, toy_cache, tune_steps=20, tune_batch=16, sft_weight=0.0),
+                             explicit={"sft_weight"})
+    pipe = common.load_backbone("tiny")
+    *_, sft = prfl.load_data(args, pipe)
+    rm = prfl.load_pavrm(out / "pavrm.safetensors", pipe.transformer)
+    embeds = sft["prompt_embeds"][sft["prompt_idx"][:72]]
+    seeds = list(range(500, 572))
+    before = prfl.process_reward_eval(args, pipe, rm, embeds, seeds)
+    prfl.train_prfl(args, pipe, rm, sft, torch.zeros(1, 32, 32), torch.device("cpu"), common.Run("prfl", args, tmp_path / "r"))
+    gain, se = common.mean_se(prfl.process_reward_eval(args, pipe, rm, embeds, seeds) - before)
+    assert gain > 2 * se and gain > 0, (gain, se)
+
+
+@pytest.mark.xfail(reason="measured: PRFL raises its objective but not the true toy reward (-0.04 +- 0.02, "
+                          "192 samples); gradient ascent on PAVRM in latent space does not raise it either. "
+                          "See the PRFL section of README.md", strict=False)
+def test_prfl_raises_the_true_toy_reward(demo):
+    summary, _ = demo
+    gain, se = summary["true_reward_after_minus_before"]
+    assert gain > 2 * se and gain > 0, summary
+
+
+def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, toy_cache):
+    summary, out = demo
+    assert (out / "summary.json").is_file() and (out / "pavrm.safetensors").is_file()
+    assert len(list((out / "samples").glob("before_*.mp4"))) == 2 and len(list((out / "samples").glob("after_*.mp4"))) == 2
+    pipe = common.load_backbone("tiny")
+    x, emb = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 32, 32)
+    with torch.no_grad():
+        base = common.predict_velocity(pipe.transformer, x, 0.5, emb)
+        pipe.load_lora_weights(str(out / "lora"))
+        tuned = common.predict_velocity(pipe.transformer, x, 0.5, emb)
+    assert not torch.allclose(base, tuned)
+    # the saved PAVRM reloads (architecture from its metadata), also next to a LoRA'd generator, and scores
+    # exactly as the run's PAVRM did: the held-out accuracy is reproduced
+    rm = prfl.load_pavrm(out / "pavrm.safetensors", pipe.transformer)
+    assert rm.blocks == 8 and rm.pooling == "query" and not any("lora" in k for k in rm.state_dict())
+    data, _ = common.load_dataset(toy_cache / "binary-256-0", "binary")
+    _, test_idx = common.split_indices(len(data["latents"]), 0.2, seed=0)
+    assert prfl.evaluate_pavrm(rm, data, test_idx, torch.device("cpu")) == pytest.approx(summary["pavrm_accuracy"])
+    # resume: the same --out-dir reuses its pavrm.safetensors instead of training again
+    again = prfl.main(prfl.Args(out_dir=str(out), stage="rm", toy_size=256, toy_cache=str(toy_cache)))
+    assert again["reward_ckpt"] == str(out / "pavrm.safetensors") and "rm_seconds_per_step" not in again
+    assert again["pavrm_accuracy"] == pytest.approx(summary["pavrm_accuracy"])
+
+
+def test_cli_smoke(tmp_path, toy_cache):
+    cmd = [sys.executable, "prfl.py", "--out-dir", str(tmp_path / "cli"), "--toy-size", "256", "--toy-cache",
+           str(toy_cache), "--rm-steps", "2", "--tune-steps", "1", "--tune-batch", "2", "--eval-samples", "2",
+           "--num-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "pavrm_accuracy" in res.stdout and "true_reward" in res.stdout
+    assert (tmp_path / "cli" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- bad input ----
+def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "no_such_folder")))
+    with pytest.raises(SystemExit, match="reward-ckpt"):
+        prfl.main(small_args(tmp_path, toy_cache, stage="tune"))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "missing.safetensors")))
+    data, meta = common.load_dataset(toy_cache / "binary-256-0", "binary")
+    wrong = dict(data, latents=data["latents"][:, :8])  # 8 channels instead of 16
+    common.save_dataset(tmp_path / "wrong", wrong, meta)
+    with pytest.raises(ValueError, match=r"\(256, 8, 3, 4, 4\)"):
+        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "wrong")))
+    common.save_dataset(tmp_path / "one_class", dict(data, label=torch.ones_like(data["label"])), meta)
+    with pytest.raises(ValueError, match="good and bad"):
+        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "one_class")))
+    nan = data["latents"].clone()
+    nan[7, 0, 0, 0, 0] = float("nan")
+    common.save_dataset(tmp_path / "nan", dict(data, latents=nan), meta)
+    with pytest.raises(ValueError, match="NaN"):
+        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "nan")))
+    common.save_safetensors({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="metadata"):
+        prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "foreign.safetensors")))

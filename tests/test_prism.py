@@ -1,0 +1,276 @@
+"""Tests of prism.py: Rao-Kupper (Eqs. 3-4), the tie-calibrated accuracy, the head, the frozen backbone,
+the toy-world behaviour (accuracy vs t, early Best-of-N), the CLI and bad input. CPU, offline."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import prism
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_PAIRS = 256
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    """A small toy 'pairs' dataset, built once for this file."""
+    cache = tmp_path_factory.mktemp("prism_toy")
+    common.toy_dataset(common.load_backbone("tiny"), "pairs", TOY_PAIRS, cache_dir=cache)
+    return cache
+
+
+def small_args(cache, out, **kw):
+    base = dict(toy_cache=str(cache), toy_pairs=TOY_PAIRS, out_dir=str(out), train_steps=150,
+                eval_timesteps=[899, 499, 299, 0], num_videos=0)
+    base.update(kw)
+    return prism.Args(**base)
+
+
+# ---------------------------------------------------------------------------------------------- Eqs. (3)-(4)
+def test_rao_kupper_probabilities_sum_to_one_and_match_hand_values():
+    g = torch.Generator().manual_seed(0)
+    r_a, r_b = torch.randn(1000, generator=g) * 3, torch.randn(1000, generator=g) * 3
+    for eta in (1.5, 3.0, 5.0, 8.0):
+        p = prism.rao_kupper_probs(r_a.double(), r_b.double(), eta)
+        assert torch.allclose(p.sum(-1), torch.ones(1000, dtype=torch.float64), atol=1e-12)
+        assert (p > 0).all()
+    # by hand: pi_A = e^0.3 = 1.349859, pi_B = e^-0.2 = 0.818731, eta = 5
+    # P(A>B) = 1.349859 / (1.349859 + 4.093654) = 0.247973; P(B>A) = 0.818731 / (6.749294 + 0.818731) = 0.108183
+    p = prism.rao_kupper_probs(torch.tensor(0.3), torch.tensor(-0.2), 5.0)
+    assert torch.allclose(p, torch.tensor([0.247973, 0.108183, 0.643844]), atol=1e-5)
+    # equal rewards: tie 2/3 and 1/6 each way; d = ln 5 makes A>B a coin flip
+    assert torch.allclose(prism.rao_kupper_probs(torch.tensor(1.0), torch.tensor(1.0), 5.0),
+                          torch.tensor([1 / 6, 1 / 6, 2 / 3]), atol=1e-6)
+    assert prism.rao_kupper_probs(torch.tensor(math.log(5.0)), torch.tensor(0.0), 5.0)[0].item() == pytest.approx(0.5)
+
+
+def test_stable_log_form_equals_direct_form_and_survives_large_rewards():
+    g = torch.Generator().manual_seed(1)
+    r_a, r_b = (torch.rand(500, generator=g) * 20 - 10).double(), (torch.rand(500, generator=g) * 20 - 10).double()
+    for eta in (1.2, 5.0, 8.0):
+        direct = prism.rao_kupper_probs(r_a, r_b, eta).log()
+        assert torch.allclose(prism.rao_kupper_log_probs(r_a, r_b, eta), direct, atol=1e-9)
+    # the direct form overflows at r = 200; the log form only depends on d and stays normalised
+    big = prism.rao_kupper_log_probs(torch.tensor([200.0, -300.0]), torch.tensor([199.0, 300.0]), 5.0)
+    assert torch.isfinite(big).all()
+    assert torch.allclose(big.logsumexp(-1), torch.zeros(2), atol=1e-5)
+    assert not torch.isfinite(prism.rao_kupper_probs(torch.tensor(200.0), torch.tensor(199.0), 5.0)).all()
+
+
+def test_nll_value_and_gradient_directions():
+    r_a, r_b = torch.tensor([0.3, 0.3, 0.3], requires_grad=True), torch.tensor([-0.2, -0.2, -0.2])
+    nll = prism.rao_kupper_nll(r_a, r_b, torch.tensor([0, 1, 2]), 5.0)
+    expected = -(math.log(0.247973) + math.log(0.108183) + math.log(0.643844)) / 3
+    assert nll.item() == pytest.approx(expected, abs=1e-5)
+    g = torch.autograd.grad(prism.rao_kupper_nll(r_a, r_b, torch.tensor([0, 1, 2]), 5.0) * 3, r_a)[0]
+    assert g[0] < 0 < g[1]      # label A pushes r_A up, label B pushes it down
+    assert g[2] > 0             # a tie pulls d = 0.5 back towards 0
+    with pytest.raises(ValueError, match="eta"):
+        prism.rao_kupper_log_probs(r_a, r_b, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_accuracy_with_ties_hand_worked_example():
+    h = torch.tensor([1.0, -1.0, 0.0, 1.0, 0.0])
+    m = torch.tensor([2.0, 0.5, 0.1, -0.3, 1.0])
+    # thresholds |m| = .1 .3 .5 1 2 -> (C + T_hm) / 5 = 2/5, 2/5, 2/5, 3/5 (ties {.1,.3,.5,1}: T_hm 2, C 1), 2/5
+    assert prism.accuracy_with_ties(h, m) == pytest.approx(0.6)
+    assert prism.accuracy_without_ties(h, m) == pytest.approx(1 / 3)
+    # identical scores predict all ties: accuracy = share of human ties
+    assert prism.accuracy_with_ties(h, torch.zeros(5)) == pytest.approx(0.4)
+
+
+def test_accuracy_with_ties_matches_brute_force_sweep():
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        h = torch.randint(-1, 2, (40,), generator=g).float()
+        m = torch.randn(40, generator=g).round(decimals=1)        # repeated |m| values on purpose
+        best = 0.0
+        for eps in m.abs().unique():
+            tie = m.abs() <= eps
+            best = max(best, (((h == 0) & tie).sum() + ((h * m > 0) & ~tie).sum()).item() / 40)
+        assert prism.accuracy_with_ties(h, m) == pytest.approx(best)
+
+
+# ---------------------------------------------------------------------------------------------- head
+def test_head_paper_size_and_text_padding_is_ignored():
+    paper = prism.PRISMHead(1536, 1536, 8, 1, 5)
+    n = sum(p.numel() for p in paper.parameters())
+    assert abs(n - 21.8e6) / 21.8e6 < 0.03                        # [P-sup Tab. 1]: 21.80M for Wan2.1-1.3B
+    torch.manual_seed(0)
+    f_vis, f_txt = torch.randn(3, 12, 32), torch.randn(3, 10, 32)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[:, 6:] = False
+    junk = f_txt.clone()
+    junk[:, 6:] = torch.randn(3, 4, 32) * 100
+    for pooling in ("query", "mean"):
+        head = prism.PRISMHead(32, 16, 8, 2, 5, pooling).eval()
+        r = head(f_vis, f_txt, mask)
+        assert r.shape == (3,)
+        assert torch.allclose(r, head(f_vis, junk, mask), atol=1e-7)          # pads never reach the reward
+        assert (r - head(f_vis, junk, torch.ones_like(mask))).abs().max() > 1e-5   # unmasked, they do
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_training_pairs_share_t_and_noise_and_backbone_stays_frozen(toy_cache, tmp_path, monkeypatch):
+    """Spy on the training loop: in every batch z_b,t - z_a,t must be exactly (1 - sigma)(z_b - z_a)."""
+    data, meta = common.load_dataset(Path(toy_cache) / f"pairs-{TOY_PAIRS}-0")
+    data["latents_b"] = data["latents_a"] + 1.0                   # a known clean difference of 1 everywhere
+    pipe = common.load_backbone("tiny")
+    seen, original = [], prism.pair_rewards
+
+    def spy(transformer, head, z_a, z_b, sigma, *rest):
+        seen.append((z_b - z_a, sigma))
+        return original(transformer, head, z_a, z_b, sigma, *rest)
+
+    monkeypatch.setattr(prism, "pair_rewards", spy)
+    args = prism.resolve_args(small_args(toy_cache, tmp_path, train_steps=3, batch_size=8))
+    tr = pipe.transformer
+    head = prism.PRISMHead(32, 16, 8, 1, 5)
+    before = {k: v.clone() for k, v in tr.state_dict().items()}
+    head_before = [p.clone() for p in head.parameters()]
+    run = common.Run("prism", args, str(tmp_path))
+    prism.train_head(args, pipe, head, data, torch.arange(len(data["pref"])), run, "cpu")
+    assert len(seen) == 3
+    for diff, sigma in seen:
+        assert sigma.min() < sigma.max()                         # t varies across pairs ...
+        assert torch.allclose(diff, (1 - sigma).view(-1, 1, 1, 1, 1).expand_as(diff), atol=1e-5)  # ... not within
+    assert all(torch.equal(before[k], v) for k, v in tr.state_dict().items())
+    assert all(p.grad is None for p in tr.parameters())
+    assert all(p.grad is not None for p in head.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, head.parameters()))
+
+
+def brightness(latents):
+    """A preference the frozen tiny backbone can see: the mean of latent channel 0 (higher is better)."""
+    return latents[:, 0].mean((1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def learnable(toy_cache, tmp_path_factory):
+    """Positive control: the toy latents and prompts, labelled by `brightness` (tie margin 0.05, ~25% ties),
+    through the whole CLI path (--data folder, prompt-disjoint split, training, accuracy vs t)."""
+    data, meta = common.load_dataset(Path(toy_cache) / f"pairs-{TOY_PAIRS}-0")
+    d = brightness(data["latents_a"]) - brightness(data["latents_b"])
+    data["pref"] = torch.where(d > 0.05, 0, torch.where(d < -0.05, 1, 2))
+    folder = tmp_path_factory.mktemp("prism_learnable")
+    common.save_dataset(folder / "data", data, dict(meta, source="synthetic"))
+    out = folder / "run"
+    return prism.main(small_args(toy_cache, out, data=str(folder / "data"), stage="rm")), out
+
+
+def test_head_learns_a_visible_preference_through_the_frozen_backbone(learnable):
+    summary, _ = learnable
+    assert summary["backbone_unchanged"]
+    acc = {r["t"]: r for r in summary["accuracy"]}
+    assert min(acc[t]["acc"] for t in (499, 299, 0)) > 0.8, acc                # chance: 0.5
+    assert min(acc[t]["acc_ties"] for t in (499, 299, 0)) > summary["test_ties"] + 0.3, acc  # vs always-tie
+
+
+def test_early_best_of_n_beats_random_pick_on_a_visible_reward(learnable, toy_cache, tmp_path):
+    """k = 5 of 20 steps, 16 prompts x 5 seeds: the pick's reward, paired with the random pick on the same seeds."""
+    _, out = learnable
+    pipe = common.load_backbone("tiny")
+    head = prism.load_head(out / "prism_head.safetensors", pipe, 12)
+    args = prism.resolve_args(small_args(toy_cache, tmp_path, bon_steps=[5], num_steps=20))
+    prompts = common.toy_prompts("eval") + common.toy_prompts("train")[:4]
+    embeds, mask = common.encode_prompts(pipe, prompts)
+    rows = prism.evaluate_bon(args, pipe, head, prompts, embeds, mask, lambda p, z, pr: brightness(z),
+                              common.Run("prism", args, str(tmp_path)), "cpu")
+    bon = {r["method"]: r for r in rows}
+    step5, rand, oracle = bon["PRISM step 5"], bon["random pick (1 of 5)"], bon["oracle best-of-5 (pixel reward)"]
+    assert step5["gain_vs_random"] > 2 * step5["gain_se"], step5
+    assert step5["gain_vs_random"] > 0.3 * (oracle["reward"] - rand["reward"]), rows  # share of oracle gain
+    assert step5["decodes"] == 1 and step5["forwards"] == 5 * 5 + 15 and step5["score_passes"] == 5
+    assert step5["rel_flops"] < 0.5 and oracle["rel_flops"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def toy_trained(toy_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prism_toy_run")
+    return prism.main(small_args(toy_cache, out, stage="rm")), out
+
+
+def test_toy_run_keeps_backbone_and_writes_head(toy_trained):
+    summary, out = toy_trained
+    assert summary["backbone_unchanged"]
+    assert summary["train"]["steps"] == 150 and math.isfinite(summary["train"]["final_loss"])
+    assert (out / "prism_head.safetensors").is_file()
+
+
+@pytest.mark.xfail(strict=True, reason="toy world: the random tiny VAE's decode ignores the clip content "
+                   "(decode(encode(clip)) has correlation ~0 with the clip), so true_reward barely varies within a "
+                   "prompt and no model tried learns the same-prompt preferences; see README / report")
+def test_head_beats_chance_on_the_toy_world(toy_trained):
+    summary, _ = toy_trained
+    acc = {r["t"]: r for r in summary["accuracy"]}
+    assert min(acc[t]["acc"] for t in (499, 299, 0)) > 0.7, acc
+
+
+def test_pruned_winner_finishes_exactly_like_its_full_trajectory(toy_trained):
+    """Pruning at step k must keep the winner's trajectory: same endpoint as finishing all N together."""
+    pipe = common.load_backbone("tiny")
+    _, out = toy_trained
+    head = prism.load_head(out / "prism_head.safetensors", pipe, 12)
+    embeds, mask = common.encode_prompts(pipe, common.toy_prompts("eval")[:3])
+    sigmas = common.sigma_schedule(8, 3.0)
+    noise = torch.randn(3, 4, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x, best, scores = prism.early_best_of_n(pipe, head, noise, embeds, mask, sigmas, 3, 12)
+    full, _ = common.rollout(pipe.transformer, noise.flatten(0, 1), embeds.repeat_interleave(4, 0), sigmas)
+    assert torch.equal(best, scores.argmax(1))
+    assert torch.allclose(x, full.view(3, 4, *full.shape[1:])[torch.arange(3), best], atol=1e-4)
+
+
+def test_flops_are_counted_per_pass():
+    pipe = common.load_backbone("tiny")
+    f = prism.count_flops(pipe, prism.PRISMHead(32, 64), (16, 3, 4, 4), 32, 12, "cpu")
+    # tiny: 12 of 12 blocks + head vs the whole transformer; the decoder convolutions dominate
+    assert 0.5 * f["forward"] < f["score"] < 2 * f["forward"] < f["decode"]
+    c = prism.bon_compute(5, 5, 50, 2, f)
+    assert c["forwards"] == 2 * (25 + 45) and c["score_passes"] == 5 and c["decodes"] == 1
+    assert c["gflop"] * 1e9 == pytest.approx(140 * f["forward"] + 5 * f["score"] + f["decode"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI, bad input
+def test_cli_smoke(toy_cache, tmp_path):
+    cmd = [sys.executable, str(ROOT / "prism.py"), "--toy-cache", str(toy_cache), "--toy-pairs", str(TOY_PAIRS),
+           "--train-steps", "3", "--eval-timesteps", "499", "--num-steps", "4", "--bon-steps", "1", "4",
+           "--bon-n", "2", "--bon-prompts", "2", "--num-videos", "1", "--out-dir", str(tmp_path / "run")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["t"] for r in summary["accuracy"]] == [499]
+    assert [r["method"] for r in summary["bon"]][-2:] == ["PRISM step 1", "PRISM step 4"]
+    assert (tmp_path / "run" / "prism_head.safetensors").is_file()
+    assert (tmp_path / "run" / "videos" / "step04_p0.mp4").is_file()
+    picks = load_file(str(tmp_path / "run" / "bon_picks.safetensors"))
+    assert picks["step4"].shape == (2, 16, 3, 4, 4)
+    assert "w/o ties" in res.stdout
+
+
+def test_bad_input_fails_early_with_a_message(toy_cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        prism.main(small_args(toy_cache, tmp_path / "a", reward_ckpt=str(tmp_path / "nope.safetensors")))
+    with pytest.raises(SystemExit, match="reward-ckpt"):
+        prism.main(small_args(toy_cache, tmp_path / "b", stage="bon"))
+    with pytest.raises(ValueError, match="bon-steps"):
+        prism.main(small_args(toy_cache, tmp_path / "c", bon_steps=[60]))
+    # a dataset whose latents do not fit the backbone, and one with an unknown label
+    data, meta = common.load_dataset(Path(toy_cache) / f"pairs-{TOY_PAIRS}-0")
+    bad = dict(data, latents_a=data["latents_a"][:, :8], latents_b=data["latents_b"][:, :8])
+    common.save_dataset(tmp_path / "shape", bad, meta)
+    with pytest.raises(ValueError, match="latents_a"):
+        prism.main(small_args(toy_cache, tmp_path / "d", data=str(tmp_path / "shape")))
+    common.save_dataset(tmp_path / "label", dict(data, pref=data["pref"] + 1), meta)
+    with pytest.raises(ValueError, match="pref"):
+        prism.main(small_args(toy_cache, tmp_path / "e", data=str(tmp_path / "label")))
+    data["latents_b"][3, 0, 0, 0, 0] = float("nan")
+    common.save_dataset(tmp_path / "nan", data, meta)
+    with pytest.raises(ValueError, match="latents_b"):
+        prism.main(small_args(toy_cache, tmp_path / "f", data=str(tmp_path / "nan")))
