@@ -355,7 +355,9 @@ def lora_state_dict(transformer, adapter_name: str = "default") -> dict:
 def save_lora(transformer, out_dir, adapter_name: str = "default"):
     """Write out_dir/pytorch_lora_weights.safetensors: WanPipeline.load_lora_weights(out_dir) loads it."""
     from diffusers import WanPipeline
-    WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=lora_state_dict(transformer, adapter_name))
+    # the adapter's config (alpha!) goes into the file's metadata, or it would reload with alpha = r
+    WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=lora_state_dict(transformer, adapter_name),
+                                  transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict())
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 

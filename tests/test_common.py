@@ -190,7 +190,7 @@ def test_prefix_stops_early(pipe):
 
 # ---------------------------------------------------------------- LoRA
 def test_saved_lora_loads_into_a_wan_pipeline_and_changes_output(pipe, tmp_path):
-    params = C.add_lora(pipe.transformer, 4, adapter_name="policy")
+    params = C.add_lora(pipe.transformer, 4, alpha=8, adapter_name="policy")  # alpha != r must survive
     base = {n: p.clone() for n, p in pipe.transformer.named_parameters() if "lora" not in n}
     for p in params:
         torch.nn.init.normal_(p, std=0.1)
