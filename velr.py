@@ -1,5 +1,5 @@
-"""VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models (anonymous ICLR 2026
-submission; no arXiv id and no official code: the paper text, Sec. 4, Alg. 1 and App. C, is the spec).
+"""VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models (ensemble LRM + truncated ReFL).
+Anonymous ICLR submission under review: no arXiv id, no official code; Sec. 4, Alg. 1 and App. C are the spec.
 
 1. A latent reward model (LRM: 3D residual convs -> position embeddings -> cross-attention to the
    prompt's last text token -> transformer encoder -> pooled scalar) regresses a pixel-space reward
