@@ -200,6 +200,28 @@ def test_velr_raises_the_latent_reward_it_optimises(toy, ensemble, tmp_path):
     assert mean > 2 * se and mean > 0.05, (mean, se)
 
 
+@pytest.mark.xfail(reason="measured: on the tiny toy world VELR does not raise the true reward (demo: +0.000 +- 0.003, "
+                          "24 samples; --beta 1: +0.000 +- 0.007). The LRM's input gradient has cosine ~1e-4 with the "
+                          "true reward's; see the VELR section of README.md", strict=False)
+def test_velr_raises_the_true_toy_reward(toy, ensemble, tmp_path):
+    """The paper's claim on the toy world: VELR (defaults, online alignment) raises the true reward."""
+    data, meta, _ = toy
+    lrm, _, tokens = ensemble
+    state = {n: p.clone() for n, p in lrm.state_dict().items()}
+    pipe = common.load_backbone("tiny")
+    eval_prompts = common.toy_prompts("eval")
+    eval_embeds = common.encode_prompts(pipe, eval_prompts)[0]
+    before, _ = velr.evaluate(pipe, common.toy_reward, eval_prompts, eval_embeds, 2, 10)
+    try:
+        velr.finetune(tiny_args(tune_steps=10), pipe, lrm, common.toy_reward, meta["prompts"], data["prompt_embeds"],
+                      tokens, "latent", True, NoRun(tmp_path), "velr")
+    finally:
+        lrm.load_state_dict(state)  # leave the shared fixture as it was
+    after, _ = velr.evaluate(pipe, common.toy_reward, eval_prompts, eval_embeds, 2, 10)
+    mean, se = common.mean_se(after - before)
+    assert mean > 2 * se and mean > 0, (mean, se)
+
+
 def test_truncated_refl_raises_the_true_reward_with_the_pixel_reward(toy, tmp_path):
     """The shared machinery (rollout window, z0, LoRA, optimiser) against the ground truth: RGB ReFL on
     one prompt. (VELR's LRM does not raise the true toy reward: see the README.)"""
