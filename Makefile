@@ -1,5 +1,6 @@
 # make demo: every method on the tiny backbone + toy world, then one summary table.
-# make test: the whole test suite (CPU, offline). Both install what they need into .venv first.
+# make test: the whole test suite (CPU, offline). make bench: memory / FLOPs / CPU time of every method's steps
+# (bench.py, offline, no GPU). All install what they need into .venv first.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -22,7 +23,7 @@ demo: install
 	@$(BIN)/python common.py summarize runs/demo
 
 bench: install
-	OMP_NUM_THREADS=1 $(BIN)/python common.py estimate wan2.1-1.3b wan2.1-14b
+	OMP_NUM_THREADS=1 $(BIN)/python bench.py
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -16,7 +16,8 @@ Everything here is plumbing that three or more methods need and that is not a me
                    metrics.jsonl, summary.json), save_safetensors (atomic), export_video, mean_se
     estimator      estimate(fn, *args) / estimate_training_step: peak live bytes + FLOPs of real code
                    on fake tensors (real Wan configs, no weights); build_wan_transformer / build_wan_vae
-                   (weightless inside fake_mode()), transformer_step and rgb_refl_step (the baseline)
+                   (weightless inside fake_mode()), transformer_step and rgb_refl_step (the baseline);
+                   StageEstimates: the scripts' --estimate-memory (and bench.py), checkpoint_with_adapter
 
 Conventions (Wan2.1 / diffusers): sigma in [0, 1] with x_sigma = (1 - sigma) x0 + sigma eps, the
 transformer's timestep is 1000 * sigma and it predicts the velocity eps - x0. Latents are the VAE's
@@ -75,10 +76,12 @@ WAN_CONFIGS = {
     # Inner dim 32 = 2 heads x 16 so the heads of PRFL (8) and DiNa (8) divide it.
     "tiny": dict(
         repo=None, height=32, width=32, num_frames=9, max_sequence_length=32, flow_shift=3.0,
-        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        # is_residual (Wan2.2's average-pooling shortcuts in the same class) lets the tiny VAE learn to
+        # reconstruct toy clips in minutes on a CPU; without them it sits at "background only" for long.
+        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, is_residual=True,
                  temperal_downsample=[False, True, True],
-                 # the random tiny VAE's latents have std ~0.2; normalise them to ~unit scale
-                 latents_mean=[0.0] * 16, latents_std=[0.2] * 16),
+                 # replaced by the fitted VAE's latent statistics (tiny_wan.safetensors metadata)
+                 latents_mean=[0.0] * 16, latents_std=[0.5] * 16),
         transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                          in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
                          num_layers=12, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -93,17 +96,39 @@ def backbone_config(name: str) -> dict:
     return WAN_CONFIGS.get(name, WAN_CONFIGS["wan2.1-1.3b"])
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """A real diffusers WanPipeline of random tiny components, deterministic, offline, < 1 s."""
+# The tiny backbone's fitted weights (VAE, transformer, text encoder; 1 MB), made by `python common.py
+# fit-tiny`. Random tiny components cannot show a reward method working: a random VAE's decode is
+# unrelated to its input, so the "true" pixel reward of a latent is noise (see fit_tiny_world).
+TINY_WEIGHTS = Path(__file__).resolve().with_name("tiny_wan.safetensors")
+
+
+def build_tiny_pipeline(seed: int = 0, weights=TINY_WEIGHTS):
+    """A real diffusers WanPipeline of tiny components, deterministic, offline, < 1 s.
+
+    Built from WAN_CONFIGS["tiny"] with seed-`seed` random weights, then, if `weights` exists (the
+    default tiny_wan.safetensors), loaded with the fitted toy-world weights; weights=None keeps it random.
+    """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from safetensors import safe_open
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
     cfg = WAN_CONFIGS["tiny"]
+    state, vae_cfg = {}, dict(cfg["vae"])
+    if weights is not None and Path(weights).is_file():
+        with safe_open(str(weights), "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+        # the fitted VAE's latent statistics, so that latents are normalised to ~unit scale
+        vae_cfg.update(latents_mean=json.loads(meta["latents_mean"]), latents_std=json.loads(meta["latents_std"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**cfg["transformer"])
-        vae = AutoencoderKLWan(**cfg["vae"])
+        vae = AutoencoderKLWan(**vae_cfg)
         text_encoder = UMT5EncoderModel(UMT5Config(**cfg["text_encoder"]))
+    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
+        part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        if part:
+            module.load_state_dict(part)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=cfg["flow_shift"])
     # ByT5 is byte-level: it needs no vocabulary file, so the tiny pipeline has a real tokenizer.
@@ -476,43 +501,52 @@ def parse_toy_prompt(prompt: str) -> tuple[int, tuple[float, float]]:
     return colour[0], direction[0]
 
 
-def make_toy_clips(n: int, frames: int = 9, size: int = 32, generator=None) -> torch.Tensor:
-    """n clips [n, 3, F, H, W] in [-1, 1]: a square of a random colour moving in a random direction."""
+def make_toy_clips(n: int, frames: int = 9, size: int = 32, generator=None, return_labels: bool = False,
+                   colours: torch.Tensor | None = None):
+    """n clips [n, 3, F, H, W] in [-1, 1]: a square of a random colour moving in a random direction.
+    `colours` [n] (indices into TOY_COLOURS) fixes the colours. With return_labels, also the colour index [n]
+    and direction index [n] (into TOY_COLOURS / TOY_DIRECTIONS)."""
     g = generator or torch.Generator().manual_seed(0)
     video = torch.full((n, 3, frames, size, size), -0.8)
     side = max(2, size // 4)
+    colours_given, colours, directions = colours, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
     for i in range(n):
+        colours[i], directions[i] = torch.randint(0, 3, (1,), generator=g), torch.randint(0, 4, (1,), generator=g)
+        if colours_given is not None:
+            colours[i] = colours_given[i]
         colour = torch.full((3,), -1.0)
-        colour[torch.randint(0, 3, (1,), generator=g)] = 1.0
-        dx, dy = list(TOY_DIRECTIONS.values())[torch.randint(0, 4, (1,), generator=g)]
+        colour[colours[i]] = 1.0
+        dx, dy = list(TOY_DIRECTIONS.values())[directions[i]]
         speed = size / 16 * (0.5 + torch.rand(1, generator=g).item())
         x0, y0 = (torch.rand(2, generator=g) * size * 0.5 + size * 0.25).tolist()
         x0, y0 = x0 - dx * speed * (frames - 1) / 2, y0 - dy * speed * (frames - 1) / 2
         for f in range(frames):
             x, y = int(round(x0 + dx * speed * f)), int(round(y0 + dy * speed * f))
             video[i, :, f, max(0, y - side // 2):max(0, y + side // 2), max(0, x - side // 2):max(0, x + side // 2)] = colour[:, None, None]
-    return video
+    return (video, colours, directions) if return_labels else video
 
 
 def toy_reward(video: torch.Tensor, prompts: list[str], temperature: float = 0.05) -> torch.Tensor:
-    """Differentiable reward [B] of videos [B, 3, F, H, W] in [-1, 1] for their prompts.
+    """Differentiable reward [B] of videos [B, 3, F, H, W] in [-1, 1] for their prompts, about [-1, 2].
 
-    colour: a soft-max over pixels of how much the prompt's colour channel exceeds the others;
-    motion: the displacement of that colour's soft centre of mass from the first to the last frame
-    along the prompt's direction. One frame cannot score the motion term.
+    colour: a soft-max over pixels of how much the prompt's colour channel exceeds the others (about [-1, 1]);
+    motion: the displacement of that colour's soft centre of mass from the first to the last frame along the
+    prompt's direction (tanh, [-1, 1]), counted only as far as the colour is present: without the square
+    there is nothing to move, and the soft centre of mass of a background would follow decoding artefacts.
+    One frame cannot score the motion term.
     """
     B, _, Fr, H, W = video.shape
     cols, dirs = zip(*(parse_toy_prompt(p) for p in prompts))
     onehot = F.one_hot(torch.tensor(cols, device=video.device), 3).to(video.dtype)[:, :, None, None, None]
     match = (video * onehot).sum(1) - (video * (1 - onehot)).sum(1) / 2          # [B, F, H, W]
     w = torch.softmax(match.flatten(2) / temperature, -1).view(B, Fr, H, W)
-    colour = (w * match).sum((-1, -2)).mean(1) / 2                               # about [-1, 1]
+    colour = (w * match).sum((-1, -2)).mean(1) / 2
     ys = torch.linspace(-1, 1, H, device=video.device, dtype=video.dtype)
     xs = torch.linspace(-1, 1, W, device=video.device, dtype=video.dtype)
     cx, cy = (w.sum(2) * xs).sum(-1), (w.sum(3) * ys).sum(-1)                    # [B, F]
     d = torch.tensor(dirs, device=video.device, dtype=video.dtype)
     motion = torch.tanh(2 * ((cx[:, -1] - cx[:, 0]) * d[:, 0] + (cy[:, -1] - cy[:, 0]) * d[:, 1]))
-    return colour + motion
+    return colour + colour.clamp(0, 1) * motion
 
 
 def encode_video(pipe, video: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
@@ -545,31 +579,39 @@ def true_reward(pipe, latents: torch.Tensor, prompts: list[str], batch_size: int
                           for i in range(0, len(latents), batch_size)])
 
 
+TOY_GOOD = 0.5  # binary toy label: reward above it = the prompt's colour is clearly there, not moving the wrong way
+
+
 def build_toy_dataset(pipe, kind: str, n: int, seed: int = 0, generated_fraction: float = 0.5,
                       tie_margin: float = 0.1, num_steps: int = 10) -> tuple[dict, dict]:
     """A toy latent dataset of `kind` ("binary" | "score" | "pairs" | "prompts"), same layout as real data.
 
     Latents: half encoded synthetic clips, half sampled from the tiny generator (so reward models also
-    see the generator's own distribution). Labels come from true_reward: score = reward,
-    label = reward above the median, pref = which of a same-prompt pair scores higher (tie within
-    `tie_margin`). Needs the text encoder (prompts are encoded here).
+    see the generator's own distribution). A clip has its prompt's colour half the time (else a random one),
+    like captions that are partly right. Labels come from true_reward: score = reward, label = reward above
+    TOY_GOOD, pref = which of a same-prompt pair scores higher (tie within `tie_margin`). Needs the text
+    encoder (prompts are encoded here).
     """
     g = torch.Generator().manual_seed(seed)
     prompts = toy_prompts("train")
     embeds, mask = encode_prompts(pipe, prompts)
     geo = backbone_geometry(pipe)
+    prompt_colour = torch.tensor([parse_toy_prompt(p)[0] for p in prompts])
 
-    def latents_for(idx, offset):
+    def latents_for(idx, offset):  # row j is a latent for prompts[idx[j]]
         m = len(idx)
-        n_gen = int(round(m * generated_fraction))
-        clips = make_toy_clips(m - n_gen, geo["num_frames"], geo["height"], generator=g)
-        z = [encode_video(pipe, clips)] if m - n_gen else []
-        if n_gen:
-            z.append(sample_latents(pipe, embeds[idx[:n_gen]], [seed * 100003 + offset + i for i in range(n_gen)],
-                                    num_steps=num_steps))
-        z = torch.cat(z)
-        perm = torch.randperm(m, generator=g)
-        return z[perm]
+        gen_rows = torch.randperm(m, generator=g)[:int(round(m * generated_fraction))].sort().values
+        clip_rows = torch.tensor(sorted(set(range(m)) - set(gen_rows.tolist())), dtype=torch.long)
+        right = torch.rand(len(clip_rows), generator=g) < 0.5
+        colours = torch.where(right, prompt_colour[idx[clip_rows]], torch.randint(0, 3, (len(clip_rows),), generator=g))
+        z = torch.zeros(m, *geo["latent_shape"])
+        if len(clip_rows):
+            clips = make_toy_clips(len(clip_rows), geo["num_frames"], geo["height"], generator=g, colours=colours)
+            z[clip_rows] = encode_video(pipe, clips)
+        if len(gen_rows):
+            z[gen_rows] = sample_latents(pipe, embeds[idx[gen_rows]], [seed * 100003 + offset + i for i in gen_rows.tolist()],
+                                         num_steps=num_steps)
+        return z
 
     prompt_idx = torch.randint(0, len(prompts), (n,), generator=g)
     names = [prompts[i] for i in prompt_idx]
@@ -577,7 +619,7 @@ def build_toy_dataset(pipe, kind: str, n: int, seed: int = 0, generated_fraction
     if kind in ("binary", "score"):
         z = latents_for(prompt_idx, 0)
         r = true_reward(pipe, z, names)
-        tensors.update(latents=z, score=r) if kind == "score" else tensors.update(latents=z, label=(r > r.median()).float())
+        tensors.update(latents=z, score=r) if kind == "score" else tensors.update(latents=z, label=(r > TOY_GOOD).float())
     elif kind == "pairs":
         za, zb = latents_for(prompt_idx, 0), latents_for(prompt_idx, 10**6)
         ra, rb = true_reward(pipe, za, names), true_reward(pipe, zb, names)
@@ -593,13 +635,112 @@ def build_toy_dataset(pipe, kind: str, n: int, seed: int = 0, generated_fraction
 
 
 def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data", **kw) -> tuple[dict, dict]:
-    """build_toy_dataset, cached on disk under cache_dir/<kind>-<n>-<seed>/ (safetensors)."""
-    folder = Path(cache_dir) / f"{kind}-{n}-{seed}"
+    """build_toy_dataset, cached on disk under cache_dir/<kind>-<n>-<seed>-<weights hash>/ (safetensors).
+    The hash of toy_reward's source and of the tiny VAE and transformer weights keeps a cache from an older
+    reward or fit from being reused."""
+    import hashlib
+    import inspect
+    h = hashlib.sha1(inspect.getsource(toy_reward).encode())  # labels follow the reward: a new one, a new cache
+    for p in [*pipe.vae.parameters(), *pipe.transformer.parameters()]:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    folder = Path(cache_dir) / f"{kind}-{n}-{seed}-{h.hexdigest()[:8]}"
     if (folder / "meta.json").is_file():
         return load_dataset(folder, kind)
     tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
     save_dataset(folder, tensors, meta)
     return tensors, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting the tiny world once (python common.py fit-tiny -> tiny_wan.safetensors, ~25 min on 1 CPU core)
+# ----------------------------------------------------------------------------------------------
+# Why: with random tiny components nothing can be shown. A random VAE's decode(encode(clip)) is
+# uncorrelated with the clip, so the true reward of a latent is noise that no latent reward model can
+# learn; a random generator's features carry nothing for a frozen-backbone head. So, in three stages:
+#   1. the VAE is fitted as an autoencoder of toy clips, and its latent statistics become latents_mean /
+#      latents_std (as the real Wan VAE ships them);
+#   2. the generator (transformer + T5) is pretrained by flow matching on encoded toy clips whose captions
+#      are right only `caption_accuracy` of the time, per attribute: like web captions, they make the
+#      generator follow its prompt only partly, which leaves reward fine-tuning something to improve.
+def _toy_text_embeds(pipe, prompts: list[str]):
+    """encode_prompts with gradient into the text encoder (padding zeroed, as Wan does)."""
+    L = WAN_CONFIGS["tiny"]["max_sequence_length"]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=L, truncation=True, add_special_tokens=True,
+                         return_tensors="pt")
+    return pipe.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state * ids.attention_mask[..., None]
+
+
+def fit_tiny_world(out=TINY_WEIGHTS, vae_steps: int = 1500, generator_steps: int = 2500,
+                   caption_accuracy: float = 0.5, seed: int = 0):
+    """Fit the tiny VAE, transformer and text encoder on the toy world; save them to `out` (safetensors)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    pipe = build_tiny_pipeline(seed, weights=None)
+    geo = backbone_geometry(pipe)
+    F_, S = geo["num_frames"], geo["height"]
+
+    def cosine(opt, steps):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
+
+    # 1. VAE: reconstruction weighted to the square (~6% of the pixels) plus the same error on 2x, 4x and 8x
+    #    average-pooled frames, whose gradient says "right colour, roughly here" before the square is sharp
+    vae = pipe.vae.train().requires_grad_(True)
+    opt = torch.optim.Adam(vae.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # constant, then a cosine decay over the last 40%
+        opt, lambda s: 1.0 if s < 0.6 * vae_steps else 0.5 * (1 + math.cos(math.pi * (s / vae_steps - 0.6) / 0.4)))
+    for step in (bar := tqdm(range(vae_steps), desc="fit VAE")):
+        clips = make_toy_clips(8, F_, S, generator=g)
+        rec = vae.decode(vae.encode(clips).latent_dist.mean).sample
+        weight = 1 + 9 * (clips > -0.8).any(1, keepdim=True).float()
+        loss = (weight * (rec - clips).square()).mean() + sum(
+            k * (F.avg_pool3d(rec, (1, k, k)) - F.avg_pool3d(clips, (1, k, k))).square().mean() for k in (2, 4, 8))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    clips, colours, directions = make_toy_clips(3072, F_, S, generator=g, return_labels=True)
+    with torch.no_grad():
+        mu = torch.cat([vae.encode(clips[i:i + 64]).latent_dist.mean for i in range(0, len(clips), 64)])
+    mean, std = mu.mean((0, 2, 3, 4)), mu.std((0, 2, 3, 4))
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    latents = (mu - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+
+    # 2. generator: flow matching on (latent, noisy caption); 10% empty captions (for CFG / PRFL's SFT)
+    colour_names, direction_names = list(TOY_COLOURS), list(TOY_DIRECTIONS)
+    vocab = [f"a {c} {s} moving {d}" for s in TOY_SHAPES for c in colour_names for d in direction_names] + [""]
+    tr, te = pipe.transformer.train().requires_grad_(True), pipe.text_encoder.train().requires_grad_(True)
+    opt = torch.optim.Adam([*tr.parameters(), *te.parameters()], 1e-3)
+    sched = cosine(opt, generator_steps)
+    n = len(latents)
+    for step in (bar := tqdm(range(generator_steps), desc="fit generator")):
+        idx = torch.randint(0, n, (64,), generator=g)
+        wrong_c = torch.rand(64, generator=g) > caption_accuracy
+        wrong_d = torch.rand(64, generator=g) > caption_accuracy
+        c = torch.where(wrong_c, torch.randint(0, 3, (64,), generator=g), colours[idx])
+        d = torch.where(wrong_d, torch.randint(0, 4, (64,), generator=g), directions[idx])
+        s = torch.randint(0, len(TOY_SHAPES), (64,), generator=g)
+        p = (s * 12 + c * 4 + d).masked_fill(torch.rand(64, generator=g) < 0.1, len(vocab) - 1)
+        embeds = _toy_text_embeds(pipe, vocab)[p]
+        x0, eps = latents[idx], torch.randn(64, *latents.shape[1:], generator=g)
+        sigma = torch.rand(64, generator=g)
+        loss = (predict_velocity(tr, add_noise(x0, eps, sigma), sigma, embeds) - velocity_target(x0, eps)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    tr.eval().requires_grad_(False)
+    te.eval().requires_grad_(False)
+
+    state = {f"{name}.{k}": v.detach().clone().contiguous() for name, m in
+             (("transformer", tr), ("vae", vae), ("text_encoder", te)) for k, v in m.state_dict().items()}
+    save_safetensors(state, out, metadata=dict(
+        latents_mean=json.dumps(mean.tolist()), latents_std=json.dumps(std.tolist()),
+        fit=json.dumps(dict(vae_steps=vae_steps, generator_steps=generator_steps,
+                            caption_accuracy=caption_accuracy, seed=seed))))
+    return pipe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1017,6 +1158,167 @@ def print_reference_estimates(backbone: str = "wan2.1-1.3b", height=None, width=
                                    f"[{est['seconds']:.0f} s, {est['cpu_seconds']:.0f} s CPU]"), flush=True)
     return out
 
+
+# ----------------------------------------------------------------------------------------------
+# --estimate-memory of the method scripts and bench.py: one step of each stage, as the script runs it
+# ----------------------------------------------------------------------------------------------
+class _ScalarFakeMode(FakeTensorMode):
+    """fake_mode() in which a Python number read from a tensor (.item(), int()) is 0 instead of an error: a step's
+    random draw (DiNa's mid step) takes its lowest value. No estimated step branches on tensor data."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return 0
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _modules(*objs) -> list:
+    """The modules among objs and among the attributes of the stand-in pipelines among them, each once."""
+    from types import SimpleNamespace
+    found = {}
+    for obj in objs:
+        for m in vars(obj).values() if isinstance(obj, SimpleNamespace) else (obj,):
+            if isinstance(m, torch.nn.Module):
+                found[id(m)] = m
+    return list(found.values())
+
+
+class StageEstimates:
+    """`with StageEstimates("PRFL", backbone) as est:` estimates one step of each stage of a method script.
+
+    Build modules (stand-in pipeline, the script's own reward models, adapters, copies) inside
+    `est.build(lambda: ...)`, then call `est.step(label, step_fn, *args)` per stage. For a real backbone all
+    of it is fake (weightless; transformer in bf16 as on CUDA) and `step` prints estimate_training_step's line
+    (train=False: estimate(), no AdamW state). For "tiny" the same code runs on real CPU tensors in fp32 (as the
+    scripts run on a CPU): the meter's peak of live tensors is then measured (that run is the warm-up), and the
+    step is timed over `steps` more runs. No-grad rollout steps before a gradient window do not change the peak
+    (each frees its activations), so a step may skip them: rollout_forwards=n adds the FLOPs of n batch-1
+    no-grad forwards of the last built generator, printed (and stored as `rollout_flops`) apart.
+    """
+
+    steps = 3  # timed runs of each step on tiny, after the metered one
+
+    def __init__(self, method: str, backbone: str):
+        self.method, self.backbone, self.cfg = method, backbone, _config(backbone)
+        self.real = backbone == "tiny"
+        self.mode = contextlib.nullcontext() if self.real else _ScalarFakeMode()
+        self.dtype = torch.float32 if self.real else torch.bfloat16
+        self.results, self._forward_flops, self.pipe = {}, {}, None
+        c = self.cfg
+        self.size = f"{backbone} {c['height']}x{c['width']}x{c['num_frames']}"
+
+    def __enter__(self):
+        import warnings  # bf16 autocast on CPU: fp32 norm weights take the unfused kernel (so does CUDA's autocast)
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        gc.collect()
+        gc.freeze()  # estimate()'s gc.collect() then skips the ~1M objects of torch & co. (0.25 s a call)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        gc.unfreeze()
+        return self.mode.__exit__(*exc)
+
+    def build(self, fn):
+        """fn() builds modules; each module in its result (a tuple, or a pipeline's attributes) becomes fake."""
+        torch.manual_seed(0)
+        with _meta_if_fake():
+            out = fn()
+        for m in _modules(*(out if isinstance(out, tuple) else (out,))):
+            _meta_to_fake(m)
+        return out
+
+    def pipeline(self, lora_rank: int = 0, gradient_checkpointing: bool = True, vae_dtype=torch.float32):
+        """Inside build(): what load_backbone(backbone) puts on the GPU (a frozen transformer, LoRA if lora_rank; the
+        VAE, fp32 as loaded) and what backbone_geometry reads. Every later step counts its weights as live."""
+        from types import SimpleNamespace
+        self.generator = build_wan_transformer(self.cfg, self.dtype, lora_rank, gradient_checkpointing)
+        self.pipe = SimpleNamespace(transformer=self.generator, vae=build_wan_vae(self.cfg, vae_dtype),
+                                    text_encoder=None, backbone_name=self.backbone,
+                                    vae_scale_factor_temporal=4, vae_scale_factor_spatial=8)
+        return self.pipe
+
+    def inputs(self, batch: int = 1):
+        """Latents [B, 16, F', H', W'], text embeddings [B, L, text_dim] (fp32, as cached) and mask [B, L]."""
+        L = self.cfg["max_sequence_length"]
+        return (torch.randn(batch, *latent_shape(self.cfg)), torch.randn(batch, L, self.cfg["transformer"]["text_dim"]),
+                torch.ones(batch, L, dtype=torch.bool))
+
+    def step(self, label: str, fn, *args, train: bool = True, rollout_forwards: float = 0, quiet: bool = False,
+             **kwargs) -> dict:
+        """Estimate (and on tiny also time) fn(*args, **kwargs); print one `estimated peak:` line."""
+        mods = _modules(self.pipe, *args, *kwargs.values())
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+        # modules (also a pipeline's) as top-level arguments: their weights are live and their trainable
+        # parameters get AdamW state; args and kwargs as arguments: their tensors are live from the start
+        est = (estimate_training_step if train else estimate)(lambda *_: fn(*args, **kwargs), *mods, args, kwargs)
+        if self.real:  # the metered run was the warm-up
+            t0 = time.perf_counter()
+            for _ in range(self.steps):
+                fn(*args, **kwargs)
+            est["seconds_per_step"] = (time.perf_counter() - t0) / self.steps
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+        if rollout_forwards:
+            key = id(self.generator)
+            if key not in self._forward_flops:
+                x, e, _ = self.inputs()
+                self._forward_flops[key] = estimate(torch.no_grad()(predict_velocity), self.generator, x, 0.5, e)["flops"]
+            est["rollout_flops"] = rollout_forwards * self._forward_flops[key]
+        return est if quiet else self.report(label, est)
+
+    def report(self, label: str, est: dict) -> dict:
+        """Print est's `estimated peak:` line (and, on tiny, the measured time) and keep it under label."""
+        extra = (f" (+ {est['rollout_flops'] / 1e12:.0f} TFLOPs of no-grad rollout forwards, not run)"
+                 if est.get("rollout_flops") else "")
+        print(format_estimate(est, f"| {self.method} {label}: {self.size}{extra} [{est['seconds']:.0f} s]"), flush=True)
+        if "seconds_per_step" in est:
+            print(f"    measured on the CPU: {est['seconds_per_step'] * 1e3:.1f} ms/step ({self.steps} steps after a "
+                  f"warm-up), peak of live tensors {est['peak_bytes'] / 2**20:.2f} MiB", flush=True)
+        self.results[label] = est
+        return est
+
+
+def checkpoint_with_adapter(transformer, set_adapter):
+    """Block gradient checkpointing that recomputes each block under the peft adapter active in its forward.
+
+    diffusers recomputes under whatever adapter is active when backward runs. When one backward spans
+    forwards under different adapters (DiNa's ReFL: a policy-adapter step, then the reward-adapter blocks),
+    the recompute then differs from the forward and torch.utils.checkpoint raises a CheckpointError (or, with
+    equal ranks, computes wrong gradients). set_adapter(transformer, name) switches adapters.
+    """
+    def context_fn():
+        name = transformer.active_adapters()[0]
+
+        @contextlib.contextmanager
+        def recompute():
+            before = transformer.active_adapters()[0]
+            set_adapter(transformer, name)
+            try:
+                yield
+            finally:
+                set_adapter(transformer, before)
+        return contextlib.nullcontext(), recompute()
+
+    from torch.utils.checkpoint import checkpoint
+    transformer._gradient_checkpointing_func = lambda *a, **k: checkpoint(*a, use_reentrant=False,
+                                                                          context_fn=context_fn, **k)
+    return transformer
+
+
+def extrapolate(est: dict, lo: dict, hi: dict, n: float) -> dict:
+    """est + (n - 1) (hi - lo) in peak, breakdown, FLOPs and times: the cost of a step that grows linearly in a
+    count (VELR's K steps with gradient: each keeps its checkpointed block inputs for the backward), from runs
+    at count 1 (lo) and 2 (hi); est is a run at count 1 (lo itself, or a variant with the same count)."""
+    lin = lambda key, d=est, a=lo, b=hi: d[key] + (n - 1) * (b[key] - a[key])
+    out = dict(est, peak_bytes=lin("peak_bytes"), flops=lin("flops"), seconds=est["seconds"] + hi["seconds"],
+               breakdown={k: lin(k, est["breakdown"], lo["breakdown"], hi["breakdown"]) for k in est["breakdown"]})
+    if "seconds_per_step" in est:
+        out["seconds_per_step"] = lin("seconds_per_step")
+    return out
+
+
 def summarize(root) -> str:
     """One table of the headline numbers in root/*/summary.json (what `make demo` prints)."""
     rows = []
@@ -1030,6 +1332,9 @@ def summarize(root) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "summarize":
         print(summarize(sys.argv[2]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "fit-tiny":
+        fit_tiny_world(TINY_WEIGHTS, *(int(a) for a in sys.argv[2:4]))
+        print(f"wrote {TINY_WEIGHTS}")
     elif len(sys.argv) >= 2 and sys.argv[1] == "estimate":
         for name in sys.argv[2:] or ["wan2.1-1.3b"]:
             print_reference_estimates(name)

@@ -65,6 +65,8 @@ class Args:
     toy_pairs: int = arg(2048, "pairs in the toy dataset (only without --data); ~30% are strict, the rest ties")
     toy_cache: str = arg("runs/toy_data", "cache folder of the toy dataset")
     reward_ckpt: str = arg("", "reward_model.safetensors of an earlier run: skip stage 1 and use it")
+    estimate_memory: bool = arg(False, "only print the estimated peak GPU memory and TFLOPs of one reward-model step "
+                                "and one ReFL step at --backbone's size (fake tensors: no weights, no data)")
     # backbone
     backbone: str = arg(TINY, "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder")
     # reward model (Sec. 3; official config sd3m/thurstone-12layer.yaml)
@@ -501,6 +503,8 @@ def run_refl(pipe, head, data, meta, args: Args, run):
     head.requires_grad_(False)  # the reward model is frozen in stage 2 (only its activations carry grad)
     tr.requires_grad_(False)
     policy = common.add_lora(tr, args.policy_rank, args.policy_alpha, adapter_name="policy")  # B = 0: the base
+    if tr.is_gradient_checkpointing:  # one backward spans policy- and reward-adapter forwards: recompute each
+        common.checkpoint_with_adapter(tr, set_active_adapter)  # block under its own adapter
     z_before, true_before, dina_before = ev()
 
     opt = torch.optim.AdamW(policy, lr=args.refl_lr, weight_decay=0.0)
@@ -538,8 +542,40 @@ def run_refl(pipe, head, data, meta, args: Args, run):
 
 
 # ----------------------------------------------------------------------------------------------
+def estimate_memory(args: Args) -> dict:
+    """--estimate-memory: train_reward_model's step on one pair and run_refl's step (batch 1, its no-grad rollout
+    to the late step skipped and counted) on fake tensors at the backbone's size (common.StageEstimates)."""
+    with common.StageEstimates("DiNa-LRM", args.backbone) as est:
+        x0, emb, mask = est.inputs()
+
+        def build(refl: bool):
+            pipe = est.pipeline(gradient_checkpointing=args.backbone != TINY)
+            head, _ = add_reward_model(pipe, args)
+            if refl:  # as run_refl: reward adapter and head frozen, a policy adapter
+                head.requires_grad_(False)
+                pipe.transformer.requires_grad_(False)
+                common.add_lora(pipe.transformer, args.policy_rank, args.policy_alpha, adapter_name="policy")
+                common.checkpoint_with_adapter(pipe.transformer, set_active_adapter)  # as run_refl
+            return pipe, head
+
+        def rm_step(pipe, head, x0, emb, mask):  # one pair (A = B: only the shapes matter), same sigma and eps
+            sigma, eps, two = torch.rand(1), torch.randn_like(x0), lambda t: torch.cat([t, t])
+            r = dina_reward(pipe.transformer, head, two(x0), two(emb), two(mask), [two(sigma)], two(eps), args.taps)
+            preference_loss(*r.chunk(2), sigma, torch.ones(1), args).mean().backward()
+
+        short = dataclasses.replace(args, num_steps=1, late_fraction=0.0)  # mid = 0: no no-grad rollout
+        late = min(int(round(args.late_fraction * args.num_steps)), args.num_steps - 1)
+        est.step("reward-model step (pair)", rm_step, *est.build(lambda: build(False)), x0, emb, mask)
+        est.step("ReFL step", lambda *a: refl_step(*a, short, torch.Generator())[0].backward(),
+                 *est.build(lambda: build(True)), emb, mask,
+                 rollout_forwards=(late + args.num_steps - 1) / 2 * (1 + (args.guidance_scale > 1)))  # E[mid] x CFG
+    return est.results
+
+
 def main(args: Args) -> dict:
     args = resolve(args)
+    if args.estimate_memory:
+        return estimate_memory(args)
     common.seed_everything(args.seed)
     if args.stage == "tune" and not args.reward_ckpt:
         raise SystemExit("--stage tune needs --reward-ckpt (a reward_model.safetensors from --stage rm)")

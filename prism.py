@@ -67,6 +67,8 @@ class Args:
     test_fraction: float = common.arg(0.25, "share of PROMPTS held out for evaluation (prompt-disjoint, as VLRM-Bench)")
     tiny_defaults: bool = common.arg(True, "on --backbone tiny, fields still at their paper default take the "
                                            "TINY value (shown as 'tiny: ...' in each help)")
+    estimate_memory: bool = common.arg(False, "only print the estimated peak GPU memory and TFLOPs of one head step, one "
+                                              "scoring pass and one early Best-of-N at --backbone's size (no weights, no data)")
     # backbone (frozen; nothing of it trains)
     backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
     num_blocks: int = common.arg(12, "N_b: the head reads the tokens after this many DiT blocks (paper 12)")
@@ -399,7 +401,7 @@ def bon_prompt_table(args, pipe, data, meta, test_p):
 
 
 @torch.no_grad()
-def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device) -> list[dict]:
+def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative=None) -> list[dict]:
     """Tab. 2: for each k, the reward of the pick vs a random pick (the expected value over the N candidates)
     and the oracle (all N finished and decoded, best reward), same seeds throughout; compute per prompt.
     reward_fn(pipe, latents, prompts) is the toy world's true_reward; None (real data): the picks are only
@@ -412,7 +414,9 @@ def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device
     noise = torch.stack([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed(p, j)))
                                       for j in range(N)]) for p in range(P)])
     cfg = args.guidance_scale > 1
-    neg = common.encode_prompts(pipe, [""], max_sequence_length=embeds.shape[1])[0].to(device) if cfg else None
+    if cfg and negative is None:
+        negative = common.encode_prompts(pipe, [""], max_sequence_length=embeds.shape[1])[0]
+    neg = negative.to(device) if cfg else None
     flops = count_flops(pipe, head, shape, embeds.shape[1], args.num_blocks,
                         "cpu" if args.backbone == "tiny" else "meta")
     rows = [dict(method=f"random pick (1 of {N})", **bon_compute(1, 0, S, 1 + cfg, flops)),
@@ -481,8 +485,38 @@ def load_head(path, pipe, num_blocks: int) -> PRISMHead:
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
+def estimate_memory(args: Args) -> dict:
+    """--estimate-memory on fake tensors at the backbone's size (common.StageEstimates): train_head's step on one
+    pair, one scoring pass, one early Best-of-N for one prompt (k = 5: its first step runs on a 2-step schedule, the
+    other no-grad steps are counted)."""
+    with common.StageEstimates("PRISM", args.backbone) as est:
+        x0, emb, mask = est.inputs()
+        c = est.cfg["transformer"]
+        pipe, head = est.build(lambda: (est.pipeline(), PRISMHead(c["num_attention_heads"] * c["attention_head_dim"],
+                                        args.head_dim, args.num_heads, args.num_queries, args.mlp_layers, args.pooling)))
+
+        def head_step(tr, head, x0, emb, mask):  # same sigma and noise for A and B (A = B: only shapes matter)
+            sigma = torch.rand(1)
+            r_a, r_b = pair_rewards(tr, head, *noisy_pair(x0, x0, sigma, torch.randn_like(x0)), sigma, emb, mask,
+                                    args.num_blocks)
+            rao_kupper_nll(r_a, r_b, torch.zeros(1), args.eta).backward()
+
+        est.step("head step (pair)", head_step, pipe.transformer, head, x0, emb, mask)
+        est.step("scoring pass", torch.no_grad()(prism_reward), pipe.transformer, head, x0, torch.rand(1), emb, mask,
+                 args.num_blocks, train=False)
+        k, n, cfg = min(5, args.num_steps), args.bon_n, args.guidance_scale > 1
+        sigmas = common.sigma_schedule(2, args.flow_shift or common.backbone_config(args.backbone)["flow_shift"])
+        est.step(f"early Best-of-{n} (k={k} of {args.num_steps})", early_best_of_n, pipe, head,
+                 torch.randn(1, n, *x0.shape[1:]), emb, mask, sigmas, 1, args.num_blocks, args.guidance_scale,
+                 torch.zeros_like(emb) if cfg else None, train=False,
+                 rollout_forwards=(n * (k - 1) + args.num_steps - k - 1) * (1 + cfg))
+    return est.results
+
+
 def main(args: Args) -> dict:
     args = resolve_args(args)
+    if args.estimate_memory:
+        return estimate_memory(args)
     if args.stage == "bon" and not args.reward_ckpt:
         raise SystemExit("--stage bon needs a trained head: --reward-ckpt <run>/prism_head.safetensors")
     if not all(1 <= k <= args.num_steps for k in args.bon_steps):
@@ -496,6 +530,10 @@ def main(args: Args) -> dict:
     tr = pipe.transformer
     data, meta = load_pairs(args, pipe)
     train_idx, test_idx, test_p = split_by_prompt(data, args.test_fraction)
+    # every prompt still needed is encoded now; then the text encoder (11 GB for Wan) leaves the device
+    bon_prompts = bon_prompt_table(args, pipe, data, meta, test_p)
+    negative = common.encode_prompts(pipe, [""], max_sequence_length=data["prompt_embeds"].shape[1])[0]
+    common.drop_text_encoder(pipe)
     summary = dict(method="prism", backbone=args.backbone, run_dir=str(run.dir), train_pairs=len(train_idx),
                    test_pairs=len(test_idx), test_ties=(data["pref"][test_idx] == 2).float().mean().item())
 
@@ -519,10 +557,10 @@ def main(args: Args) -> dict:
                                    {"metric": "w/ ties", **{str(r["t"]): r["acc_ties"] for r in rows}}]))
 
     if args.stage in ("bon", "all"):
-        prompts, embeds, mask = bon_prompt_table(args, pipe, data, meta, test_p)
+        prompts, embeds, mask = bon_prompts
         # only the toy world has a ground truth; on real data the picks are saved for an external benchmark
         reward_fn = common.true_reward if meta.get("source") == "toy" else None
-        rows = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device)
+        rows = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
         summary["bon"] = rows
         print(f"\nEarly Best-of-{args.bon_n}: true toy reward of the pick, {len(prompts)} prompts, {args.num_steps} "
               f"steps (per-prompt compute; rel_flops vs the oracle)")

@@ -64,6 +64,8 @@ class Args:
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "cuda / cpu / auto")
     save_videos: int = arg(2, "mp4 samples written before and after each fine-tuning run")
+    estimate_memory: bool = arg(False, "only print the estimated peak GPU memory and TFLOPs of one LRM step, one "
+                                "fine-tuning step and one --reward pixel step at --backbone's size (no weights, no data)")
     # backbone and data
     backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder")
     data: str = arg("", "prepared 'score' dataset folder (common.load_dataset); default: the toy world")
@@ -529,7 +531,44 @@ def load_data(args, pipe, teacher):
     return data, meta
 
 
+def estimate_memory(args) -> dict:
+    """--estimate-memory, batch 1, fake tensors at the backbone's size (common.StageEstimates): one member's LRM
+    step (all members' weights, grads and AdamW state live), the fine-tuning step from the mid step (the K steps
+    cost linearly in K: run at K = 1, 2 and extrapolated) and its RGB ReFL twin (fp32 VAE as loaded, toy teacher)."""
+    args = resolve_auto(args, 1)
+    K, shift = args.truncated_steps, common.backbone_config(args.backbone)["flow_shift"]
+    with common.StageEstimates("VELR", args.backbone) as est:
+        x0, embeds, mask = est.inputs()
+        text, sigmas = last_text_token(embeds, mask), common.sigma_schedule(args.num_steps, shift)
+        new_lrm = lambda: EnsembleLRM(args.ensemble_size, x0.shape[1:], text.shape[1], args.lrm_dim, args.lrm_heads,
+                                      args.lrm_layers)
+
+        def tune_step(pipe, lrm, x, embeds, text, K: int, pixel=False):  # finetune's step, from start = 0
+            z0, v, v_ref = truncated_mid_step(pipe.transformer, x, embeds, sigmas, 0, K)
+            reward = (common.toy_reward(common.decode_latents(pipe, z0), common.toy_prompts()[:1]) if pixel
+                      else aggregate(lrm(z0, text), args.aggregate))
+            velr_loss(reward, kl_velocity(v, v_ref), args.beta).backward()
+
+        def lrm_step(lrm, z, text):  # fit_members: one member's step; the others hold their grads meanwhile
+            for p in lrm.members[1:].parameters():
+                p.grad = torch.zeros_like(p)
+            huber_loss(lrm.members[0](z, text), torch.zeros(len(z)), args.huber_delta).backward()
+
+        _, lrm = est.build(lambda: (est.pipeline(), new_lrm()))  # pretrain_lrm: the generator is on the GPU
+        est.step("LRM step (1 member)", lrm_step, lrm, x0, text)
+        pipe, lrm = est.build(lambda: (est.pipeline(args.lora_rank, args.gradient_checkpointing),
+                                       new_lrm().requires_grad_(False)))
+        run = lambda k, pixel: est.step("", tune_step, pipe, lrm, x0, embeds, text, k, pixel, quiet=True,
+                                        rollout_forwards=sum(args.mid_step) / 2)  # E[start]: no-grad steps
+        lo, hi = run(1, False), run(2, False)
+        est.report(f"fine-tune step (K={K} with grad, LRMs on z0, KL)", common.extrapolate(lo, lo, hi, K))
+        est.report(f"RGB ReFL step (--reward pixel, K={K}, all frames)", common.extrapolate(run(1, True), lo, hi, K))
+    return est.results
+
+
 def main(args: Args) -> dict:
+    if args.estimate_memory:
+        return estimate_memory(args)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     run = common.Run("velr", args, args.out_dir or None)

@@ -1,0 +1,101 @@
+"""bench.py (`make bench`): one table of every method's steps next to the RGB ReFL baseline, from one run.
+
+Rows: each stage of each method script, estimated by the script's own --estimate-memory (prfl, velr,
+dina_lrm, prism: their own modules and losses, batch 1), then the generic LoRA transformer step and the RGB
+ReFL baseline (one transformer step with gradient, then the VAE decode with gradient of all frames, or of the
+first frame only as PRFL's comparison did; LoRA r64, bf16 VAE, common.transformer_step / rgb_refl_step).
+Columns:
+  * estimated peak GiB and TFLOPs per step for Wan2.1-1.3B at 480x832x81 and Wan2.1-14B at 720x1280x81: the
+    real code on fake tensors (nothing allocated), bf16, LoRA, block gradient checkpointing, AdamW state.
+    "(+n)": TFLOPs of the no-grad rollout forwards before the gradient window, counted but not run.
+  * fits: the smallest of a 24 / 48 / 80 GB GPU with the peak + 1.5 GiB (CUDA context, workspaces, allocator).
+  * measured on this CPU with real tensors of the tiny backbone (fp32, each script's tiny defaults): ms per
+    step (3 steps after a warm-up) and the peak of live tensor bytes (MiB), by the same meter.
+Offline, no weights, no GPU; the backbones run in 2 processes (--jobs).
+Usage: OMP_NUM_THREADS=1 python bench.py [--backbones wan2.1-1.3b wan2.1-14b] [--jobs 2]
+"""
+import argparse
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+import common
+import dina_lrm
+import prfl
+import prism
+import velr
+
+METHODS = [("PRFL", prfl), ("VELR", velr), ("DiNa-LRM", dina_lrm), ("PRISM", prism)]
+
+
+def reference_steps(backbone: str) -> dict:
+    """The generic LoRA step and the RGB ReFL baseline (all frames / first frame) through common.StageEstimates."""
+    with common.StageEstimates("baseline", backbone) as est:
+        pipe = est.build(lambda: est.pipeline(lora_rank=64, vae_dtype=est.dtype))
+        x, e, _ = est.inputs()
+        est.step("LoRA transformer step (flow matching)", common.transformer_step, pipe.transformer, x, e)
+        for frames in ("all", "first"):
+            est.step(f"RGB ReFL: decode {frames} frame{'s' if frames == 'all' else ''} with grad",
+                     common.rgb_refl_step, pipe.transformer, pipe.vae, x, e, frames=frames)
+    return est.results
+
+
+def all_steps(backbone: str) -> list[tuple[str, str, dict]]:
+    """(method, stage, estimate) of every row, in table order."""
+    rows = []
+    for name, module in METHODS:
+        results = module.main(module.Args(backbone=backbone, estimate_memory=True))
+        rows += [(name, label, est) for label, est in results.items()]
+    return rows + [("baseline", label, est) for label, est in reference_steps(backbone).items()]
+
+
+def timed_steps(backbone: str) -> tuple[list, float]:
+    torch.set_num_threads(1)  # tiny CPU kernels: threads cost more than they save on a shared machine
+    t0 = time.perf_counter()
+    return all_steps(backbone), time.perf_counter() - t0
+
+
+def tflops(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def fits(peak_gib: float) -> str:
+    return next((f"{gpu} GB" for gpu in (24, 48, 80) if peak_gib + 1.5 <= gpu), "> 80 GB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbones", nargs="*", default=["wan2.1-1.3b", "wan2.1-14b"])
+    p.add_argument("--jobs", type=int, default=2, help="processes: the backbones run in parallel (1: in this one)")
+    args = p.parse_args()
+    backbones, t0 = args.backbones, time.perf_counter()
+    todo = backbones[::-1] + ["tiny"]  # the slowest first
+    if args.jobs > 1 and len(todo) > 1:  # its lines then interleave; each names its backbone
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = dict(zip(todo, pool.map(timed_steps, todo)))
+    else:
+        done = {b: timed_steps(b) for b in todo}
+    runs, seconds = {b: r for b, (r, _) in done.items()}, {b: s for b, (_, s) in done.items()}
+    table = []
+    for i, (method, label, _) in enumerate(runs[backbones[0]] if backbones else runs["tiny"]):
+        row = {"method": method, "step (batch 1)": label}
+        for b in backbones:
+            est = runs[b][i][2]
+            gib, rollout = est["peak_bytes"] / 2**30, est.get("rollout_flops", 0) / 1e12
+            short = b.replace("wan2.1-", "").upper()
+            row[f"{short} GiB"] = f"{gib:.1f}"
+            row[f"{short} TFLOPs"] = tflops(est["flops"] / 1e12) + (f" (+{rollout:.0f})" if rollout else "")
+            row[f"{short} fits"] = fits(gib)
+        tiny = runs["tiny"][i][2]
+        row["tiny CPU ms/step"] = f"{tiny['seconds_per_step'] * 1e3:.1f}"
+        row["tiny peak MiB"] = f"{tiny['peak_bytes'] / 2**20:.2f}"
+        table.append(row)
+    print("\n" + common.format_table(table))
+    print("\nseconds per backbone: " + ", ".join(f"{b} {s:.0f}" for b, s in seconds.items())
+          + f"; total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
