@@ -95,9 +95,9 @@ class Args:
     ablation: str = arg("auto", "also train the fixed-variance ablation for the table; auto = on for tiny only",
                         choices=["auto", "on", "off"])
     # fine-tuning: ReFL with the learned reward (flow-grpo-rm config/refl.py)
-    refl_steps: int = arg(0, "ReFL optimiser steps; 0 = auto: 150 (paper) on Wan, 40 on tiny")
+    refl_steps: int = arg(0, "ReFL optimiser steps; 0 = auto: 150 (paper) on Wan, 80 on tiny")
     refl_batch: int = arg(0, "prompts per ReFL step; 0 = auto: 64 (official 2 x 4 accum x 8 GPUs) on Wan, 8 on tiny")
-    refl_lr: float = arg(0.0, "policy AdamW lr; 0 = auto: 1e-4 (official) on Wan, 1e-3 on tiny")
+    refl_lr: float = arg(0.0, "policy AdamW lr; 0 = auto: 1e-4 (official) on Wan, 5e-5 on tiny (1e-3 games the reward model)")
     policy_rank: int = arg(32, "policy LoRA rank (official)")
     policy_alpha: float = arg(64.0, "policy LoRA alpha (official)")
     num_steps: int = arg(0, "sampling steps of rollout and evaluation; 0 = auto: 40 (official) on Wan, 20 on tiny")
@@ -114,9 +114,9 @@ def resolve(args: Args) -> Args:
     tiny = args.backbone == TINY
     pick = lambda v, paper, small: v if v else (small if tiny else paper)
     args.rm_lr = pick(args.rm_lr, 5e-5, 1e-3)
-    args.refl_steps = pick(args.refl_steps, 150, 40)
+    args.refl_steps = pick(args.refl_steps, 150, 80)
     args.refl_batch = pick(args.refl_batch, 64, 8)
-    args.refl_lr = pick(args.refl_lr, 1e-4, 1e-3)
+    args.refl_lr = pick(args.refl_lr, 1e-4, 5e-5)
     args.num_steps = pick(args.num_steps, 40, 20)
     args.guidance_scale = pick(args.guidance_scale, 4.5, 1.0)
     args.rm_steps = args.rm_steps or (300 if tiny else -1)  # -1: one epoch, known once the data is loaded

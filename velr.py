@@ -45,7 +45,7 @@ AUTO = {  # field: (paper / real backbones, tiny)
     "num_steps": (50, 10), "mid_step": ([15, 25], [3, 5]), "truncated_steps": (10, 2),
     "lrm_dim": (512, 32), "lrm_lr": (2e-5, 2e-3), "lrm_batch_size": (4, 32), "lrm_epochs": (3, 8),
     "align_lr": (1e-5, 1e-3), "buffer_size": (256, 64), "align_every": (None, 4),
-    "tune_steps": (1000, 20), "lr": (1e-5, 3e-3), "lora_rank": (256, 8),
+    "tune_steps": (1000, 40), "lr": (1e-5, 5e-4), "lora_rank": (256, 8),
 }
 
 
@@ -91,9 +91,9 @@ class Args:
     lrm_batch_size: int = arg(0, "LRM batch size, pretraining and alignment (0 = auto: 4 (paper); tiny: 32)")
     lrm_epochs: int = arg(0, "LRM pretraining epochs (0 = auto: 3 (paper); tiny: 8)")
     # fine-tuning (Sec. 4.3, Alg. 1, App. C.2)
-    tune_steps: int = arg(0, "generator updates (0 = auto: 1000, not given in the paper; tiny: 20)")
+    tune_steps: int = arg(0, "generator updates (0 = auto: 1000, not given in the paper; tiny: 40)")
     batch_size: int = arg(4, "prompts per update (App. C.2)")
-    lr: float = arg(0.0, "LoRA learning rate (0 = auto: 1e-5 (paper, Wan); tiny: 3e-3)")
+    lr: float = arg(0.0, "LoRA learning rate (0 = auto: 1e-5 (paper, Wan); tiny: 5e-4)")
     lora_rank: int = arg(0, "LoRA rank, alpha = rank (0 = auto: 256 as in App. C.3; tiny: 8)")
     beta: float = arg(10.0, "weight of the KL term in Eq. (8) (App. C.2)")
     num_steps: int = arg(0, "sampling steps (0 = auto: 50 (paper); tiny: 10)")

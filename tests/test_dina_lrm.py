@@ -271,8 +271,8 @@ def test_reward_model_beats_chance_on_held_out_pairs(trained):
     assert summary["acc_sigma_0.1"] - summary["acc_sigma_0.9"] > 0.1, summary["accuracy_table"]
 
 
-@pytest.mark.skipif(not os.environ.get("DINA_LRM_SLOW"), reason="the full toy-world run takes minutes; "
-                    "set DINA_LRM_SLOW=1 (the ReFL gain currently fails: see the README section)")
+@pytest.mark.skipif(not os.environ.get("DINA_LRM_SLOW"), reason="the full toy-world run takes ~9 minutes on one core; "
+                    "set DINA_LRM_SLOW=1")
 def test_full_toy_world_run(tmp_path):
     s = D.main(D.Args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"), save_videos=0))
     assert s["acc_sigma_0.4"] > 0.65 and s["acc_ensemble"] > 0.65, s["accuracy_table"]
