@@ -26,7 +26,7 @@ bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench.py
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -195,7 +195,8 @@ def test_velr_raises_the_latent_reward_it_optimises(toy, ensemble, tmp_path):
     fresh = lambda: velr.evaluate(pipe, common.toy_reward, prompts, embeds, 6, 10)[1]
     score = lambda z: velr.aggregate(velr.predict(lrm, z, tokens[idx].repeat_interleave(6, 0)))
     before = score(fresh())
-    args = tiny_args(tune_steps=6, beta=0.0)
+    # lr set here (not the demo default): this checks the sign of the gradient path in 6 steps
+    args = tiny_args(tune_steps=6, beta=0.0, lr=3e-3)
     velr.finetune(args, pipe, lrm, common.toy_reward, prompts, embeds, tokens[idx], "latent", False,
                   NoRun(tmp_path), "velr")
     delta = score(fresh()) - before
