@@ -40,7 +40,7 @@ import common
 from common import arg
 
 # Fields left at 0 ("auto") take the paper's value (App. C) on real backbones and a CPU-scale value on
-# `tiny`: paper rates like 2e-5 would not move a randomly initialised tiny model in a one-minute demo.
+# `tiny`: paper rates like 2e-5 would not move a 40k-parameter model in a few-minute demo.
 AUTO = {  # field: (paper / real backbones, tiny)
     "num_steps": (50, 10), "mid_step": ([15, 25], [3, 5]), "truncated_steps": (10, 2),
     "lrm_dim": (512, 32), "lrm_lr": (2e-5, 2e-3), "lrm_batch_size": (4, 32), "lrm_epochs": (3, 8),
