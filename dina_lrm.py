@@ -95,7 +95,7 @@ class Args:
     ablation: str = arg("auto", "also train the fixed-variance ablation for the table; auto = on for tiny only",
                         choices=["auto", "on", "off"])
     # fine-tuning: ReFL with the learned reward (flow-grpo-rm config/refl.py)
-    refl_steps: int = arg(0, "ReFL optimiser steps; 0 = auto: 150 (paper) on Wan, 80 on tiny")
+    refl_steps: int = arg(0, "ReFL optimiser steps; 0 = auto: 150 (paper) on Wan, 40 on tiny (80 and 160 game the reward model)")
     refl_batch: int = arg(0, "prompts per ReFL step; 0 = auto: 64 (official 2 x 4 accum x 8 GPUs) on Wan, 8 on tiny")
     refl_lr: float = arg(0.0, "policy AdamW lr; 0 = auto: 1e-4 (official) on Wan, 5e-5 on tiny (1e-3 games the reward model)")
     policy_rank: int = arg(32, "policy LoRA rank (official)")
@@ -105,7 +105,8 @@ class Args:
     guidance_scale: float = arg(0.0, "CFG of the no-grad rollout; 0 = auto: 4.5 (official) on Wan, 1 (off) on tiny")
     reward_offset: float = arg(12.0, "ReFL reward R = (r + offset) / scale, loss = mean(2 - R) (official)")
     reward_scale: float = arg(10.0, "see --reward-offset")
-    eval_seeds: int = arg(4, "fresh samples per held-out prompt for the before/after evaluation (12 toy prompts)")
+    eval_seeds: int = arg(0, "fresh samples per held-out prompt for the before/after evaluation; 0 = auto: 4 on Wan, "
+                                 "8 on tiny (12 toy prompts: 96 paired samples)")
     save_videos: int = arg(2, "mp4 samples to write before and after ReFL")
 
 
@@ -114,9 +115,10 @@ def resolve(args: Args) -> Args:
     tiny = args.backbone == TINY
     pick = lambda v, paper, small: v if v else (small if tiny else paper)
     args.rm_lr = pick(args.rm_lr, 5e-5, 1e-3)
-    args.refl_steps = pick(args.refl_steps, 150, 80)
+    args.refl_steps = pick(args.refl_steps, 150, 40)
     args.refl_batch = pick(args.refl_batch, 64, 8)
     args.refl_lr = pick(args.refl_lr, 1e-4, 5e-5)
+    args.eval_seeds = pick(args.eval_seeds, 4, 8)
     args.num_steps = pick(args.num_steps, 40, 20)
     args.guidance_scale = pick(args.guidance_scale, 4.5, 1.0)
     args.rm_steps = args.rm_steps or (300 if tiny else -1)  # -1: one epoch, known once the data is loaded
