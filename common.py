@@ -1324,6 +1324,8 @@ def summarize(root) -> str:
     rows = []
     for path in sorted(Path(root).glob("*/summary.json")):
         for key, value in json.loads(path.read_text()).items():
+            if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+                value = f"{value[0]:.3f} ± {value[1]:.3f}"  # [mean, se]
             if isinstance(value, (int, float, str)):
                 rows.append(dict(method=path.parent.name, metric=key, value=value))
     return format_table(rows) if rows else f"no summary.json under {root}"

@@ -556,6 +556,7 @@ def main(args: Args) -> dict:
             save_head(head, run.dir / "prism_head.safetensors", args)
         rows = evaluate_accuracy(args, pipe, head, data, test_idx, device)
         summary["accuracy"] = rows
+        summary.update({f"acc_t{r['t']}": r["acc"] for r in rows})  # flat headline numbers (common.py summarize)
         print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs, {summary['test_ties']:.0%} ties; "
               f"'always tie' scores {summary['test_ties']:.3f} w/ ties)")
         print(common.format_table([{"metric": "w/o ties", **{str(r["t"]): r["acc"] for r in rows}},
@@ -567,6 +568,8 @@ def main(args: Args) -> dict:
         reward_fn = common.true_reward if meta.get("source") == "toy" else None
         rows = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
         summary["bon"] = rows
+        summary.update({f"bon_gain_step{r['method'].split()[-1]}": [r["gain_vs_random"], r["gain_se"]]
+                        for r in rows if "gain_vs_random" in r})
         print(f"\nEarly Best-of-{args.bon_n}: true toy reward of the pick, {len(prompts) // args.bon_seeds} prompts x "
               f"{args.bon_seeds} draws, {args.num_steps} "
               f"steps (per-prompt compute; rel_flops vs the oracle)")
