@@ -374,6 +374,16 @@ def chosen_first(data, idx, device):
             data["prompt_mask"][p].to(device), target.to(device))
 
 
+def update(opt, loss, params, grad_clip: float, where: str, lr_flag: str):
+    """One optimiser step, both stages: stop on a non-finite loss (naming the step), clip, step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: loss is {loss.item()} (lower {lr_flag}?)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def train_reward_model(pipe, data, train_idx, args: Args, run, name: str = "reward", loss: str | None = None):
     """Fit the reward adapter + head with the pairwise loss at sigma ~ U(0, 1), same sigma and eps per pair."""
     tr, dev = pipe.transformer, pipe.transformer.device
@@ -398,12 +408,7 @@ def train_reward_model(pipe, data, train_idx, args: Args, run, name: str = "rewa
                             [torch.cat([sigma, sigma])], torch.cat([eps, eps]), a.taps)
             r_win, r_lose = r.chunk(2)
             loss_value = preference_loss(r_win, r_lose, sigma, target, a).mean()
-            if not torch.isfinite(loss_value):
-                raise FloatingPointError(f"stage 1 step {step}: loss is {loss_value.item()} (lower --rm-lr?)")
-            opt.zero_grad(set_to_none=True)
-            loss_value.backward()
-            torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
-            opt.step()
+            update(opt, loss_value, params, a.grad_clip, f"stage 1 step {step}", "--rm-lr")
         acc = (r_win > r_lose).float()[target == 1].mean().item()
         bar.set_postfix(loss=f"{loss_value.item():.3f}", acc=f"{acc:.2f}")
         run.log(step, f"rm-{name}", loss=loss_value.item(), train_acc=acc)
@@ -518,12 +523,7 @@ def run_refl(pipe, head, data, meta, args: Args, run):
             rows_b = train_rows[torch.randint(0, len(train_rows), (args.refl_batch,), generator=gen)]
             loss, r, mid = refl_step(pipe, head, embeds[rows_b].to(dev), mask[rows_b].to(dev), args, gen,
                                      None if negative is None else negative.expand(len(rows_b), -1, -1))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"ReFL step {step}: loss is {loss.item()} (lower --refl-lr?)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy, args.grad_clip)
-            opt.step()
+            update(opt, loss, policy, args.grad_clip, f"ReFL step {step}", "--refl-lr")
         bar.set_postfix(loss=f"{loss.item():.3f}", r=f"{r.mean().item():.2f}")
         run.log(step, "refl", loss=loss.item(), reward=r.mean().item(), mid_step=mid)
     z_after, true_after, dina_after = ev()
