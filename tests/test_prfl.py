@@ -211,8 +211,9 @@ def test_pavrm_beats_chance_at_low_noise(demo):
 
 
 @pytest.mark.xfail(reason="measured: the toy world's 12-token latents carry little above sigma 0.6; this test's "
-                          "run: 0.71 / 0.69 / 0.55 / 0.61 / 0.33 per interval, the 1024-latent demo: 0.74 / 0.75 / "
-                          "0.76 / 0.70 / 0.58. See the PRFL section of README.md", strict=False)
+                          "run: 0.71 / 0.69 / 0.55 / 0.61 / 0.33 per interval, the 1024-latent demo: 0.74 / 0.73 / "
+                          "0.74 / 0.72 / 0.59, 4096 latents: 0.76 / 0.75 / 0.73 / 0.71 / 0.57 (majority class 0.57). "
+                          "See the PRFL section of README.md", strict=False)
 def test_pavrm_beats_chance_at_every_noise_level(demo):
     acc = demo[0]["pavrm_accuracy"]
     assert min(acc.values()) > 0.7, acc
