@@ -272,7 +272,7 @@ def test_reward_model_beats_chance_on_held_out_pairs(trained):
     assert summary["acc_sigma_0.1"] - summary["acc_sigma_0.9"] > 0.1, summary["accuracy_table"]
 
 
-@pytest.mark.skipif(not os.environ.get("DINA_LRM_SLOW"), reason="the full toy-world run takes ~7 minutes on one core; "
+@pytest.mark.skipif(not os.environ.get("DINA_LRM_SLOW"), reason="the full toy-world run (building its 2048 pairs, then both stages) took 11 minutes here; "
                     "set DINA_LRM_SLOW=1")
 def test_full_toy_world_run(tmp_path):
     s = D.main(D.Args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"), save_videos=0))
