@@ -15,7 +15,7 @@ Equation -> code
     Alg. 1 / Eqs. (7)-(8)  rollout to m, one step with gradient    process_reward (common.rollout, grad_steps=[m])
     Eq. (9)   L_PRFL = lambda * relu(2 - r)                        prfl_loss
     Eq. (10)  L_SFT, flow matching on real latents                 sft_loss
-    Tab. 5    accuracy per noise interval                          evaluate_pavrm
+    Tab. 5    accuracy per noise interval (+ AUC, not in the paper) evaluate_pavrm, auc
     Tab. 3    early / middle / late / full range of m              sample_cutoff (--m-range)
 
 Follows the official code (Tencent-Hunyuan/HY-Video-PRFL) where it and the paper differ:
@@ -114,6 +114,9 @@ class Args:
     eval_guidance: float = common.arg(5.0, "CFG of evaluation sampling with the empty prompt as negative "
                                            "(README of the code; tiny: 1.0)")
     num_videos: int = common.arg(4, "before/after mp4 samples saved (first eval samples)")
+    eval_sigma_edges: list = common.arg(None, "edges of the sigma intervals of PAVRM's held-out accuracy (Tab. 5: "
+                                              "0 .2 .4 .6 .8 1); finer ones show where accuracy falls off",
+                                        factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
 
 
 # Demo sizes for the tiny backbone (the rule: a field still equal to its paper default above takes this value
@@ -124,7 +127,8 @@ TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_
             # the paper's U(0,1) training sigma: the toy world's 12-token latents carry little above sigma 0.8,
             # and the official shift 5 spends most steps there (measured: 0.70 vs 0.51 mean accuracy)
             rm_sigma_shift=1.0)
-INTERVALS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]  # Tab. 5: [0,.2], (.2,.4], ...
+INTERVALS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]  # Tab. 5: [0,.2], (.2,.4], ... (the defaults
+# of --eval-sigma-edges)
 
 
 def resolve_args(args: Args, explicit=()) -> Args:
@@ -311,24 +315,37 @@ def train_pavrm(args, pavrm, data, idx, device, run):
     return timer
 
 
+def auc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg)): P(score of a good > score of a bad).
+    Not in the paper; unlike accuracy of s > 0 it does not depend on the class balance or on where the
+    threshold sits, so 0.5 is chance at every noise level (accuracy's chance is the majority class)."""
+    pos = labels > 0.5
+    ranks = scores.argsort().argsort().float() + 1
+    n_pos, n_neg = pos.sum().item(), (~pos).sum().item()
+    return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1)).item()
+
+
 @torch.no_grad()
-def evaluate_pavrm(pavrm, data, idx, device, batch: int = 64, seed: int = 1234) -> dict:
-    """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval."""
+def evaluate_pavrm(pavrm, data, idx, device, intervals=INTERVALS, batch: int = 64, seed: int = 1234) -> dict:
+    """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval;
+    also the AUC of s per interval and the majority-class accuracy (accuracy's chance level)."""
     pavrm.eval()
     g = torch.Generator().manual_seed(seed)
-    out = {}
-    for lo, hi in INTERVALS:
-        correct = []
+    acc, area = {}, {}
+    y = data["label"][idx]
+    for lo, hi in intervals:
+        logits = []
         for i in range(0, len(idx), batch):
             b = idx[i:i + batch]
-            x0, y = data["latents"][b], data["label"][b]
+            x0 = data["latents"][b]
             sigma = hi - (hi - lo) * torch.rand(len(b), generator=g)  # (lo, hi]
             x_t = common.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
             with autocast(device):
                 s = pavrm(x_t.to(device), sigma.to(device), data["prompt_embeds"][data["prompt_idx"][b]].to(device))
-            correct.append(((s.cpu() > 0).float() == y).float())
-        out[f"({lo:.1f},{hi:.1f}]"] = torch.cat(correct).mean().item()
-    return out
+            logits.append(s.float().cpu())
+        s, key = torch.cat(logits), f"({lo:g},{hi:g}]"
+        acc[key], area[key] = ((s > 0).float() == y).float().mean().item(), auc(s, y)
+    return dict(accuracy=acc, auc=area, majority=max(y.mean().item(), 1 - y.mean().item()))
 
 
 def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
@@ -480,6 +497,9 @@ def estimate_memory(args) -> dict:
 
 def main(args: Args, explicit=()) -> dict:
     args = resolve_args(args, explicit)
+    e = args.eval_sigma_edges
+    if len(e) < 2 or any(not 0 <= a < b <= 1 for a, b in zip(e, e[1:])):
+        raise SystemExit(f"--eval-sigma-edges {e}: need at least two increasing values in [0, 1]")
     if args.estimate_memory:
         return estimate_memory(args)
     common.seed_everything(args.seed)
@@ -509,10 +529,14 @@ def main(args: Args, explicit=()) -> dict:
         rm_timer = train_pavrm(args, pavrm, data, train_idx, device, run)
         save_pavrm(pavrm, run.dir / "pavrm.safetensors", args.backbone)
         summary.update(rm_seconds_per_step=rm_timer.seconds_per_step, rm_peak_memory_gib=rm_timer.peak_memory_gib())
-    acc = evaluate_pavrm(pavrm, data, test_idx, device)
-    summary.update(pavrm_accuracy=acc, pavrm_accuracy_mean=sum(acc.values()) / len(acc), pavrm_test_size=len(test_idx))
-    tables = [common.format_table([dict(noise_interval=k, pavrm_accuracy=v) for k, v in acc.items()]
-                                  + [dict(noise_interval="mean", pavrm_accuracy=summary["pavrm_accuracy_mean"])])]
+    ev = evaluate_pavrm(pavrm, data, test_idx, device, list(zip(args.eval_sigma_edges, args.eval_sigma_edges[1:])))
+    acc = ev["accuracy"]
+    summary.update(pavrm_accuracy=acc, pavrm_accuracy_mean=sum(acc.values()) / len(acc), pavrm_auc=ev["auc"],
+                   pavrm_majority_class=ev["majority"], pavrm_test_size=len(test_idx))
+    tables = [common.format_table([dict(noise_interval=k, pavrm_accuracy=v, auc=ev["auc"][k]) for k, v in acc.items()]
+                                  + [dict(noise_interval="mean", pavrm_accuracy=summary["pavrm_accuracy_mean"],
+                                          auc=sum(ev["auc"].values()) / len(acc))])
+              + f"\nchance: accuracy {ev['majority']:.3f} (majority class of {len(test_idx)} held-out latents), AUC 0.5"]
 
     if args.stage != "rm":
         pavrm.to(pipe.transformer.dtype)  # frozen now: run it in the generator's precision

@@ -194,37 +194,55 @@ def test_prfl_stage_freezes_pavrm_and_base_and_never_decodes(tmp_path, toy_cache
 # ---------------------------------------------------------------- toy-world behaviour ----
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, toy_cache):
-    """One short run of both stages (the behaviour tests share it)."""
+    """One short run of both stages (the behaviour tests share it); PAVRM with the demo's 600 steps."""
     out = tmp_path_factory.mktemp("demo")
-    args = prfl.Args(out_dir=str(out), toy_size=256, toy_cache=str(toy_cache), rm_steps=300, tune_steps=10,
+    args = prfl.Args(out_dir=str(out), toy_size=256, toy_cache=str(toy_cache), tune_steps=10,
                      eval_samples=16, num_videos=2)
     return prfl.main(args), out
 
 
-def test_pavrm_beats_chance_at_low_noise(demo):
+def test_auc_matches_hand_computation():
+    """AUC = the share of (good, bad) pairs ranked the right way round."""
+    labels = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    # pairs (good, bad): 0.35 > 0.1 yes, 0.35 > 0.4 no, 0.8 > 0.1 yes, 0.8 > 0.4 yes -> 3 of 4
+    assert prfl.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), labels) == pytest.approx(0.75)
+    assert prfl.auc(torch.tensor([0.0, 1.0, 2.0, 3.0]), labels) == 1.0
+    assert prfl.auc(torch.tensor([3.0, 2.0, 1.0, 0.0]), labels) == 0.0
+
+
+def test_pavrm_beats_chance_widely_at_every_noise_level_up_to_0_8(demo):
+    """Tab. 5 on the toy world, 51 held-out latents (205 training). Chance for accuracy is the majority class
+    (SE of an accuracy here about 0.07), for AUC 0.5 (SE under chance 0.08). Measured: accuracy 0.77 / 0.75 /
+    0.82 / 0.78 against a majority class of 0.53, AUC 0.89 / 0.91 / 0.89 / 0.82. A head that ignores its
+    input, a flipped label or noise the blocks cannot read stays near chance."""
     summary, _ = demo
-    acc = summary["pavrm_accuracy"]
-    assert len(acc) == 5
-    # 51 held-out latents, 43% positive: the majority class scores 0.57 (SE 0.07); a broken head or label stays
-    # near 0.5. Measured here (205 training latents, 300 steps): 0.71 and 0.69 below sigma 0.4.
-    assert min(acc["(0.0,0.2]"], acc["(0.2,0.4]"]) > 0.65, acc
+    acc, area, chance = summary["pavrm_accuracy"], summary["pavrm_auc"], summary["pavrm_majority_class"]
+    assert list(acc) == ["(0,0.2]", "(0.2,0.4]", "(0.4,0.6]", "(0.6,0.8]", "(0.8,1]"]
+    for key in list(acc)[:4]:
+        assert acc[key] > chance + 0.1 and area[key] > 0.7, (key, acc, area, chance)
 
 
-@pytest.mark.xfail(reason="measured: the toy world's 12-token latents carry little above sigma 0.6; this test's "
-                          "run: 0.71 / 0.69 / 0.55 / 0.61 / 0.33 per interval, the 1024-latent demo: 0.74 / 0.73 / "
-                          "0.74 / 0.72 / 0.59, 4096 latents: 0.76 / 0.75 / 0.73 / 0.71 / 0.57 (majority class 0.57). "
-                          "See the PRFL section of README.md", strict=False)
-def test_pavrm_beats_chance_at_every_noise_level(demo):
-    acc = demo[0]["pavrm_accuracy"]
-    assert min(acc.values()) > 0.7, acc
+@pytest.mark.xfail(reason="the issue's criterion at sigma in (0.8, 1]. As sigma -> 1, x_t -> pure noise, so every "
+                          "classifier falls to chance; the toy world's 768-number latents lose the label above "
+                          "sigma ~0.9 (the 1024-latent demo: accuracy 0.63 / 0.58 / 0.54 / 0.59 and AUC 0.71 / "
+                          "0.70 / 0.62 / 0.48 in (0.8,0.85] ... (0.95,1], majority class 0.605). This test's run: "
+                          "0.53 in (0.8,1], the majority class, AUC 0.57. See the PRFL section of README.md", strict=False)
+def test_pavrm_beats_chance_widely_above_sigma_0_8(demo):
+    summary, _ = demo
+    assert summary["pavrm_accuracy"]["(0.8,1]"] > summary["pavrm_majority_class"] + 0.1, summary
 
 
 def test_prfl_raises_its_objective_on_the_training_prompts(demo, toy_cache, tmp_path):
     """PRFL optimises what it claims: PAVRM's reward of the one-step latents x_{m+1}, for fixed seeds and
-    cut-offs m on training prompts (paired before/after), goes up. A detached step or a flipped sign fails."""
+    cut-offs m on training prompts (paired before/after), goes up. A detached step or a flipped sign fails.
+    Training draws m from the late third (Tab. 3's --m-range late): at early m the latent x_{m+1} is so noisy
+    that PAVRM reads little (see its accuracy above sigma 0.8), its gradient there is near 0 (norm ~0.001 vs
+    ~0.05), and a 20-step run over the full range depends on how many late m it happens to draw. Measured
+    with this fixture's PAVRM: full range +0.23 to +0.31 (SE 0.04) in five RNG states, -0.003 in the one
+    left by the fixture (it drew m <= 4 in 15 of 20 steps); late third +0.29."""
     _, out = demo
-    args = prfl.resolve_args(small_args(tmp_path, toy_cache, tune_steps=20, tune_batch=16, sft_weight=0.0),
-                             explicit={"sft_weight"})
+    args = prfl.resolve_args(small_args(tmp_path, toy_cache, tune_steps=20, tune_batch=16, sft_weight=0.0,
+                                        m_range="late"), explicit={"sft_weight"})
     pipe = common.load_backbone("tiny")
     *_, sft = prfl.load_data(args, pipe)
     rm = prfl.load_pavrm(out / "pavrm.safetensors", pipe.transformer)
@@ -267,7 +285,7 @@ def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, toy_cache):
     assert rm.blocks == 8 and rm.pooling == "query" and not any("lora" in k for k in rm.state_dict())
     data, _ = common.load_dataset(next(toy_cache.glob("binary-256-0-*")), "binary")
     _, test_idx = common.split_indices(len(data["latents"]), 0.2, seed=0)
-    assert prfl.evaluate_pavrm(rm, data, test_idx, torch.device("cpu")) == pytest.approx(summary["pavrm_accuracy"])
+    assert prfl.evaluate_pavrm(rm, data, test_idx, torch.device("cpu"))["accuracy"] == pytest.approx(summary["pavrm_accuracy"])
     # resume: the same --out-dir reuses its pavrm.safetensors instead of training again
     again = prfl.main(prfl.Args(out_dir=str(out), stage="rm", toy_size=256, toy_cache=str(toy_cache)))
     assert again["reward_ckpt"] == str(out / "pavrm.safetensors") and "rm_seconds_per_step" not in again
@@ -305,6 +323,8 @@ def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
     common.save_dataset(tmp_path / "nan", dict(data, latents=nan), meta)
     with pytest.raises(ValueError, match="NaN"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "nan")))
+    with pytest.raises(SystemExit, match="eval-sigma-edges"):
+        prfl.main(small_args(tmp_path, toy_cache, eval_sigma_edges=[0.0, 0.5, 0.4, 1.0]))
     common.save_safetensors({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
     with pytest.raises(ValueError, match="metadata"):
         prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "foreign.safetensors")))
