@@ -208,7 +208,7 @@ def encode_prompts(pipe, prompts: list[str], max_sequence_length: int | None = N
 
 
 def drop_text_encoder(pipe):
-    """Free the text encoder (11 GB for real Wan) once all prompts are cached."""
+    """Free the text encoder (UMT5-XXL: about 21 GiB in fp32 for real Wan) once all prompts are cached."""
     pipe.text_encoder = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -483,12 +483,11 @@ def save_policy_lora(transformer, out_dir):
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 
-def run_refl(pipe, head, data, meta, args: Args, run):
-    """Stage 2: policy LoRA trained with ReFL on the training prompts; before/after on held-out prompts."""
-    tr, dev = pipe.transformer, pipe.transformer.device
-    toy = str(meta.get("source", "")).startswith("toy")  # toy prompts: the toy ground truth applies
+def encode_eval_prompts(pipe, data, meta, args: Args):
+    """Held-out prompts for stage 2 and the CFG negative, encoded once; then T5 can go before any training."""
+    dev = pipe.transformer.device
     embeds, mask = data["prompt_embeds"], data["prompt_mask"]
-    if toy:  # held-out toy prompts (shape word 'patch'), never seen in ReFL
+    if str(meta.get("source", "")).startswith("toy"):  # held-out toy prompts (shape word 'patch'), never seen in ReFL
         eval_prompts = common.toy_prompts("eval")
         eval_embeds, eval_mask = common.encode_prompts(pipe, eval_prompts, max_sequence_length=embeds.shape[1])
         train_rows = torch.arange(len(embeds))
@@ -499,8 +498,16 @@ def run_refl(pipe, head, data, meta, args: Args, run):
     negative = None
     if args.guidance_scale > 1:
         negative = common.encode_prompts(pipe, [""], max_sequence_length=embeds.shape[1])[0].to(dev)
-    if pipe.text_encoder is not None and pipe.backbone_name != TINY:
-        common.drop_text_encoder(pipe)
+    return eval_prompts, eval_embeds, eval_mask, train_rows, negative
+
+
+def run_refl(pipe, head, data, args: Args, run, prompts):
+    """Stage 2: policy LoRA trained with ReFL on the training prompts; before/after on held-out prompts.
+    `prompts`: what encode_eval_prompts returned."""
+    tr, dev = pipe.transformer, pipe.transformer.device
+    embeds, mask = data["prompt_embeds"], data["prompt_mask"]
+    eval_prompts, eval_embeds, eval_mask, train_rows, negative = prompts
+    toy = eval_prompts is not None  # toy prompts: the toy ground truth applies
     rows = [i for i in range(len(eval_embeds)) for _ in range(args.eval_seeds)]
     seeds = [10_000 + j for j in range(len(rows))]
     ev = lambda: evaluate_policy(pipe, head, eval_embeds[rows], eval_mask[rows],
@@ -595,6 +602,8 @@ def main(args: Args) -> dict:
                    test_strict_pairs=int((data["pref"][test_idx] < 2).sum()), run_dir=str(run.dir))
     if not args.reward_ckpt and summary["test_strict_pairs"] == 0:
         raise ValueError(f"{args.data or 'toy data'}: no strict pair in the held-out split (raise --test-fraction)")
+    prompts = encode_eval_prompts(pipe, data, meta, args) if args.stage in ("tune", "all") else None
+    common.drop_text_encoder(pipe)  # every prompt is encoded: UMT5-XXL (5.7B, fp32) leaves before training
     rows = []
 
     if args.reward_ckpt:
@@ -621,7 +630,7 @@ def main(args: Args) -> dict:
         print(common.format_table(rows, ["model", "scoring", "accuracy", "se"]))
 
     if args.stage in ("tune", "all"):
-        summary.update(run_refl(pipe, head, data, meta, args, run))
+        summary.update(run_refl(pipe, head, data, args, run, prompts))
         if "true_before" in summary:
             print(common.format_table([
                 dict(samples="before ReFL", true_reward=summary["true_before"], se=summary["true_before_se"],

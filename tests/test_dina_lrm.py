@@ -251,6 +251,18 @@ def test_stage1_trains_only_reward_adapter_and_head_stage2_only_policy(trained):
     assert any(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k)
 
 
+def test_text_encoder_is_dropped_before_any_training(tmp_path, data, monkeypatch):
+    """Every prompt (training table, held-out prompts, CFG negative) is encoded first; T5 (UMT5-XXL at real
+    scale) is gone before stage 1 and stage 2 start."""
+    seen = []
+    train_rm, refl = D.train_reward_model, D.run_refl
+    monkeypatch.setattr(D, "train_reward_model", lambda pipe, *a: seen.append(("rm", pipe.text_encoder)) or train_rm(pipe, *a))
+    monkeypatch.setattr(D, "run_refl", lambda pipe, *a: seen.append(("refl", pipe.text_encoder)) or refl(pipe, *a))
+    summary = D.main(small_args(tmp_path / "o", data, rm_steps=2, refl_steps=1, eval_seeds=1, guidance_scale=2.0))
+    assert seen == [("rm", None), ("refl", None)]
+    assert summary["eval_samples"] == 12  # the held-out prompts were encoded before T5 left
+
+
 def test_stage1_has_no_policy_adapter_and_drops_the_ablation(tmp_path, data):
     with capture_pipe() as cap:
         s = D.main(small_args(tmp_path, data, stage="rm", rm_steps=2, ablation="on", eval_sigmas=[0.4]))
