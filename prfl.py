@@ -320,9 +320,11 @@ def auc(scores, labels) -> float:
     Not in the paper; unlike accuracy of s > 0 it does not depend on the class balance or on where the
     threshold sits, so 0.5 is chance at every noise level (accuracy's chance is the majority class)."""
     pos = labels > 0.5
-    ranks = scores.argsort().argsort().float() + 1
     n_pos, n_neg = pos.sum().item(), (~pos).sum().item()
-    return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1)).item()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")  # one class only (a tiny held-out split): no pair to rank
+    ranks = scores.argsort().argsort().float() + 1
+    return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
 @torch.no_grad()

@@ -208,6 +208,7 @@ def test_auc_matches_hand_computation():
     assert prfl.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), labels) == pytest.approx(0.75)
     assert prfl.auc(torch.tensor([0.0, 1.0, 2.0, 3.0]), labels) == 1.0
     assert prfl.auc(torch.tensor([3.0, 2.0, 1.0, 0.0]), labels) == 0.0
+    assert math.isnan(prfl.auc(torch.tensor([0.1, 0.2]), torch.ones(2)))  # one class: undefined, not 0 or 1
 
 
 def test_pavrm_beats_chance_widely_at_every_noise_level_up_to_0_8(demo):
