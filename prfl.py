@@ -83,6 +83,9 @@ class Args:
     rm_loss: str = common.arg("bce", "bce (Eq. 6) | bt: Bradley-Terry over (good, bad) pairs in a batch (Tab. 7)",
                               choices=["bce", "bt"])
     rm_sigma_shift: float = common.arg(5.0, "training sigma = shift(s), s uniform: 5 = official code, 1 = paper's U(0,1) (tiny: 1)")
+    rm_sigma_range: list = common.arg(None, "training sigma mapped into [lo, hi] (lo + (hi - lo) * shift(s)); "
+                                            "0.8 1 trains a high-noise specialist (ours, an analysis aid)",
+                                      factory=lambda: [0.0, 1.0])
     rm_lr_blocks: float = common.arg(1e-6, "AdamW lr of the 8 DiT blocks (paper; tiny: 1e-4)")
     rm_lr_head: float = common.arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6; tiny: 1e-3)")
     rm_weight_decay: float = common.arg(0.01, "AdamW weight decay")
@@ -300,7 +303,8 @@ def train_pavrm(args, pavrm, data, idx, device, run):
             b = idx[torch.randint(len(idx), (args.rm_batch,))]
             x0, y = data["latents"][b].to(device), data["label"][b].to(device)
             embeds = data["prompt_embeds"][data["prompt_idx"][b]].to(device)
-            sigma = common.sample_train_sigma(len(b), args.rm_sigma_shift, device=device)
+            lo, hi = args.rm_sigma_range
+            sigma = lo + (hi - lo) * common.sample_train_sigma(len(b), args.rm_sigma_shift, device=device)
             with autocast(device):
                 logits = pavrm(common.add_noise(x0, torch.randn_like(x0), sigma), sigma, embeds)
             loss = loss_fn(logits, y)
@@ -502,6 +506,8 @@ def main(args: Args, explicit=()) -> dict:
     e = args.eval_sigma_edges
     if len(e) < 2 or any(not 0 <= a < b <= 1 for a, b in zip(e, e[1:])):
         raise SystemExit(f"--eval-sigma-edges {e}: need at least two increasing values in [0, 1]")
+    if len(args.rm_sigma_range) != 2 or not 0 <= args.rm_sigma_range[0] < args.rm_sigma_range[1] <= 1:
+        raise SystemExit(f"--rm-sigma-range {args.rm_sigma_range}: need lo hi with 0 <= lo < hi <= 1")
     if args.estimate_memory:
         return estimate_memory(args)
     common.seed_everything(args.seed)

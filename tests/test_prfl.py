@@ -211,6 +211,15 @@ def test_auc_matches_hand_computation():
     assert math.isnan(prfl.auc(torch.tensor([0.1, 0.2]), torch.ones(2)))  # one class: undefined, not 0 or 1
 
 
+def test_rm_sigma_range_confines_training_noise(tmp_path, toy_cache):
+    """--rm-sigma-range 0.8 1 (the high-noise specialist of the README): every training batch's sigma lies there."""
+    import json
+    prfl.main(small_args(tmp_path, toy_cache, stage="rm", rm_steps=20, rm_sigma_range=[0.8, 1.0]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sigmas = [r["sigma_mean"] for r in rows if r["stage"] == "rm"]
+    assert len(sigmas) == 20 and all(0.8 <= s <= 1.0 for s in sigmas), sigmas
+
+
 def test_pavrm_beats_chance_widely_at_every_noise_level_up_to_0_8(demo):
     """Tab. 5 on the toy world, 51 held-out latents (205 training). Chance for accuracy is the majority class
     (SE of an accuracy here about 0.07), for AUC 0.5 (SE under chance 0.08). Measured: accuracy 0.77 / 0.75 /
@@ -324,6 +333,8 @@ def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
     common.save_dataset(tmp_path / "nan", dict(data, latents=nan), meta)
     with pytest.raises(ValueError, match="NaN"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "nan")))
+    with pytest.raises(SystemExit, match="rm-sigma-range"):
+        prfl.main(small_args(tmp_path, toy_cache, rm_sigma_range=[0.9, 0.8]))
     with pytest.raises(SystemExit, match="eval-sigma-edges"):
         prfl.main(small_args(tmp_path, toy_cache, eval_sigma_edges=[0.0, 0.5, 0.4, 1.0]))
     common.save_safetensors({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
