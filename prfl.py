@@ -52,6 +52,9 @@ from tqdm.auto import tqdm
 import common
 
 
+TAB5_EDGES = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # Tab. 5's noise intervals [0,.2], (.2,.4], ..., (.8,1]
+
+
 @dataclass
 class Args:
     # generic
@@ -119,7 +122,7 @@ class Args:
     num_videos: int = common.arg(4, "before/after mp4 samples saved (first eval samples)")
     eval_sigma_edges: list = common.arg(None, "edges of the sigma intervals of PAVRM's held-out accuracy (Tab. 5: "
                                               "0 .2 .4 .6 .8 1); finer ones show where accuracy falls off",
-                                        factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+                                        factory=lambda: list(TAB5_EDGES))
 
 
 # Demo sizes for the tiny backbone (the rule: a field still equal to its paper default above takes this value
@@ -130,8 +133,6 @@ TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_
             # the paper's U(0,1) training sigma: the toy world's 12-token latents carry little above sigma 0.8,
             # and the official shift 5 spends most steps there (measured: 0.70 vs 0.51 mean accuracy)
             rm_sigma_shift=1.0)
-INTERVALS = [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)]  # Tab. 5: [0,.2], (.2,.4], ... (the defaults
-# of --eval-sigma-edges)
 
 
 def resolve_args(args: Args, explicit=()) -> Args:
@@ -332,14 +333,15 @@ def auc(scores, labels) -> float:
 
 
 @torch.no_grad()
-def evaluate_pavrm(pavrm, data, idx, device, intervals=INTERVALS, batch: int = 64, seed: int = 1234) -> dict:
-    """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval;
-    also the AUC of s per interval and the majority-class accuracy (accuracy's chance level)."""
+def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, batch: int = 64, seed: int = 1234) -> dict:
+    """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval
+    (lo, hi] between consecutive `edges`; also the AUC of s per interval and the majority-class accuracy
+    (accuracy's chance level)."""
     pavrm.eval()
     g = torch.Generator().manual_seed(seed)
     acc, area = {}, {}
     y = data["label"][idx]
-    for lo, hi in intervals:
+    for lo, hi in zip(edges, edges[1:]):
         logits = []
         for i in range(0, len(idx), batch):
             b = idx[i:i + batch]
@@ -537,7 +539,7 @@ def main(args: Args, explicit=()) -> dict:
         rm_timer = train_pavrm(args, pavrm, data, train_idx, device, run)
         save_pavrm(pavrm, run.dir / "pavrm.safetensors", args.backbone)
         summary.update(rm_seconds_per_step=rm_timer.seconds_per_step, rm_peak_memory_gib=rm_timer.peak_memory_gib())
-    ev = evaluate_pavrm(pavrm, data, test_idx, device, list(zip(args.eval_sigma_edges, args.eval_sigma_edges[1:])))
+    ev = evaluate_pavrm(pavrm, data, test_idx, device, args.eval_sigma_edges)
     acc = ev["accuracy"]
     summary.update(pavrm_accuracy=acc, pavrm_accuracy_mean=sum(acc.values()) / len(acc), pavrm_auc=ev["auc"],
                    pavrm_majority_class=ev["majority"], pavrm_test_size=len(test_idx))
