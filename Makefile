@@ -20,7 +20,7 @@ install: $(BIN)/.installed
 
 demo: install
 	@for m in $(METHODS); do echo "== $$m"; $(BIN)/python $$m.py --out-dir runs/demo/$$m || exit 1; done
-	@$(BIN)/python common.py summarize runs/demo
+	@$(BIN)/python toy.py summarize runs/demo
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench.py

@@ -3,7 +3,7 @@
 Rows: each stage of each method script, estimated by the script's own --estimate-memory (prfl, velr,
 dina_lrm, prism: their own modules and losses, batch 1), then the generic LoRA transformer step and the RGB
 ReFL baseline (one transformer step with gradient, then the VAE decode with gradient of all frames, or of the
-first frame only as PRFL's comparison did; LoRA r64, bf16 VAE, common.transformer_step / rgb_refl_step).
+first frame only as PRFL's comparison did; LoRA r64, bf16 VAE, estimate.transformer_step / rgb_refl_step).
 Columns:
   * estimated peak GiB and TFLOPs per step for Wan2.1-1.3B at 480x832x81 and Wan2.1-14B at 720x1280x81: the
     real code on fake tensors (nothing allocated), bf16, LoRA, block gradient checkpointing, AdamW state.
@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 import common
+import estimate
 import dina_lrm
 import prfl
 import prism
@@ -31,14 +32,14 @@ METHODS = [("PRFL", prfl), ("VELR", velr), ("DiNa-LRM", dina_lrm), ("PRISM", pri
 
 
 def reference_steps(backbone: str) -> dict:
-    """The generic LoRA step and the RGB ReFL baseline (all frames / first frame) through common.StageEstimates."""
-    with common.StageEstimates("baseline", backbone) as est:
+    """The generic LoRA step and the RGB ReFL baseline (all frames / first frame) through estimate.StageEstimates."""
+    with estimate.StageEstimates("baseline", backbone) as est:
         pipe = est.build(lambda: est.pipeline(lora_rank=64, vae_dtype=est.dtype))
         x, e, _ = est.inputs()
-        est.step("LoRA transformer step (flow matching)", common.transformer_step, pipe.transformer, x, e)
+        est.step("LoRA transformer step (flow matching)", estimate.transformer_step, pipe.transformer, x, e)
         for frames in ("all", "first"):
             est.step(f"RGB ReFL: decode {frames} frame{'s' if frames == 'all' else ''} with grad",
-                     common.rgb_refl_step, pipe.transformer, pipe.vae, x, e, frames=frames)
+                     estimate.rgb_refl_step, pipe.transformer, pipe.vae, x, e, frames=frames)
     return est.results
 
 

@@ -33,6 +33,7 @@ drop), or kept with the FRank target 1/2 (--ties half). Held-out accuracy counts
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import common
+import estimate
+import toy
 from common import arg
 
 TINY = "tiny"
@@ -351,7 +354,7 @@ def load_pairs(pipe, args: Args):
     if args.data:
         data, meta = common.load_dataset(args.data, "pairs")
     else:
-        data, meta = common.toy_dataset(pipe, "pairs", args.toy_pairs, seed=args.seed, cache_dir=args.toy_cache)
+        data, meta = toy.toy_dataset(pipe, "pairs", args.toy_pairs, seed=args.seed, cache_dir=args.toy_cache)
     where = args.data or f"toy pairs-{args.toy_pairs}"
     for k in ("latents_a", "latents_b"):
         common.check_latent_shape(data[k], pipe, f"{where} '{k}'")
@@ -440,6 +443,33 @@ def refl_loss(r, offset: float = 12.0, scale: float = 10.0):
     return (2 - (r + offset) / scale).mean()
 
 
+def checkpoint_with_adapter(transformer, set_adapter):
+    """Block gradient checkpointing that recomputes each block under the peft adapter active in its forward.
+
+    diffusers recomputes under whatever adapter is active when backward runs. When one backward spans
+    forwards under different adapters (DiNa's ReFL: a policy-adapter step, then the reward-adapter blocks),
+    the recompute then differs from the forward and torch.utils.checkpoint raises a CheckpointError (or, with
+    equal ranks, computes wrong gradients). set_adapter(transformer, name) switches adapters.
+    """
+    def context_fn():
+        name = transformer.active_adapters()[0]
+
+        @contextlib.contextmanager
+        def recompute():
+            before = transformer.active_adapters()[0]
+            set_adapter(transformer, name)
+            try:
+                yield
+            finally:
+                set_adapter(transformer, before)
+        return contextlib.nullcontext(), recompute()
+
+    from torch.utils.checkpoint import checkpoint
+    transformer._gradient_checkpointing_func = lambda *a, **k: checkpoint(*a, use_reentrant=False,
+                                                                          context_fn=context_fn, **k)
+    return transformer
+
+
 def refl_step(pipe, head, embeds, mask, args: Args, gen: torch.Generator, negative=None):
     """No-grad rollout to a random late step, one step with grad, x0-hat re-noised at sigma 0.4, scored."""
     tr, dev = pipe.transformer, pipe.transformer.device
@@ -470,7 +500,7 @@ def evaluate_policy(pipe, head, embeds, mask, prompts, seeds, args: Args, negati
     dev = tr.device
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(4321)).to(dev)
     dina = dina_reward(tr, head, z.to(dev), embeds.to(dev), mask.to(dev), [args.score_sigma], eps, args.taps).cpu()
-    true = common.true_reward(pipe, z, prompts) if prompts is not None else None
+    true = toy.true_reward(pipe, z, prompts) if prompts is not None else None
     set_active_adapter(tr, "policy")
     return z, true, dina
 
@@ -488,7 +518,7 @@ def encode_eval_prompts(pipe, data, meta, args: Args):
     dev = pipe.transformer.device
     embeds, mask = data["prompt_embeds"], data["prompt_mask"]
     if str(meta.get("source", "")).startswith("toy"):  # held-out toy prompts (shape word 'patch'), never seen in ReFL
-        eval_prompts = common.toy_prompts("eval")
+        eval_prompts = toy.toy_prompts("eval")
         eval_embeds, eval_mask = common.encode_prompts(pipe, eval_prompts, max_sequence_length=embeds.shape[1])
         train_rows = torch.arange(len(embeds))
     else:  # a real prompt table: hold out its last 10% (no ground-truth reward: report the DiNa score)
@@ -518,7 +548,7 @@ def run_refl(pipe, head, data, args: Args, run, prompts):
     tr.requires_grad_(False)
     policy = common.add_lora(tr, args.policy_rank, args.policy_alpha, adapter_name="policy")  # B = 0: the base
     if tr.is_gradient_checkpointing:  # one backward spans policy- and reward-adapter forwards: recompute each
-        common.checkpoint_with_adapter(tr, set_active_adapter)  # block under its own adapter
+        checkpoint_with_adapter(tr, set_active_adapter)  # block under its own adapter
     z_before, true_before, dina_before = ev()
 
     opt = torch.optim.AdamW(policy, lr=args.refl_lr, weight_decay=0.0)
@@ -553,8 +583,8 @@ def run_refl(pipe, head, data, args: Args, run, prompts):
 # ----------------------------------------------------------------------------------------------
 def estimate_memory(args: Args) -> dict:
     """--estimate-memory: train_reward_model's step on one pair and run_refl's step (batch 1, its no-grad rollout
-    to the late step skipped and counted) on fake tensors at the backbone's size (common.StageEstimates)."""
-    with common.StageEstimates("DiNa-LRM", args.backbone) as est:
+    to the late step skipped and counted) on fake tensors at the backbone's size (estimate.StageEstimates)."""
+    with estimate.StageEstimates("DiNa-LRM", args.backbone) as est:
         x0, emb, mask = est.inputs()
 
         def build(refl: bool):
@@ -564,7 +594,7 @@ def estimate_memory(args: Args) -> dict:
                 head.requires_grad_(False)
                 pipe.transformer.requires_grad_(False)
                 common.add_lora(pipe.transformer, args.policy_rank, args.policy_alpha, adapter_name="policy")
-                common.checkpoint_with_adapter(pipe.transformer, set_active_adapter)  # as run_refl
+                checkpoint_with_adapter(pipe.transformer, set_active_adapter)  # as run_refl
             return pipe, head
 
         def rm_step(pipe, head, x0, emb, mask):  # one pair (A = B: only the shapes matter), same sigma and eps

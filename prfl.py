@@ -50,6 +50,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import common
+import estimate
+import toy
 
 
 TAB5_EDGES = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # Tab. 5's noise intervals [0,.2], (.2,.4], ..., (.8,1]
@@ -413,7 +415,7 @@ def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, toy: bool
         r = torch.sigmoid(torch.cat([pavrm(x_t[i:i + 16].to(dev), sigma[i:i + 16].to(dev), embeds[rows[i:i + 16]].to(dev))
                                      for i in range(0, n, 16)])).cpu()
     out = dict(pavrm_reward=r, process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds),
-               true_reward=common.true_reward(pipe, lat, [prompts[i] for i in rows]) if toy else None)
+               true_reward=toy.true_reward(pipe, lat, [prompts[i] for i in rows]) if toy else None)
     for i in range(min(args.num_videos, n)):
         video = common.decode_latents(pipe, lat[i:i + 1].to(pipe.vae.device))[0]
         common.export_video(video, run.dir / "samples" / f"{tag}_seed{seeds[i]}.mp4")
@@ -446,7 +448,7 @@ def load_data(args, pipe):
     if args.data:
         data, meta = common.load_dataset(args.data, "binary")
     elif args.backbone == "tiny":
-        data, meta = common.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
+        data, meta = toy.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
     else:
         raise SystemExit("the toy world exists only for --backbone tiny; pass --data <binary dataset folder> (prepare.py)")
     where = args.data or f"{args.toy_cache}/binary-{args.toy_size}-0"
@@ -469,8 +471,8 @@ def load_data(args, pipe):
 
 def estimate_memory(args) -> dict:
     """--estimate-memory: one PAVRM step and one PRFL step (batch 1) of this file's code on fake tensors at the
-    backbone's real size (common.StageEstimates); bf16 autocast as on CUDA. On tiny: measured on the CPU."""
-    with common.StageEstimates("PRFL", args.backbone) as est:
+    backbone's real size (estimate.StageEstimates); bf16 autocast as on CUDA. On tiny: measured on the CPU."""
+    with estimate.StageEstimates("PRFL", args.backbone) as est:
         x0, embeds, _ = est.inputs()
         ac = lambda: torch.autocast("cpu", torch.bfloat16, enabled=not est.real)
 
@@ -522,7 +524,7 @@ def main(args: Args, explicit=()) -> dict:
     pipe = common.load_backbone(args.backbone, device)
     data, meta, train_idx, test_idx, sft = load_data(args, pipe)
     toy = not args.data
-    prompts = args.eval_prompts or (common.toy_prompts("eval") if toy else meta["prompts"][:16])
+    prompts = args.eval_prompts or (toy.toy_prompts("eval") if toy else meta["prompts"][:16])
     eval_embeds, _ = common.encode_prompts(pipe, prompts)
     null_embed = common.encode_prompts(pipe, [""])[0].to(device)
     common.drop_text_encoder(pipe)  # every prompt is cached; T5 never sits next to the training graph

@@ -51,6 +51,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import common
+import estimate
+import toy
 
 
 @dataclass
@@ -235,7 +237,7 @@ def load_pairs(args, pipe):
     else:
         if args.backbone != "tiny":
             raise SystemExit("the toy world exists for --backbone tiny only; pass --data <pairs folder> (prepare.py)")
-        data, meta = common.toy_dataset(pipe, "pairs", args.toy_pairs, seed=0, cache_dir=args.toy_cache)
+        data, meta = toy.toy_dataset(pipe, "pairs", args.toy_pairs, seed=0, cache_dir=args.toy_cache)
         where = f"{args.toy_cache}/pairs-{args.toy_pairs}-0"
     for k in ("latents_a", "latents_b"):
         common.check_latent_shape(data[k], pipe, f"{where}: '{k}'")
@@ -396,7 +398,7 @@ def bon_prompt_table(args, pipe, data, meta, test_p):
     prompts = [meta["prompts"][i] for i in test_p.tolist()]
     embeds, mask = data["prompt_embeds"][test_p], data["prompt_mask"][test_p]
     if meta.get("source") == "toy" and pipe.text_encoder is not None:
-        unseen = common.toy_prompts("eval")
+        unseen = toy.toy_prompts("eval")
         e, m = common.encode_prompts(pipe, unseen, max_sequence_length=embeds.shape[1])
         prompts, embeds, mask = unseen + prompts, torch.cat([e, embeds]), torch.cat([m, mask])
     cap, r = args.bon_prompts or len(prompts), args.bon_seeds  # draw d of prompt p is row d * cap + p
@@ -489,10 +491,10 @@ def load_head(path, pipe, num_blocks: int) -> PRISMHead:
 # main
 # ----------------------------------------------------------------------------------------------
 def estimate_memory(args: Args) -> dict:
-    """--estimate-memory on fake tensors at the backbone's size (common.StageEstimates): train_head's step on one
+    """--estimate-memory on fake tensors at the backbone's size (estimate.StageEstimates): train_head's step on one
     pair, one scoring pass, one early Best-of-N for one prompt (k = 5: its first step runs on a 2-step schedule, the
     other no-grad steps are counted)."""
-    with common.StageEstimates("PRISM", args.backbone) as est:
+    with estimate.StageEstimates("PRISM", args.backbone) as est:
         x0, emb, mask = est.inputs()
         c = est.cfg["transformer"]
         pipe, head = est.build(lambda: (est.pipeline(), PRISMHead(c["num_attention_heads"] * c["attention_head_dim"],
@@ -565,7 +567,7 @@ def main(args: Args) -> dict:
     if args.stage in ("bon", "all"):
         prompts, embeds, mask = bon_prompts
         # only the toy world has a ground truth; on real data the picks are saved for an external benchmark
-        reward_fn = common.true_reward if meta.get("source") == "toy" else None
+        reward_fn = toy.true_reward if meta.get("source") == "toy" else None
         rows = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
         summary["bon"] = rows
         summary.update({f"bon_gain_step{r['method'].split()[-1]}": [r["gain_vs_random"], r["gain_se"]]

@@ -37,6 +37,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import common
+import estimate
+import toy
 from common import arg
 
 # Fields left at 0 ("auto") take the paper's value (App. C) on real backbones and a CPU-scale value on
@@ -77,7 +79,7 @@ class Args:
     eval_prompts: str = arg("", "evaluation prompts, .txt (default: the 12 held-out toy prompts; real data: "
                             "the first 12 fine-tuning prompts)")
     eval_seeds: int = arg(0, "fresh samples per evaluation prompt (0 = auto: 2; tiny: 8, 96 samples)")
-    teacher: str = arg("toy", "pixel-space reward model R: 'toy' (common.toy_reward), 'pickscore' (CLIP, "
+    teacher: str = arg("toy", "pixel-space reward model R: 'toy' (toy.toy_reward), 'pickscore' (CLIP, "
                        "frame-averaged) or 'module:function' taking (video [B,3,F,H,W] in [-1,1], prompts) -> [B]")
     pickscore_model: str = arg("yuvalkirstain/PickScore_v1", "PickScore checkpoint (hub id or folder)")
     pickscore_processor: str = arg("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's tokenizer")
@@ -268,7 +270,7 @@ def pickscore_reward(model, tokenize, video, prompts):
 def load_teacher(args, device):
     """The pixel reward model R(video, prompts) -> [B] that the LRMs regress (Sec. 4.1)."""
     if args.teacher == "toy":
-        return common.toy_reward
+        return toy.toy_reward
     if args.teacher == "pickscore":
         from transformers import AutoProcessor, CLIPModel
         model = CLIPModel.from_pretrained(args.pickscore_model).eval().requires_grad_(False).to(device)
@@ -522,7 +524,7 @@ def load_data(args, pipe, teacher):
         data, meta = common.load_dataset(args.data, "score")
         where = args.data
     else:
-        data, meta = common.toy_dataset(pipe, "score", args.toy_samples, args.seed, cache_dir=args.toy_cache)
+        data, meta = toy.toy_dataset(pipe, "score", args.toy_samples, args.seed, cache_dir=args.toy_cache)
         where = f"toy dataset in {args.toy_cache}"
     common.check_latent_shape(data["latents"], pipe, where)
     shape = tuple(common.backbone_geometry(pipe)["latent_shape"])
@@ -536,12 +538,12 @@ def load_data(args, pipe, teacher):
 
 
 def estimate_memory(args) -> dict:
-    """--estimate-memory, batch 1, fake tensors at the backbone's size (common.StageEstimates): one member's LRM
+    """--estimate-memory, batch 1, fake tensors at the backbone's size (estimate.StageEstimates): one member's LRM
     step (all members' weights, grads and AdamW state live), the fine-tuning step from the mid step (the K steps
     cost linearly in K: run at K = 1, 2 and extrapolated) and its RGB ReFL twin (fp32 VAE as loaded, toy teacher)."""
     args = resolve_auto(args, 1)
     K, shift = args.truncated_steps, common.backbone_config(args.backbone)["flow_shift"]
-    with common.StageEstimates("VELR", args.backbone) as est:
+    with estimate.StageEstimates("VELR", args.backbone) as est:
         x0, embeds, mask = est.inputs()
         text, sigmas = last_text_token(embeds, mask), common.sigma_schedule(args.num_steps, shift)
         new_lrm = lambda: EnsembleLRM(args.ensemble_size, x0.shape[1:], text.shape[1], args.lrm_dim, args.lrm_heads,
@@ -549,7 +551,7 @@ def estimate_memory(args) -> dict:
 
         def tune_step(pipe, lrm, x, embeds, text, K: int, pixel=False):  # finetune's step, from start = 0
             z0, v, v_ref = truncated_mid_step(pipe.transformer, x, embeds, sigmas, 0, K)
-            reward = (common.toy_reward(common.decode_latents(pipe, z0), common.toy_prompts()[:1]) if pixel
+            reward = (toy.toy_reward(common.decode_latents(pipe, z0), toy.toy_prompts()[:1]) if pixel
                       else aggregate(lrm(z0, text), args.aggregate))
             velr_loss(reward, kl_velocity(v, v_ref), args.beta).backward()
 
@@ -565,8 +567,8 @@ def estimate_memory(args) -> dict:
         run = lambda k, pixel: est.step("", tune_step, pipe, lrm, x0, embeds, text, k, pixel, quiet=True,
                                         rollout_forwards=sum(args.mid_step) / 2)  # E[start]: no-grad steps
         lo, hi = run(1, False), run(2, False)
-        est.report(f"fine-tune step (K={K} with grad, LRMs on z0, KL)", common.extrapolate(lo, lo, hi, K))
-        est.report(f"RGB ReFL step (--reward pixel, K={K}, all frames)", common.extrapolate(run(1, True), lo, hi, K))
+        est.report(f"fine-tune step (K={K} with grad, LRMs on z0, KL)", estimate.extrapolate(lo, lo, hi, K))
+        est.report(f"RGB ReFL step (--reward pixel, K={K}, all frames)", estimate.extrapolate(run(1, True), lo, hi, K))
     return est.results
 
 
@@ -587,7 +589,7 @@ def main(args: Args) -> dict:
         prompts = read_prompts(args.prompts)
         embeds, mask = common.encode_prompts(pipe, prompts)
     eval_prompts = (read_prompts(args.eval_prompts) if args.eval_prompts else
-                    common.toy_prompts("eval") if not args.data else prompts[:12])
+                    toy.toy_prompts("eval") if not args.data else prompts[:12])
     eval_embeds, eval_mask = common.encode_prompts(pipe, eval_prompts)
     common.drop_text_encoder(pipe)
     args = resolve_auto(args, len(prompts))

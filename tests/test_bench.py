@@ -11,8 +11,9 @@ from torch.utils.checkpoint import CheckpointError
 
 import bench
 import common
+import estimate
 import prism
-from common import StageEstimates, build_wan_transformer, extrapolate
+from estimate import StageEstimates, build_wan_transformer, extrapolate
 
 TINY = common.WAN_CONFIGS["tiny"]
 # Wan2.1-1.3B blocks at full size (480x832x81), 2 of them: a fake run takes a second.
@@ -88,12 +89,12 @@ def test_stage_estimates_add_up_and_rollouts_are_counted(capsys):
     with StageEstimates("test", "tiny") as est:        # real tensors: the estimate is a measurement here
         pipe = est.build(lambda: est.pipeline(lora_rank=4))
         x, e, _ = est.inputs()
-        step = est.step("LoRA step", common.transformer_step, pipe.transformer, x, e, rollout_forwards=3)
+        step = est.step("LoRA step", estimate.transformer_step, pipe.transformer, x, e, rollout_forwards=3)
     b = step["breakdown"]
     assert step["peak_bytes"] == b["weights"] + b["optimizer"] + b["activations"] and min(b.values()) > 0
     vae = sum(p.numel() * 4 for p in pipe.vae.parameters())
     assert b["weights"] > vae                          # the pipeline's VAE is resident, so it counts
-    fwd = common.estimate(torch.no_grad()(common.predict_velocity), pipe.transformer, x, 0.5, e)["flops"]
+    fwd = estimate.estimate(torch.no_grad()(common.predict_velocity), pipe.transformer, x, 0.5, e)["flops"]
     assert step["rollout_flops"] == 3 * fwd > 0
     assert step["seconds_per_step"] > 0 and "estimated peak:" in capsys.readouterr().out
 
@@ -132,7 +133,7 @@ def test_checkpoint_with_adapter_recomputes_each_block_under_its_own_adapter():
     for n, p in tr.named_parameters():
         if "lora_B" in n:                              # B = 0 at init would hide what the adapters do
             torch.nn.init.normal_(p, std=0.5)
-    x, e = torch.randn(1, *common.latent_shape(tiny2)), torch.randn(1, 32, 32)
+    x, e = torch.randn(1, *estimate.latent_shape(tiny2)), torch.randn(1, 32, 32)
 
     def policy_grads():
         set_active_adapter(tr, "policy")
@@ -150,7 +151,7 @@ def test_checkpoint_with_adapter_recomputes_each_block_under_its_own_adapter():
     with pytest.raises(CheckpointError):
         policy_grads()
     tr.zero_grad(set_to_none=True)
-    common.checkpoint_with_adapter(tr, set_active_adapter)
+    checkpoint_with_adapter(tr, set_active_adapter)
     fixed = policy_grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fixed, reference))
     assert max(g.abs().max() for g in reference) > 0

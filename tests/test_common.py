@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +53,17 @@ def test_saved_tiny_pipeline_loads_back_through_the_real_loader(pipe, tmp_path):
 
 def test_real_id_without_network_gives_a_short_message(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "-c", "import common; common.load_backbone('wan2.1-1.3b')"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in r.stderr and "--backbone" in r.stderr
-    assert "Traceback" not in r.stderr
+    code = "import common\ntry:\n    common.load_backbone('wan2.1-1.3b')\nexcept common.UserError as e:\n    print(e)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr  # a UserError (printed as `error: ...` by every script), not a crash
+    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in r.stdout and "--backbone" in r.stdout
+    assert "hf download" in r.stdout
+
+
+def test_a_missing_local_folder_is_named_without_hub_advice(tmp_path):
+    with pytest.raises(C.UserError, match="not a diffusers Wan folder") as e:
+        C.load_backbone(str(tmp_path / "no-such-folder"))
+    assert "hub" not in str(e.value)
 
 
 def test_known_configs_give_paper_shapes():
@@ -267,72 +274,72 @@ def test_check_latent_shape(pipe):
 
 # ---------------------------------------------------------------- toy world
 def test_toy_reward_depends_on_prompt_and_motion():
-    clips = C.make_toy_clips(8, generator=torch.Generator().manual_seed(1))
+    clips = toy.make_toy_clips(8, generator=torch.Generator().manual_seed(1))
     prompts = ["a red square moving right"] * 8
-    r = C.toy_reward(clips, prompts)
-    assert not torch.allclose(r, C.toy_reward(clips, ["a blue square moving right"] * 8))
-    assert not torch.allclose(r, C.toy_reward(clips, ["a red square moving left"] * 8))
-    assert not torch.allclose(r, C.toy_reward(clips.flip(2), prompts))  # time reversed: motion reversed
+    r = toy.toy_reward(clips, prompts)
+    assert not torch.allclose(r, toy.toy_reward(clips, ["a blue square moving right"] * 8))
+    assert not torch.allclose(r, toy.toy_reward(clips, ["a red square moving left"] * 8))
+    assert not torch.allclose(r, toy.toy_reward(clips.flip(2), prompts))  # time reversed: motion reversed
     # a red square that moves right scores higher than the same square moving left, or standing still
     v = torch.full((1, 3, 9, 32, 32), -0.8)
     for f in range(9):
         v[0, :, f, 12:20, 4 + 2 * f:12 + 2 * f] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
-    right, left, still = (C.toy_reward(x, prompts[:1]) for x in (v, v.flip(2), v[:, :, :1].expand_as(v)))
+    right, left, still = (toy.toy_reward(x, prompts[:1]) for x in (v, v.flip(2), v[:, :, :1].expand_as(v)))
     assert right > still + 0.5 and still > left + 0.5
     # one frame cannot score it: a single repeated frame has no motion term at all
-    assert abs(C.toy_reward(v[:, :, :1].expand_as(v), prompts[:1]) - C.toy_reward(v[:, :, 4:5].expand_as(v), prompts[:1])) < 1e-5
+    assert abs(toy.toy_reward(v[:, :, :1].expand_as(v), prompts[:1]) - toy.toy_reward(v[:, :, 4:5].expand_as(v), prompts[:1])) < 1e-5
 
 
 def _reconstruction_agreement(pipe, n=32):
     """Correlation between the toy reward of clips and of their VAE reconstructions (random prompts)."""
     g = torch.Generator().manual_seed(5)
-    clips = C.make_toy_clips(n, generator=g)
-    prompts = [C.toy_prompts()[i] for i in torch.randint(0, 36, (n,), generator=g)]
+    clips = toy.make_toy_clips(n, generator=g)
+    prompts = [toy.toy_prompts()[i] for i in torch.randint(0, 36, (n,), generator=g)]
     with torch.no_grad():
         rec = C.decode_latents(pipe, C.encode_video(pipe, clips))
-    return torch.corrcoef(torch.stack([C.toy_reward(clips, prompts), C.toy_reward(rec, prompts)]))[0, 1].item()
+    return torch.corrcoef(torch.stack([toy.toy_reward(clips, prompts), toy.toy_reward(rec, prompts)]))[0, 1].item()
 
 
 def test_fitted_tiny_vae_keeps_what_the_toy_reward_sees(pipe):
     # the point of fitting: decode(encode(clip)) scores like the clip, so the true reward of a latent means something
-    assert C.TINY_WEIGHTS.is_file()
+    assert toy.TINY_WEIGHTS.is_file()
     assert _reconstruction_agreement(pipe) > 0.8
-    random = C.build_tiny_pipeline(weights=None)  # the same architecture unfitted: its decode is unrelated to its input
+    random = toy.build_tiny_pipeline(weights=None)  # the same architecture unfitted: its decode is unrelated to its input
     assert _reconstruction_agreement(random) < 0.5
     # the fitted latent statistics normalise latents to about unit scale
-    z = C.encode_video(pipe, C.make_toy_clips(32))
+    z = C.encode_video(pipe, toy.make_toy_clips(32))
     assert 0.5 < z.std().item() < 2 and z.mean().abs().item() < 0.3
 
 
 def test_fitted_tiny_generator_follows_its_prompt_partly(pipe):
-    prompts = C.toy_prompts("eval")  # 'patch' prompts: the same colours and directions as in training
+    prompts = toy.toy_prompts("eval")  # 'patch' prompts: the same colours and directions as in training
     embeds, _ = C.encode_prompts(pipe, prompts * 4)
     z = C.sample_latents(pipe, embeds, list(range(4 * len(prompts))), num_steps=20)
-    own = C.true_reward(pipe, z, prompts * 4)
+    own = toy.true_reward(pipe, z, prompts * 4)
     # the same videos scored for the prompt of the next colour, same direction
     swapped = [p.replace("red", "@").replace("green", "red").replace("blue", "green").replace("@", "blue") for p in prompts]
-    other = C.true_reward(pipe, z, swapped * 4)
+    other = toy.true_reward(pipe, z, swapped * 4)
     assert own.mean() > other.mean() + 0.1  # measured: 0.51 vs 0.27 (a random generator: no difference)
     assert own.std() > 0.2  # and not always: fine-tuning has something to improve
 
 
 def test_toy_reward_is_differentiable():
-    v = C.make_toy_clips(2).requires_grad_(True)
-    C.toy_reward(v, ["a green box moving up", "a red block moving down"]).sum().backward()
+    v = toy.make_toy_clips(2).requires_grad_(True)
+    toy.toy_reward(v, ["a green box moving up", "a red block moving down"]).sum().backward()
     assert v.grad.abs().sum() > 0
 
 
 def test_toy_prompts_held_out_and_parse():
-    train, test = C.toy_prompts("train"), C.toy_prompts("eval")
+    train, test = toy.toy_prompts("train"), toy.toy_prompts("eval")
     assert not set(train) & set(test) and len(test) >= 12
-    assert C.parse_toy_prompt("a blue patch moving up") == (2, (0.0, -1.0))
+    assert toy.parse_toy_prompt("a blue patch moving up") == (2, (0.0, -1.0))
     with pytest.raises(ValueError, match="no colour"):
-        C.parse_toy_prompt("a cat")
+        toy.parse_toy_prompt("a cat")
 
 
 @pytest.mark.parametrize("kind", ["binary", "score", "pairs"])
 def test_toy_dataset_kinds(pipe, kind, tmp_path):
-    data, meta = C.toy_dataset(pipe, kind, 16, cache_dir=tmp_path)
+    data, meta = toy.toy_dataset(pipe, kind, 16, cache_dir=tmp_path)
     folder, = tmp_path.glob(f"{kind}-16-0-*")  # cached on disk (keyed by the weights), same layout as real data
     again, _ = C.load_dataset(folder, kind)
     for k in data:
@@ -346,7 +353,7 @@ def test_toy_dataset_kinds(pipe, kind, tmp_path):
         assert ((data["reward_a"] > data["reward_b"] + 0.1) == (data["pref"] == 0)).all()
     if kind == "score":  # the score is the true reward of the latent under its prompt
         names = [meta["prompts"][i] for i in data["prompt_idx"][:4]]
-        assert torch.allclose(C.true_reward(pipe, lat[:4], names), data["score"][:4], atol=1e-5)
+        assert torch.allclose(toy.true_reward(pipe, lat[:4], names), data["score"][:4], atol=1e-5)
 
 
 # ---------------------------------------------------------------- plumbing
@@ -360,10 +367,53 @@ class _Args:
 
 
 def test_parse_args():
-    a = C.parse_args(_Args, ["--lr", "0.5", "--no-lora", "--taps", "1", "2", "3", "--name", "y"])
+    a = C.parse_args(_Args, {}, ["--lr", "0.5", "--no-lora", "--taps", "1", "2", "3", "--name", "y"])
     assert a.lr == 0.5 and a.steps == 3 and a.lora is False and list(a.taps) == [1, 2, 3] and a.name == "y"
     with pytest.raises(SystemExit):
-        C.parse_args(_Args, ["--name", "z"])
+        C.parse_args(_Args, {}, ["--name", "z"])
+
+
+@dataclasses.dataclass
+class _BackboneArgs:
+    backbone: str = C.arg("tiny", "backbone")
+    lr: float = C.arg(1e-4, "paper lr")
+    steps: int = C.arg(1000, "paper steps")
+
+
+def test_tiny_dict_becomes_the_defaults_on_tiny_only_and_typed_values_win(capsys):
+    tiny = dict(lr=1e-2, steps=5)
+    a = C.parse_args(_BackboneArgs, tiny, [])
+    assert (a.lr, a.steps) == (1e-2, 5)
+    # typed on tiny: the typed value wins, even when it equals the paper's default
+    a = C.parse_args(_BackboneArgs, tiny, ["--lr", "1e-4", "--steps", "7"])
+    assert (a.lr, a.steps) == (1e-4, 7)
+    a = C.parse_args(_BackboneArgs, tiny, ["--backbone", "wan2.1-1.3b"])
+    assert (a.lr, a.steps) == (1e-4, 1000)
+    a = C.parse_args(_BackboneArgs, tiny, ["--backbone=some/folder", "--steps", "3"])
+    assert (a.lr, a.steps) == (1e-4, 3)
+    with pytest.raises(SystemExit):  # --help shows the effective value and the paper's beside it
+        C.parse_args(_BackboneArgs, tiny, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 5)" in out and "[paper: 1000; tiny: 5]" in out
+
+
+def test_cli_prints_user_errors_without_traceback(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import dataclasses, common\n"
+        "@dataclasses.dataclass\nclass Args:\n    backbone: str = common.arg('tiny', 'b')\n"
+        "    n: int = common.arg(1, 'n')\n"
+        "def main(args):\n    if args.n < 1: raise common.UserError(f'--n {args.n}: must be >= 1', code=2)\n"
+        "    raise RuntimeError('a bug')\n"
+        "common.cli(main, Args, {})\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True, env=env)
+    bad = run("--n", "0")
+    assert bad.returncode == 2 and "error: --n 0: must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    debug = run("--n", "0", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
+    bug = run()  # a programming error keeps its traceback
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
 
 
 def test_run_dir_and_atomic_checkpoint(tmp_path):
@@ -382,7 +432,7 @@ def test_mean_se():
 
 
 def test_export_video(tmp_path):
-    p = C.export_video(C.make_toy_clips(1)[0], tmp_path / "a.mp4")
+    p = C.export_video(toy.make_toy_clips(1)[0], tmp_path / "a.mp4")
     import imageio.v3 as iio
     frames = iio.imread(p)
     assert frames.shape[0] == 9 and frames.shape[-1] == 3

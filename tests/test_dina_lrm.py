@@ -23,7 +23,7 @@ def synthetic_pairs(pipe, folder, n=1024, seed=0, margin=0.15):
     and is destroyed by noise, so it also tests the sigma dependence. Margin: ties as in the toy world.
     """
     g = torch.Generator().manual_seed(seed)
-    prompts = common.toy_prompts("train")
+    prompts = toy.toy_prompts("train")
     emb, mask = common.encode_prompts(pipe, prompts)
     a, b = torch.randn(n, 16, 3, 4, 4, generator=g), torch.randn(n, 16, 3, 4, 4, generator=g)
     ra, rb = a[:, 0].mean((1, 2, 3)), b[:, 0].mean((1, 2, 3))

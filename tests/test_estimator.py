@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from common import (MemoryFlopMeter, build_wan_transformer, build_wan_vae, estimate, estimate_training_step,
+from estimate import (MemoryFlopMeter, build_wan_transformer, build_wan_vae, estimate, estimate_training_step,
                         fake_mode, format_estimate, latent_shape, rgb_refl_step, transformer_step)
 
 # The tiny backbone with 2 blocks: real runs of a training step stay well under a second.

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import toy
 import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +304,7 @@ def method_data(videos, tmp_path_factory):
     """12 rows of each kind over the clips above (toy prompts, so the tiny world can still score samples)."""
     d = tmp_path_factory.mktemp("method_data")
     clips = ["v0.mp4", "v1.mp4", "v2.mp4", "v3.mp4", "wide.mp4", "fast.mp4"]
-    prompts = common.toy_prompts("train")[::6]                                   # 6 prompts
+    prompts = toy.toy_prompts("train")[::6]                                   # 6 prompts
     single = [(clips[i % 6], prompts[i % 6]) for i in range(12)]
     _prepare(_csv(videos / "m_bin.csv", ["video", "prompt", "label"],
                   [(v, p, i % 2) for i, (v, p) in enumerate(single)]), d / "binary")

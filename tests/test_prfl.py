@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import toy
 import prfl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def toy_cache(tmp_path_factory):
     """A small cached binary toy dataset shared by the tests of this file."""
     cache = tmp_path_factory.mktemp("toy")
-    common.toy_dataset(common.load_backbone("tiny"), "binary", 256, cache_dir=cache)
+    toy.toy_dataset(common.load_backbone("tiny"), "binary", 256, cache_dir=cache)
     return cache
 
 

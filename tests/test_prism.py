@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import toy
 import prism
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ TOY_PAIRS = 256
 def toy_cache(tmp_path_factory):
     """A small toy 'pairs' dataset, built once for this file."""
     cache = tmp_path_factory.mktemp("prism_toy")
-    common.toy_dataset(common.load_backbone("tiny"), "pairs", TOY_PAIRS, cache_dir=cache)
+    toy.toy_dataset(common.load_backbone("tiny"), "pairs", TOY_PAIRS, cache_dir=cache)
     return cache
 
 
@@ -184,7 +185,7 @@ def test_early_best_of_n_beats_random_pick_on_a_visible_reward(learnable, toy_ca
     pipe = common.load_backbone("tiny")
     head = prism.load_head(out / "prism_head.safetensors", pipe, 12)
     args = prism.resolve_args(small_args(toy_cache, tmp_path, bon_steps=[5], num_steps=20))
-    prompts = common.toy_prompts("eval") + common.toy_prompts("train")[:4]
+    prompts = toy.toy_prompts("eval") + toy.toy_prompts("train")[:4]
     embeds, mask = common.encode_prompts(pipe, prompts)
     rows = prism.evaluate_bon(args, pipe, head, prompts, embeds, mask, lambda p, z, pr: brightness(z),
                               common.Run("prism", args, str(tmp_path)), "cpu")
@@ -226,7 +227,7 @@ def test_pruned_winner_finishes_exactly_like_its_full_trajectory(toy_trained):
     pipe = common.load_backbone("tiny")
     _, out = toy_trained
     head = prism.load_head(out / "prism_head.safetensors", pipe, 12)
-    embeds, mask = common.encode_prompts(pipe, common.toy_prompts("eval")[:3])
+    embeds, mask = common.encode_prompts(pipe, toy.toy_prompts("eval")[:3])
     sigmas = common.sigma_schedule(8, 3.0)
     noise = torch.randn(3, 4, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     x, best, scores = prism.early_best_of_n(pipe, head, noise, embeds, mask, sigmas, 3, 12)

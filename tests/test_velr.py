@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import toy
 import velr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def tiny_args(**kw):
 def toy(tmp_path_factory):
     cache = tmp_path_factory.mktemp("velr_toy")
     pipe = common.load_backbone("tiny")
-    data, meta = common.toy_dataset(pipe, "score", 256, cache_dir=cache)
+    data, meta = toy.toy_dataset(pipe, "score", 256, cache_dir=cache)
     return data, meta, cache
 
 
@@ -142,7 +143,7 @@ def test_latent_mode_keeps_vae_and_pixel_rm_out_of_the_graph(toy, ensemble, tmp_
 
     def teacher(video, prompts):
         teacher_grad.append(torch.is_grad_enabled() and video.requires_grad)
-        return common.toy_reward(video, prompts)
+        return toy.toy_reward(video, prompts)
 
     args = tiny_args(tune_steps=2, batch_size=2)
     velr.finetune(args, pipe, lrm, teacher, meta["prompts"], data["prompt_embeds"], tokens, "latent", False,
@@ -165,7 +166,7 @@ def test_online_alignment_updates_the_lrm_from_the_buffer(toy, ensemble, tmp_pat
     state = {n: p.clone() for n, p in lrm.state_dict().items()}
     pipe = common.load_backbone("tiny")
     args = tiny_args(tune_steps=2, batch_size=2, align_every=2, buffer_size=8, lrm_batch_size=4)
-    stats = velr.finetune(args, pipe, lrm, common.toy_reward, meta["prompts"], data["prompt_embeds"], tokens,
+    stats = velr.finetune(args, pipe, lrm, toy.toy_reward, meta["prompts"], data["prompt_embeds"], tokens,
                           "latent", True, NoRun(tmp_path), "velr")
     changed = [n for n, v in state.items() if not torch.equal(v, lrm.state_dict()[n])]
     lrm.load_state_dict(state)  # leave the shared fixture as it was
@@ -193,12 +194,12 @@ def test_velr_raises_the_latent_reward_it_optimises(toy, ensemble, tmp_path):
     pipe = common.load_backbone("tiny")
     idx = [1, 13, 25]  # "a red {square,block,box} moving right"
     prompts, embeds = [meta["prompts"][i] for i in idx], data["prompt_embeds"][idx]
-    fresh = lambda: velr.evaluate(pipe, common.toy_reward, prompts, embeds, 6, 10)[1]
+    fresh = lambda: velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 6, 10)[1]
     score = lambda z: velr.aggregate(velr.predict(lrm, z, tokens[idx].repeat_interleave(6, 0)))
     before = score(fresh())
     # lr set here (not the demo default): this checks the sign of the gradient path in 6 steps
     args = tiny_args(tune_steps=6, beta=0.0, lr=3e-3)
-    velr.finetune(args, pipe, lrm, common.toy_reward, prompts, embeds, tokens[idx], "latent", False,
+    velr.finetune(args, pipe, lrm, toy.toy_reward, prompts, embeds, tokens[idx], "latent", False,
                   NoRun(tmp_path), "velr")
     delta = score(fresh()) - before
     mean, se = common.mean_se(delta)
@@ -225,10 +226,10 @@ def test_truncated_refl_raises_the_true_reward_with_the_pixel_reward(toy, tmp_pa
     data, meta, _ = toy
     pipe = common.load_backbone("tiny")
     prompts, embeds = [meta["prompts"][1]], data["prompt_embeds"][[1]]
-    before, _ = velr.evaluate(pipe, common.toy_reward, prompts, embeds, 48, 10)
+    before, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 48, 10)
     args = tiny_args(tune_steps=20, beta=0.0)
-    velr.finetune(args, pipe, None, common.toy_reward, prompts, embeds, None, "pixel", False, NoRun(tmp_path), "pixel")
-    after, _ = velr.evaluate(pipe, common.toy_reward, prompts, embeds, 48, 10)
+    velr.finetune(args, pipe, None, toy.toy_reward, prompts, embeds, None, "pixel", False, NoRun(tmp_path), "pixel")
+    after, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 48, 10)
     mean, se = common.mean_se(after - before)
     assert mean > 2 * se and mean > 0.1, (mean, se)
 
