@@ -468,8 +468,8 @@ def parse_args(cls, tiny: dict, argv=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(paper, (list, tuple)):
             p.add_argument(flag, nargs="*", type=type(default[0]) if default else str, **kw)
-        else:
-            p.add_argument(flag, type=type(paper) if paper is not None else str, **kw)
+        else:  # a None default (a value read from the checkpoint or data) names its type: arg(None, ..., type=float)
+            p.add_argument(flag, type=f.metadata.get("type") or type(paper), **kw)
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     ns = vars(p.parse_args(argv))
     ns.pop("debug")
@@ -554,6 +554,18 @@ def mean_se(x) -> tuple[float, float]:
     """Mean and standard error of the mean."""
     x = torch.as_tensor(x, dtype=torch.float64).flatten()
     return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
+
+
+def paired_summary(before: dict, after: dict) -> tuple[dict, list[dict]]:
+    """Evaluations before and after fine-tuning on the same prompts and seeds ({metric: [n] tensor}) ->
+    ({f"{metric}_before" / "_after" / "_gain": [mean, se]}, table rows); the gain is paired, sample by sample."""
+    summary, rows = {}, []
+    for key in before:
+        for name, x in (("before", before[key]), ("after", after[key]), ("gain", after[key] - before[key])):
+            summary[f"{key}_{name}"] = list(mean_se(x))
+            rows.append(dict(metric=key, samples=f"{name}{' (paired)' * (name == 'gain')} (n={len(x)})",
+                             mean=summary[f"{key}_{name}"][0], se=summary[f"{key}_{name}"][1]))
+    return summary, rows
 
 
 def export_video(video: torch.Tensor, path, fps: int = 8):
