@@ -47,7 +47,8 @@ def all_steps(backbone: str) -> list[tuple[str, str, dict]]:
     """(method, stage, estimate) of every row, in table order."""
     rows = []
     for name, module in METHODS:
-        results = module.main(module.Args(backbone=backbone, estimate_memory=True))
+        args = common.parse_args(module.Args, module.TINY, ["--backbone", backbone, "--estimate-memory"])
+        results = module.main(args)
         rows += [(name, label, est) for label, est in results.items()]
     return rows + [("baseline", label, est) for label, est in reference_steps(backbone).items()]
 

@@ -1,20 +1,17 @@
 """common.py: the small shared layer under prfl.py, velr.py, prism.py and dina_lrm.py.
 
     backbones      load_backbone(name) -> diffusers WanPipeline; WAN_CONFIGS (real configs, no weights needed)
-    text           encode_prompts(pipe, prompts) -> (embeds [P,L,D], mask [P,L]), once; drop_text_encoder
-    flow matching  shift_sigma, sigma_schedule, add_noise, velocity_target, x0_from_velocity, euler_step,
-                   sample_train_sigma, predict_velocity
+    text           encode_prompts (once, then drop_text_encoder); flow matching: shift_sigma, sigma_schedule,
+                   add_noise, velocity_target, x0_from_velocity, euler_step, sample_train_sigma, predict_velocity
     rollout        rollout(transformer, x, embeds, sigmas, start, stop, grad_steps, cfg), sample_latents
     DiT prefix     dit_prefix_features(transformer, x, timestep, embeds, taps) (stops after max(taps))
-    LoRA           add_lora / save_lora (diffusers format: WanPipeline.load_lora_weights loads it)
-    data, VAE      save_dataset / load_dataset (safetensors shards + meta.json), encode_video, decode_latents
-    plumbing       arg / parse_args / cli (dataclass -> argparse, TINY defaults, `error:` for UserError),
-                   Run (run folder), StepTimer, save_safetensors (atomic), export_video, mean_se, format_table
+    LoRA, data     add_lora / save_lora (diffusers format); save_dataset / load_dataset; encode_video / decode_latents
+    plumbing       arg / parse_args / cli (dataclass -> argparse, TINY defaults, `error:` for UserError), Run,
+                   StepTimer, save_safetensors (atomic), export_video, mean_se, paired_summary, format_table
 The toy world and the tiny backbone's weights live in toy.py, the memory estimator in estimate.py.
-
-Conventions (Wan2.1 / diffusers): sigma in [0, 1] with x_sigma = (1 - sigma) x0 + sigma eps, the
-transformer's timestep is 1000 * sigma and it predicts the velocity eps - x0. Latents are the VAE's
-normalised latents, [B, 16, F', H', W'] with F' = (frames - 1) // 4 + 1 and H' = H / 8.
+Conventions (Wan2.1 / diffusers): x_sigma = (1 - sigma) x0 + sigma eps with sigma in [0, 1]; the transformer's
+timestep is 1000 * sigma and it predicts the velocity eps - x0. Latents are the VAE's normalised latents
+[B, 16, F', H', W'], F' = (frames - 1) // 4 + 1, H' = H / 8.
 """
 from __future__ import annotations
 
@@ -36,8 +33,8 @@ from tqdm.auto import tqdm
 
 
 class UserError(Exception):
-    """A mistake in the user's flags, files or data. The script prints `error: <message>` (no traceback) and
-    exits with `code`: 2 for a bad argument (as argparse does), 1 for bad data or files."""
+    """A mistake in the user's flags, files or data: common.cli prints `error: <message>` (no traceback) and exits
+    with `code`, 2 for a bad argument (as argparse does), 1 for bad data or files."""
 
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
@@ -45,41 +42,27 @@ class UserError(Exception):
 
 
 # ==== Backbones
-# Configs of the real Wan2.1 text-to-video checkpoints (diffusers format), kept so that shapes,
-# token counts, parameter counts and memory can be computed without downloading any weights.
-_WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                temperal_downsample=[False, True, True])
+# The real Wan2.1 text-to-video checkpoints (diffusers format): shapes, parameter counts and memory without weights.
+_WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+_WAN_DIT = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_CONFIGS = {
-    "wan2.1-1.3b": dict(
-        repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", height=480, width=832, num_frames=81,
-        max_sequence_length=512, flow_shift=3.0, vae=_WAN_VAE,
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-                         in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-                         num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                         eps=1e-6, rope_max_seq_len=1024)),
-    "wan2.1-14b": dict(
-        repo="Wan-AI/Wan2.1-T2V-14B-Diffusers", height=720, width=1280, num_frames=81,
-        max_sequence_length=512, flow_shift=5.0, vae=_WAN_VAE,
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
-                         in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824,
-                         num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                         eps=1e-6, rope_max_seq_len=1024)),
-    # 12 blocks so every method's paper default (8 or 12 blocks, taps 4/8/12) exists unchanged.
-    # Inner dim 32 = 2 heads x 16 so the heads of PRFL (8) and DiNa (8) divide it.
-    "tiny": dict(
-        repo=None, height=32, width=32, num_frames=9, max_sequence_length=32, flow_shift=3.0,
-        # is_residual (Wan2.2's average-pooling shortcuts in the same class) lets the tiny VAE learn to
-        # reconstruct toy clips in minutes on a CPU; without them it sits at "background only" for long.
-        vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, is_residual=True,
-                 temperal_downsample=[False, True, True],
-                 # replaced by the fitted VAE's latent statistics (tiny_wan.safetensors metadata)
-                 latents_mean=[0.0] * 16, latents_std=[0.5] * 16),
-        transformer=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                         in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
-                         num_layers=12, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                         eps=1e-6, rope_max_seq_len=32),
-        text_encoder=dict(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
-                          relative_attention_num_buckets=8)),
+    "wan2.1-1.3b": dict(repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", height=480, width=832, num_frames=81,
+                        max_sequence_length=512, flow_shift=3.0, vae=_WAN_VAE,
+                        transformer=dict(_WAN_DIT, num_attention_heads=12, ffn_dim=8960, num_layers=30)),
+    "wan2.1-14b": dict(repo="Wan-AI/Wan2.1-T2V-14B-Diffusers", height=720, width=1280, num_frames=81,
+                       max_sequence_length=512, flow_shift=5.0, vae=_WAN_VAE,
+                       transformer=dict(_WAN_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40)),
+    # 12 blocks, so every method's paper default (8 or 12 blocks, taps 4/8/12) exists; inner dim 32 = 2 heads x 16,
+    # which the 8 heads of PRFL and DiNa divide. is_residual (Wan2.2's pooling shortcuts, same class) lets the tiny
+    # VAE learn toy clips in minutes on a CPU; latents_mean/std are replaced by the fitted ones (toy.py).
+    "tiny": dict(repo=None, height=32, width=32, num_frames=9, max_sequence_length=32, flow_shift=3.0,
+                 vae=dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, is_residual=True,
+                          temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[0.5] * 16),
+                 transformer=dict(_WAN_DIT, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+                                  ffn_dim=64, num_layers=12, rope_max_seq_len=32),
+                 text_encoder=dict(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                                   relative_attention_num_buckets=8)),
 }
 
 
@@ -112,7 +95,8 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
                             f"once where the Hugging Face hub is reachable:\n    hf download {repo} --local-dir "
                             f"{folder}\nthen pass the folder: --backbone {folder}") from None
     pipe.backbone_name = name
-    pipe.transformer.to(device, dtype)
+    if pipe.transformer.dtype != dtype:  # tiny on CUDA (from_pretrained keeps Wan's fp32 modules; .to() would not)
+        pipe.transformer.to(dtype=dtype)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
         if m is not None:
             m.to(device).requires_grad_(False)
@@ -143,10 +127,8 @@ def encode_prompts(pipe, prompts: list[str], max_sequence_length: int | None = N
     embeds, masks = [], []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
-        e = pipe._get_t5_prompt_embeds(chunk, max_sequence_length=L, device=pipe.text_encoder.device,
-                                       dtype=torch.float32)
-        ids = pipe.tokenizer(chunk, padding="max_length", max_length=L, truncation=True,
-                             add_special_tokens=True, return_tensors="pt")
+        e = pipe._get_t5_prompt_embeds(chunk, max_sequence_length=L, device=pipe.text_encoder.device, dtype=torch.float32)
+        ids = pipe.tokenizer(chunk, padding="max_length", max_length=L, truncation=True, return_tensors="pt")
         embeds.append(e.cpu())
         masks.append(ids.attention_mask.bool())
     return torch.cat(embeds), torch.cat(masks)
@@ -197,7 +179,7 @@ def sample_train_sigma(batch: int, shift: float = 1.0, generator=None, device="c
     return shift_sigma(u, shift).to(device)
 
 
-def _bcast(sigma, x):
+def _bcast(sigma, x):  # a float or a [B] sigma against x [B, ...]
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma
 
@@ -215,13 +197,9 @@ def predict_velocity(transformer, x, sigma, embeds):
 def rollout(transformer, x, embeds, sigmas, start: int = 0, stop: int | None = None, grad_steps=(),
             guidance_scale: float = 1.0, negative_embeds=None, progress: bool = False):
     """Denoise x from sigmas[start] to sigmas[stop] with Euler steps; return (x, v of the last step).
-
-    The transformer is called with autograd on only for the step indices in `grad_steps` (the
-    window): outside it, the velocity is computed under no_grad, so gradient reaches the generator
-    only through the window's steps (the Euler update itself stays differentiable in x).
-    With guidance_scale > 1, classifier-free guidance with `negative_embeds` (one batched call).
-    Block gradient checkpointing applies inside the window when enabled on the transformer.
-    """
+    Autograd is on only for the step indices in `grad_steps` (the window), so gradient reaches the generator only
+    through those steps (the Euler update stays differentiable in x). guidance_scale > 1: classifier-free guidance
+    with `negative_embeds` (one batched call). Block checkpointing applies in the window when enabled."""
     stop = len(sigmas) - 1 if stop is None else stop
     grad_steps = set(grad_steps)
     v = None
@@ -257,13 +235,9 @@ def sample_latents(pipe, embeds, seeds: list[int], num_steps: int = 20, shift: f
 
 # ==== DiT prefix features: the transformer's own embeddings, then only its first blocks
 def dit_prefix_features(transformer, x, timestep, embeds, taps=(8,)):
-    """Run patch/rope/condition embeddings and blocks[:max(taps)] (the rest never runs).
-
-    Returns dict(hidden=[h after block k for k in taps] each [B, N, D], text=[B, L, D] embedded text
-    tokens, temb=[B, D] timestep embedding, grid=(F', H'/2, W'/2) token grid in raster order).
-    `timestep` is on the 0..1000 scale. Block gradient checkpointing is used when it is enabled
-    on the transformer and autograd is on, as in the transformer's own forward.
-    """
+    """Run patch/rope/condition embeddings and blocks[:max(taps)] (the rest never runs); `timestep` in 0..1000.
+    Returns dict(hidden=[h after block k for k in taps], each [B, N, D], text=[B, L, D] embedded text tokens,
+    temb=[B, D], grid=(F', H'/2, W'/2) token grid in raster order). Block checkpointing as in the model's forward."""
     tr = transformer
     if max(taps) > len(tr.blocks):
         raise ValueError(f"tap {max(taps)} > {len(tr.blocks)} blocks")
@@ -290,10 +264,8 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of 
 
 def add_lora(transformer, rank: int, alpha: float | None = None, adapter_name: str = "default",
              blocks: list[int] | None = None, targets=LORA_TARGETS):
-    """Attach a (named) LoRA adapter; base weights stay frozen. `blocks` restricts it to those blocks.
-
-    LoRA params are kept in fp32 even when the base runs in bf16 (diffusers' cast_training_params).
-    """
+    """Attach a (named) LoRA adapter; base weights stay frozen; `blocks` restricts it to those blocks.
+    LoRA params are kept in fp32 even when the base runs in bf16 (diffusers' cast_training_params)."""
     from peft import LoraConfig
 
     if blocks is None:
@@ -323,11 +295,10 @@ def save_lora(transformer, out_dir, adapter_name: str = "default"):
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 
-# ==== Data: a latent dataset is a folder of safetensors shards + meta.json
-# Per-row tensors share dim 0; prompts are stored once: prompt_embeds [P, L, D], prompt_mask [P, L],
-# and each row has prompt_idx [N]. meta.json has {"kind", "prompts": [P strings], ...}.
-# kinds: "binary" (latents, label), "score" (latents, score), "pairs" (latents_a, latents_b, pref
-# with 0 = A better, 1 = B better, 2 = tie), "prompts" (only the prompt table; latents optional).
+# ==== Data: a latent dataset is a folder of safetensors shards + meta.json {"kind", "prompts": [P strings], ...}.
+# Per-row tensors share dim 0 and each row has prompt_idx [N]; prompts are stored once (prompt_embeds [P, L, D],
+# prompt_mask [P, L]). kinds: "binary" (latents, label), "score" (latents, score), "pairs" (latents_a, latents_b,
+# pref: 0 = A better, 1 = B better, 2 = tie), "prompts" (the prompt table; latents optional).
 GiB = 2**30
 DATASET_KEYS = {"binary": ("latents", "label"), "score": ("latents", "score"),
                 "pairs": ("latents_a", "latents_b", "pref"), "prompts": ()}
@@ -427,8 +398,7 @@ def encode_video(pipe, video: torch.Tensor, batch_size: int = 8) -> torch.Tensor
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents -> videos [B, 3, F, H, W] in [-1, 1]; differentiable (pixel ReFL uses it).
-    `pipe` is a WanPipeline or its VAE."""
+    """Normalised latents -> videos [B, 3, F, H, W] in [-1, 1], differentiable; `pipe`: a WanPipeline or its VAE."""
     vae = getattr(pipe, "vae", pipe)
     mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
@@ -523,19 +493,18 @@ class StepTimer:
     (the CUDA allocator's peak, or the process's peak RSS on a CPU)."""
 
     def __init__(self, device):
-        self.device, self.times = torch.device(device), []
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.cuda, self.times = torch.device(device).type == "cuda", []
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.cuda:
+            torch.cuda.synchronize()
         self.t0 = time.perf_counter()
-        return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.cuda:
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self.t0)
 
     @property
@@ -544,10 +513,8 @@ class StepTimer:
         return sum(t) / max(1, len(t))
 
     def peak_memory_gib(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**30
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        import resource  # ru_maxrss: KiB on Linux
+        return (torch.cuda.max_memory_allocated() if self.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GiB
 
 
 def mean_se(x) -> tuple[float, float]:

@@ -39,7 +39,6 @@ import csv
 import hashlib
 import json
 import math
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +57,7 @@ import common
 class Args:
     # input / output
     input: str = common.arg("", "prompts .txt (one a line), or a .csv / .jsonl / .json manifest of videos or pairs")
-    out: str = common.arg("", "output dataset folder (what the method scripts take with --data)")
+    out_dir: str = common.arg("", "output dataset folder (what the method scripts take with --data)")
     kind: str = common.arg("auto", "dataset kind; auto: .txt -> prompts, path_A/path_B -> pairs, label or "
                            "physics_quality+human_quality -> binary, score -> score, none of these -> prompts "
                            "(with the videos' latents when there is a video column)",
@@ -68,18 +67,18 @@ class Args:
                                  "values A / B / same), or 'prism' for PRISM's conservative vote over VQ, MQ, TA")
     score_source: str = common.arg("", "score: who made the scores (e.g. pickscore); kept as meta 'teacher', which "
                                    "velr.py compares with its --teacher (it re-labels the latents when they differ)")
-    skip_bad: bool = common.arg(False, "record bad rows in <out>/bad_rows.json and keep the good ones "
+    skip_bad: bool = common.arg(False, "record bad rows in <out-dir>/bad_rows.json and keep the good ones "
                                 "(default: stop and name every bad row)")
-    overwrite: bool = common.arg(False, "delete the dataset files already in --out (otherwise a run resumes, and "
-                                 "refuses an --out made with other inputs or settings)")
-    # backbone and video geometry (0 = the backbone's own: tiny 32x32x9, Wan2.1-1.3B 480x832x81, 14B 720x1280x81)
+    overwrite: bool = common.arg(False, "delete the dataset files already in --out-dir (otherwise a run resumes, and "
+                                 "refuses an --out-dir made with other inputs or settings)")
+    # backbone and video geometry (unset = the backbone's own: tiny 32x32x9, Wan2.1-1.3B 480x832x81, 14B 720x1280x81)
     backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder / hub id")
     device: str = common.arg("auto", "where T5 and the VAE run (auto: cuda if available); the DiT is never moved there")
-    height: int = common.arg(0, "video height in pixels (0: the backbone's; a multiple of 16)")
-    width: int = common.arg(0, "video width in pixels (0: the backbone's; a multiple of 16)")
-    num_frames: int = common.arg(0, "frames per clip, 4k+1 (0: the backbone's)")
+    height: int = common.arg(None, "video height in pixels, a multiple of 16 (default: the backbone's)", type=int)
+    width: int = common.arg(None, "video width in pixels, a multiple of 16 (default: the backbone's)", type=int)
+    num_frames: int = common.arg(None, "frames per clip, 4k+1 (default: the backbone's)", type=int)
     fps: float = common.arg(16.0, "frame rate clips are resampled to (Wan2.1 and PRFL's preprocessing: 16)")
-    max_sequence_length: int = common.arg(0, "T5 tokens per prompt (0: the backbone's; 512 for Wan)")
+    max_sequence_length: int = common.arg(None, "T5 tokens per prompt (default: the backbone's; 512 for Wan)", type=int)
     # work
     shard_size: int = common.arg(64, "rows per shard (a shard is the unit of resuming; Wan 480p pairs: ~17 MB a row)")
     workers: int = common.arg(8, "threads probing and decoding videos ahead of the VAE")
@@ -91,22 +90,18 @@ PAIR_VALUES = {"a": 0, "b": 1, "same": 2, "tie": 2}    # pref: 0 = A better, 1 =
 VIDEO_COLUMNS, PROMPT_COLUMNS = ("video", "video_path", "path"), ("prompt", "caption", "long_caption", "text")
 
 
-class BadInput(ValueError):
-    """Bad input rows or arguments; the message names the file, the row and the reason."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Manifest: rows -> (kind, rows with parsed targets), every problem named with its row
 # ----------------------------------------------------------------------------------------------
 def read_rows(path: Path) -> list[dict]:
     """Rows of a .csv / .jsonl / .json manifest, each with `_row` (1-based data row) and `_line` (file line)."""
     if not path.is_file():
-        raise BadInput(f"{path}: no such file")
+        raise common.UserError(f"{path}: no such file")
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
-                raise BadInput(f"{path}: empty file")
+                raise common.UserError(f"{path}: empty file")
             reader.fieldnames = [c.strip() for c in reader.fieldnames]
             rows = [dict(r, _line=reader.line_num) for r in reader]
     elif path.suffix == ".jsonl":
@@ -116,18 +111,18 @@ def read_rows(path: Path) -> list[dict]:
                 try:
                     rows.append(dict(json.loads(text), _line=line))
                 except (json.JSONDecodeError, TypeError) as e:
-                    raise BadInput(f"{path}:{line}: not a JSON object ({e})") from None
+                    raise common.UserError(f"{path}:{line}: not a JSON object ({e})") from None
     elif path.suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise BadInput(f"{path}: a .json manifest is a list of objects (one per video or pair)")
+            raise common.UserError(f"{path}: a .json manifest is a list of objects (one per video or pair)")
         rows = [dict(r, _line=None) for r in rows]
     else:
-        raise BadInput(f"{path}: unknown manifest type '{path.suffix}' (.txt prompts, .csv, .jsonl or .json)")
+        raise common.UserError(f"{path}: unknown manifest type '{path.suffix}' (.txt prompts, .csv, .jsonl or .json)")
     for i, r in enumerate(rows, start=1):
         r["_row"] = i
     if not rows:
-        raise BadInput(f"{path}: no rows")
+        raise common.UserError(f"{path}: no rows")
     return rows
 
 
@@ -137,7 +132,7 @@ def infer_kind(columns: set, path: Path) -> str:
         return "pairs"
     binary, score = "label" in columns or {"physics_quality", "human_quality"} <= columns, "score" in columns
     if binary and score:
-        raise BadInput(f"{path}: has both label and score columns; choose with --kind binary|score")
+        raise common.UserError(f"{path}: has both label and score columns; choose with --kind binary|score")
     return "binary" if binary else "score" if score else "prompts"
 
 
@@ -284,19 +279,19 @@ def plan_rows(args, geo: dict) -> tuple[str, list[dict], list[dict], int]:
     path = Path(args.input)
     if path.suffix == ".txt":
         if not path.is_file():
-            raise BadInput(f"{path}: no such file")
+            raise common.UserError(f"{path}: no such file")
         if args.kind not in ("auto", "prompts"):
-            raise BadInput(f"{path}: a .txt file is a prompts list; it cannot make a '{args.kind}' dataset")
+            raise common.UserError(f"{path}: a .txt file is a prompts list; it cannot make a '{args.kind}' dataset")
         lines = [(n, p.strip()) for n, p in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if p.strip()]
         if not lines:
-            raise BadInput(f"{path}: no prompts")
+            raise common.UserError(f"{path}: no prompts")
         return "prompts", [dict(_row=i, _line=n, prompt=p, videos=[]) for i, (n, p) in enumerate(lines, 1)], [], 0
     rows = read_rows(path)
     columns = set().union(*(r.keys() for r in rows)) - {"_row", "_line"}
     kind = infer_kind(columns, path) if args.kind == "auto" else args.kind
     need = ["VQ", "MQ", "TA"] if args.pair_label == "prism" else [args.pair_label]
     if kind == "pairs" and not set(need) <= columns:
-        raise BadInput(f"{path}: no {need} column(s) for --pair-label {args.pair_label} (columns: {sorted(columns)})")
+        raise common.UserError(f"{path}: no {need} column(s) for --pair-label {args.pair_label} (columns: {sorted(columns)})")
     root = Path(args.video_root) if args.video_root else path.parent
     good, bad, dropped = [], [], 0
     with_videos = kind != "prompts" or bool(columns & set(VIDEO_COLUMNS))  # prompts + videos: SFT latents
@@ -357,9 +352,9 @@ def geometry(args) -> dict:
     cfg = common.backbone_config(args.backbone)
     h, w, f = args.height or cfg["height"], args.width or cfg["width"], args.num_frames or cfg["num_frames"]
     if (f - 1) % 4 or h % 16 or w % 16 or min(h, w, f) <= 0:
-        raise BadInput(f"video {f}x{h}x{w}: --num-frames must be 4k+1 and --height/--width multiples of 16")
-    if args.fps <= 0:
-        raise BadInput(f"--fps must be > 0, got {args.fps}")
+        raise common.UserError(f"video {f}x{h}x{w}: --num-frames must be 4k+1 and --height/--width multiples of 16", 2)
+    if not 0 < args.fps < float("inf"):
+        raise common.UserError(f"--fps must be a finite number > 0, got {args.fps}", 2)
     return dict(height=h, width=w, num_frames=f,
                 max_sequence_length=args.max_sequence_length or cfg["max_sequence_length"])
 
@@ -387,12 +382,12 @@ def open_output(out: Path, fp: dict, overwrite: bool) -> dict:
         if progress.get("fingerprint") != fp:
             old = progress.get("fingerprint", {})
             diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
-            raise BadInput(f"{out}: was prepared with other inputs or settings (differs in {diff}); "
-                           f"use another --out, or --overwrite to start again")
+            raise common.UserError(f"{out}: was prepared with other inputs or settings (differs in {diff}); "
+                           f"use another --out-dir, or --overwrite to start again")
         return progress
     elif any(f.exists() for f in files):
-        raise BadInput(f"{out}: already holds dataset files not written by prepare.py; "
-                       f"use another --out, or --overwrite")
+        raise common.UserError(f"{out}: already holds dataset files not written by prepare.py; "
+                       f"use another --out-dir, or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     progress = dict(fingerprint=fp, shards={}, failed=[])  # shards: file name -> the manifest rows in it
     common.save_json(progress, progress_file)
@@ -429,7 +424,7 @@ def encode_shard(pipe, rows: list[dict], geo: dict, args, failed: list[dict]):
     for r in rows:
         reasons = [errors[v] for v in r["videos"] if v in errors]
         if reasons and not args.skip_bad:
-            raise BadInput(describe_bad(args.input, [dict(row=r["_row"], line=r["_line"], reason="; ".join(reasons))]))
+            raise common.UserError(describe_bad(args.input, [dict(row=r["_row"], line=r["_line"], reason="; ".join(reasons))]))
         if reasons:
             failed.append(dict(row=r["_row"], line=r["_line"], reason="; ".join(reasons)))
             continue
@@ -443,17 +438,18 @@ def encode_shard(pipe, rows: list[dict], geo: dict, args, failed: list[dict]):
 # ----------------------------------------------------------------------------------------------
 def main(args: Args) -> dict:
     t0 = time.time()
-    if not args.input or not args.out:
-        raise BadInput("--input and --out are required (python prepare.py --input manifest.csv --out data/name)")
+    if not args.input or not args.out_dir:
+        raise common.UserError("--input and --out-dir are required (python prepare.py --input manifest.csv "
+                               "--out-dir data/name)", 2)
     if args.shard_size < 1:
-        raise BadInput(f"--shard-size must be >= 1, got {args.shard_size}")
-    out = Path(args.out)
+        raise common.UserError(f"--shard-size must be >= 1, got {args.shard_size}", 2)
+    out = Path(args.out_dir)
     geo = geometry(args)
     kind, rows, bad, dropped = plan_rows(args, geo)  # 1) validate every row before any heavy work
     if bad and not args.skip_bad:
-        raise BadInput(describe_bad(args.input, bad) + "\n(fix them, or pass --skip-bad to leave them out)")
+        raise common.UserError(describe_bad(args.input, bad) + "\n(fix them, or pass --skip-bad to leave them out)")
     if not rows:
-        raise BadInput(f"{args.input}: no good rows left" + (f"\n{describe_bad(args.input, bad)}" if bad else ""))
+        raise common.UserError(f"{args.input}: no good rows left" + (f"\n{describe_bad(args.input, bad)}" if bad else ""))
     progress = open_output(out, fingerprint(args, kind, geo, rows), args.overwrite)
     with_videos = bool(rows[0]["videos"])
     # "prompts" datasets keep one prompt-table entry per row: common.load_dataset counts a prompts dataset's
@@ -493,7 +489,7 @@ def main(args: Args) -> dict:
         common.save_json(sorted(bad + failed, key=lambda b: b["row"]), out / "bad_rows.json")
     kept_rows = [r for name in sorted(progress["shards"]) for r in progress["shards"][name]]
     if not kept_rows:
-        raise BadInput(f"{args.input}: every row failed to decode\n{describe_bad(args.input, failed)}")
+        raise common.UserError(f"{args.input}: every row failed to decode\n{describe_bad(args.input, failed)}")
 
     # 4) prompts, encoded once (each distinct prompt once) with T5, which only now goes to the device
     if per_row:
@@ -549,7 +545,4 @@ def target_stats(kind: str, data: dict) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(common.parse_args(Args))
-    except BadInput as e:
-        sys.exit(f"prepare.py: {e}")
+    common.cli(main, Args, {})

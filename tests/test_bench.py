@@ -24,10 +24,11 @@ WAN2 = dict(common.WAN_CONFIGS["wan2.1-1.3b"], transformer=dict(common.WAN_CONFI
 SMALL = dict(TINY, height=64, width=64, num_frames=9, vae=common.WAN_CONFIGS["wan2.1-1.3b"]["vae"],
              transformer=dict(TINY["transformer"], num_layers=1))
 # Each script's args shrunk to 1 block, and its stage count: --estimate-memory prints one line per stage.
-SCRIPTS = {"prfl": (dict(rm_blocks=1, lora_rank=8, rollout_steps=10), 2),
-           "velr": (dict(ensemble_size=2, lrm_dim=64, lora_rank=8, num_steps=10, mid_step=[2, 4], truncated_steps=3), 3),
-           "prism": (dict(num_blocks=1, head_dim=64, num_steps=10), 3),
-           "dina_lrm": (dict(rm_blocks=1, taps=[1], num_steps=10), 2)}
+SCRIPTS = {"prfl": (["--rm-blocks", "1", "--lora-rank", "8", "--num-steps", "10"], 2),
+           "velr": (["--ensemble-size", "2", "--lrm-dim", "64", "--lora-rank", "8", "--num-steps", "10",
+                     "--mid-step", "2", "4", "--truncated-steps", "3"], 3),
+           "prism": (["--num-blocks", "1", "--head-dim", "64", "--num-steps", "10"], 3),
+           "dina_lrm": (["--rm-blocks", "1", "--taps", "1", "--num-steps", "10"], 2)}
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +43,8 @@ def one_thread():
 def test_estimate_memory_of_each_script_at_a_small_size(name, monkeypatch, capsys):
     monkeypatch.setitem(common.WAN_CONFIGS, "small", SMALL)
     module = importlib.import_module(name)
-    assert common.parse_args(module.Args, ["--estimate-memory"]).estimate_memory is True
-    kw, stages = SCRIPTS[name]
-    res = module.main(module.Args(backbone="small", estimate_memory=True, **kw))
+    argv, stages = SCRIPTS[name]
+    res = module.main(common.parse_args(module.Args, module.TINY, ["--backbone", "small", "--estimate-memory", *argv]))
     out = capsys.readouterr().out
     assert len(res) == stages
     assert len(re.findall(r"^estimated peak: [\d.]+ GiB \(weights .*\), [\d.]+ TFLOPs  \| ", out, re.M)) == stages

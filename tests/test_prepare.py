@@ -54,7 +54,7 @@ def _csv(path, header, rows):
 
 
 def _prepare(input, out, **kw):
-    return prepare.main(prepare.Args(input=str(input), out=str(out), **kw))
+    return prepare.main(prepare.Args(input=str(input), out_dir=str(out), **kw))
 
 
 GOOD = [("v0.mp4", "a red square moving left", "1"), ("v1.mp4", "a blue box moving up", "poor"),
@@ -195,7 +195,7 @@ BAD_ROWS = GOOD[:2] + [("missing.mp4", "a red square moving left", "1"), ("broke
 
 def test_every_bad_row_is_named_before_any_heavy_work(videos, tmp_path):
     manifest = _csv(videos / "bad.csv", ["video", "prompt", "label"], BAD_ROWS)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(common.UserError) as e:
         _prepare(manifest, tmp_path / "out")
     msg = str(e.value)
     for row, reason in [(3, "video not found"), (4, "unreadable video"), (5, "too few frames"),
@@ -222,7 +222,7 @@ def test_a_video_that_fails_while_decoding_is_named_or_skipped(videos, tmp_path,
             raise RuntimeError("Could not read frame 5")
         return real(path, *a)
     monkeypatch.setattr(prepare, "read_video", read)
-    with pytest.raises(ValueError, match=r"row 2 \(line 3\): RuntimeError: Could not read frame 5"):
+    with pytest.raises(common.UserError, match=r"row 2 \(line 3\): RuntimeError: Could not read frame 5"):
         _prepare(manifest, tmp_path / "a")
     _prepare(manifest, tmp_path / "b", skip_bad=True)
     assert common.load_dataset(tmp_path / "b", "binary")[0]["row"].tolist() == [1, 3]
@@ -231,11 +231,11 @@ def test_a_video_that_fails_while_decoding_is_named_or_skipped(videos, tmp_path,
 
 def test_bad_arguments_fail_early(videos, tmp_path):
     manifest = _csv(videos / "binary.csv", ["video", "prompt", "label"], GOOD)
-    with pytest.raises(ValueError, match="4k\\+1"):
+    with pytest.raises(common.UserError, match="4k\\+1"):
         _prepare(manifest, tmp_path / "x", num_frames=8)
-    with pytest.raises(ValueError, match=r"no \['Overall'\] column"):
+    with pytest.raises(common.UserError, match=r"no \['Overall'\] column"):
         _prepare(_csv(tmp_path / "p.csv", ["path_A", "path_B", "prompt", "VQ"], [("a", "b", "c", "A")]), tmp_path / "y")
-    with pytest.raises(ValueError, match="both label and score"):
+    with pytest.raises(common.UserError, match="both label and score"):
         _prepare(_csv(tmp_path / "q.csv", ["video", "prompt", "label", "score"], [("v0.mp4", "p", 1, 2)]),
                  tmp_path / "z")
 
@@ -273,7 +273,7 @@ def test_interrupted_run_resumes_without_duplicates(videos, binary_folder, tmp_p
 def test_a_folder_made_with_other_settings_is_refused_unless_overwrite(videos, tmp_path):
     manifest = _csv(videos / "b2.csv", ["video", "prompt", "label"], GOOD[:2])
     _prepare(manifest, tmp_path / "d", shard_size=1)
-    with pytest.raises(ValueError, match=r"differs in \['shard_size'\]"):
+    with pytest.raises(common.UserError, match=r"differs in \['shard_size'\]"):
         _prepare(manifest, tmp_path / "d", shard_size=2)
     _prepare(manifest, tmp_path / "d", shard_size=2, overwrite=True)
     assert len(list((tmp_path / "d").glob("shard-*.safetensors"))) == 1
@@ -283,19 +283,21 @@ def test_a_folder_made_with_other_settings_is_refused_unless_overwrite(videos, t
 # ---------------------------------------------------------------- CLI
 def test_cli(videos, tmp_path):
     manifest = _csv(videos / "binary.csv", ["video", "prompt", "label"], GOOD)
-    r = subprocess.run([sys.executable, "prepare.py", "--input", str(manifest), "--out", str(tmp_path / "cli"),
+    r = subprocess.run([sys.executable, "prepare.py", "--input", str(manifest), "--out-dir", str(tmp_path / "cli"),
                         "--shard-size", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     assert "| binary" in r.stdout and "16x3x4x4" in r.stdout
     assert common.load_dataset(tmp_path / "cli", "binary")[0]["latents"].shape[0] == 5
 
 
-def test_cli_bad_rows_exit_with_the_rows_named_and_no_traceback(videos, tmp_path, monkeypatch):
+def test_cli_bad_rows_exit_with_the_rows_named_and_no_traceback(videos, tmp_path, monkeypatch, capsys):
     bad = _csv(videos / "bad.csv", ["video", "prompt", "label"], BAD_ROWS)
-    monkeypatch.setattr(sys, "argv", ["prepare.py", "--input", str(bad), "--out", str(tmp_path / "bad")])
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--input", str(bad), "--out-dir", str(tmp_path / "bad")])
     with pytest.raises(SystemExit) as e:  # the __main__ block, in-process (no second interpreter start)
         runpy.run_path(str(ROOT / "prepare.py"), run_name="__main__")
-    assert "row 3 (line 4): video not found" in str(e.value.code) and str(e.value.code).startswith("prepare.py: ")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "\nerror: " in "\n" + err and "row 3 (line 4): video not found" in err
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------- every method trains on what prepare.py wrote
