@@ -431,6 +431,15 @@ def test_mean_se():
     assert m == 2.5 and abs(se - (1.6666667 ** 0.5) / 2) < 1e-6
 
 
+def test_paired_summary_pairs_sample_by_sample():
+    before, after = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 2.5, 5.0, 4.5])
+    s, rows = C.paired_summary(dict(r=before), dict(r=after))
+    assert s["r_before"] == list(C.mean_se(before)) and s["r_after"] == list(C.mean_se(after))
+    d = after - before  # the paired SE is the SE of the differences, not of either side
+    assert s["r_gain"] == pytest.approx([d.mean().item(), (d.std() / 2).item()])
+    assert [r["samples"] for r in rows] == ["before (n=4)", "after (n=4)", "gain (paired) (n=4)"]
+
+
 def test_export_video(tmp_path):
     p = C.export_video(toy.make_toy_clips(1)[0], tmp_path / "a.mp4")
     import imageio.v3 as iio
