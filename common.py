@@ -67,26 +67,50 @@ WAN_CONFIGS = {
 
 
 def backbone_config(name: str) -> dict:
-    """The WAN_CONFIGS entry for a known name; for a folder / hub id, the 1.3B defaults."""
-    return WAN_CONFIGS.get(name, WAN_CONFIGS["wan2.1-1.3b"])
+    """A backbone's config without its weights: the WAN_CONFIGS entry of a known name or hub id, or a diffusers
+    folder's own configs read from disk (see folder_config)."""
+    for key, cfg in WAN_CONFIGS.items():
+        if name in (key, cfg["repo"]):
+            return cfg
+    folder = Path(name).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"--backbone {name}: neither a known backbone ({', '.join(WAN_CONFIGS)}) nor a diffusers Wan "
+                        f"folder (no model_index.json in {folder})", 2)
+    read = lambda f: json.loads((folder / f).read_text()) if (folder / f).is_file() else {}
+    return folder_config(read("transformer/config.json"), read("vae/config.json"),
+                         read("scheduler/scheduler_config.json"), str(folder))
 
 
-def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def folder_config(transformer: dict, vae: dict, scheduler: dict, repo: str) -> dict:
+    """A checkpoint's config from its own transformer / VAE / scheduler configs. Flow shift: the scheduler's. Default
+    video size and text length: those of the known checkpoint with the same DiT shape (a local 14B copy gets 14B's),
+    else Wan2.1-1.3B's."""
+    tr = {k: v for k, v in transformer.items() if not k.startswith("_")}
+    shape = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")
+    known = next((c for c in WAN_CONFIGS.values() if all(tr.get(k) == c["transformer"][k] for k in shape)),
+                 WAN_CONFIGS["wan2.1-1.3b"])
+    return dict(known, repo=repo, flow_shift=scheduler.get("flow_shift") or known["flow_shift"], transformer=tr,
+                vae={k: v for k, v in vae.items() if not k.startswith("_")})
+
+
+def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  height: int | None = None, width: int | None = None, num_frames: int | None = None):
     """Load a WanPipeline: "tiny" (toy.build_tiny_pipeline), "wan2.1-1.3b", "wan2.1-14b", a folder or a hub id.
-    The transformer runs in bf16 on CUDA and fp32 on CPU (or `dtype`); VAE and text encoder in fp32."""
+    The transformer runs in bf16 on CUDA and fp32 on CPU (or `dtype`); VAE and text encoder in fp32. The video size
+    (default: the checkpoint's, backbone_config) is fixed here: every later backbone_geometry(pipe) uses it."""
     from diffusers import WanPipeline
 
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+    known = any(name in (k, c["repo"]) for k, c in WAN_CONFIGS.items())
+    # a known name or a folder: its config before any weight loads (a bad folder is a UserError here)
+    cfg = backbone_config(name) if known or not hub_id else None
     if name == "tiny":
         import toy
         pipe = toy.build_tiny_pipeline()
     else:
         repo = WAN_CONFIGS[name]["repo"] if name in WAN_CONFIGS else name
-        local = Path(repo).expanduser()
-        if name not in WAN_CONFIGS and (local.exists() or repo.startswith((".", "/", "~")) or repo.count("/") != 1):
-            if not (local / "model_index.json").is_file():
-                raise UserError(f"--backbone {name}: not a diffusers Wan folder (no model_index.json in {local})")
         try:  # transformer in `dtype`, everything else (VAE, text encoder) in fp32
             pipe = WanPipeline.from_pretrained(repo, dtype={"transformer": dtype, "default": torch.float32})
         except (OSError, ValueError) as e:  # hub unreachable / not cached / not a Wan folder
@@ -94,7 +118,11 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
             raise UserError(f"could not load the Wan checkpoint '{repo}' ({type(e).__name__}: {e}).\nDownload it "
                             f"once where the Hugging Face hub is reachable:\n    hf download {repo} --local-dir "
                             f"{folder}\nthen pass the folder: --backbone {folder}") from None
+    cfg = cfg or folder_config(dict(pipe.transformer.config), dict(pipe.vae.config), dict(pipe.scheduler.config), name)
     pipe.backbone_name = name
+    pipe.wan_config = dict(cfg, height=height or cfg["height"], width=width or cfg["width"],
+                           num_frames=num_frames or cfg["num_frames"])
+    backbone_geometry(pipe)  # checks the size
     if pipe.transformer.dtype != dtype:  # tiny on CUDA (from_pretrained keeps Wan's fp32 modules; .to() would not)
         pipe.transformer.to(dtype=dtype)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
@@ -104,16 +132,17 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
 
 
 def backbone_geometry(pipe, height=None, width=None, num_frames=None) -> dict:
-    """Video size (defaults from the backbone) and the latent shape and token count it gives."""
-    cfg = backbone_config(getattr(pipe, "backbone_name", "tiny"))
+    """Video size (default: the one load_backbone fixed) and the latent shape and token count it gives."""
+    cfg = getattr(pipe, "wan_config", None) or backbone_config(getattr(pipe, "backbone_name", "tiny"))
     h, w, f = height or cfg["height"], width or cfg["width"], num_frames or cfg["num_frames"]
     st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-    if (f - 1) % st or h % (ss * 2) or w % (ss * 2):
-        raise ValueError(f"video {f}x{h}x{w}: frames must be {st}k+1 and height/width multiples of {ss * 2}")
+    if min(h, w, f) <= 0 or (f - 1) % st or h % (ss * 2) or w % (ss * 2):
+        raise UserError(f"video {h}x{w}x{f} (--height --width --num-frames): frames must be {st}k+1 and height/width "
+                        f"positive multiples of {ss * 2}", 2)
     shape = (pipe.transformer.config.in_channels, (f - 1) // st + 1, h // ss, w // ss)
     p = pipe.transformer.config.patch_size
     tokens = shape[1] // p[0] * shape[2] // p[1] * shape[3] // p[2]
-    return dict(height=h, width=w, num_frames=f, latent_shape=shape, tokens=tokens,
+    return dict(height=h, width=w, num_frames=f, latent_shape=shape, tokens=tokens, flow_shift=cfg["flow_shift"],
                 max_sequence_length=cfg["max_sequence_length"])
 
 
@@ -221,7 +250,7 @@ def sample_latents(pipe, embeds, seeds: list[int], num_steps: int = 20, shift: f
     """Fresh samples (no gradient) from fixed seeds: one latent per (embedding row, seed)."""
     geo = backbone_geometry(pipe)
     dev = pipe.transformer.device
-    sigmas = sigma_schedule(num_steps, shift or backbone_config(getattr(pipe, "backbone_name", "tiny"))["flow_shift"])
+    sigmas = sigma_schedule(num_steps, shift or geo["flow_shift"])
     out = []
     for i in range(0, len(seeds), batch_size):
         e = embeds[i:i + batch_size].to(dev)

@@ -1,45 +1,41 @@
 """PRISM: "Through the PRISM: Preference Representation in Intermediate States of Video Diffusion Models"
 (Wu et al., arXiv 2606.20310).
 
-A frozen video DiT already encodes preference in its noisy latents. The generator's own first N_b = 12
-blocks read (z_t, prompt, t) under no_grad; a small head (linear projection of [video tokens ; embedded
-text tokens], ONE learnable query with multi-head cross-attention over them, a 5-layer MLP) gives a scalar
-r(z_t, c, t). It is trained on A / B / tie pairs with the Rao-Kupper Bradley-Terry-with-ties likelihood
-(eta = 5), both videos at the same t with the same noise. Because it scores noisy latents, it allows an
-early Best-of-N: N trajectories denoise together for k steps, the head picks one, only it finishes and
-is decoded.
+A frozen video DiT already encodes preference in its noisy latents. Its own first N_b = 12 blocks read (z_t,
+prompt, t) under no_grad; a small head (linear projection of [video tokens ; embedded text tokens], ONE learnable
+query with cross-attention over them, a 5-layer MLP) gives a scalar r(z_t, c, t), trained on A / B / tie pairs
+with the Rao-Kupper Bradley-Terry-with-ties likelihood (eta = 5), both videos at the same t with the same noise.
+Scoring noisy latents allows an early Best-of-N: N trajectories denoise together for k steps, the head picks one,
+only it finishes and is decoded.
 
 Equation -> code
     Eq. (1)   z_t = (1 - t/T) z_0 + (t/T) eps, same t and eps for A and B   noisy_pair (common.add_noise)
     Eq. (2)   F_vis, F_txt = first N_b blocks of the frozen DiT            backbone_features (dit_prefix_features)
     §3.2      F_uni = [F_vis; F_txt], 1-query cross-attention, 5-layer MLP  PRISMHead  (--pooling mean: Tab. 3)
     Eq. (3)   Rao-Kupper P(A>B), P(B>A), P(A=B)                             rao_kupper_probs, rao_kupper_log_probs
-    Eq. (4)   L_BTT = -E_t log P_eta(y | z_t^A, z_t^B, c, t)                rao_kupper_nll
+    Eq. (4)   L_BTT = -E_t log P_eta(y | z_t^A, z_t^B, c, t)                rao_kupper_nll, head_step, train_head
+    --loss    rao-kupper | bradley-terry (ablation), the one switch of the likelihood  preference_nll, loss_config
     Tab. 1    accuracy w/o ties and tie-calibrated accuracy vs t            accuracy_without_ties, accuracy_with_ties
     Fig. 3    early Best-of-N at step k                                     early_best_of_n, evaluate_bon
 
 Where this differs from the paper text (no official code exists; the notes are in shared/reference/prism.md):
   * Eq. (3) as printed has P(A>B) = e^rA / (e^rB + eta e^rA), which does not normalise (the three terms sum
     to 0.93 at rA=.3, rB=-.2); the standard Rao-Kupper term e^rA / (e^rA + eta e^rB) is used.
-  * Unreported head details follow the closest public code (PAVRM in Tencent-Hunyuan/HY-Video-PRFL): 8
-    attention heads, xavier-initialised query; GELU MLP of width D; plus a LayerNorm on the tokens before the
-    projection (our choice: block-12 video tokens and embedded text tokens have different scales) and a
-    key-padding mask on the text pads (Wan itself attends to its zero pads). About 21.2M trainable
-    parameters at D = 1536 against the paper's 21.8M.
+  * Unreported head details follow the closest public code (PAVRM in Tencent-Hunyuan/HY-Video-PRFL): 8 attention
+    heads, xavier-initialised query; GELU MLP of width D; plus a LayerNorm on the tokens before the projection (our
+    choice: block-12 video tokens and embedded text tokens have different scales) and a key-padding mask on the text
+    pads (Wan itself attends to its zero pads). 21.2M trainable parameters at D = 1536 (paper: 21.8M).
   * t ~ U{0..999}, sigma = t/1000 (Eq. 1, unshifted) in training; Best-of-N scores a latent at the shifted
     sigma the sampler has reached. The sampler is common.rollout's Euler on the shifted schedule, not
     diffusers' UniPC. Tie-calibrated accuracy is the VideoGen-RewardBench sweep ("Ties Matter", arXiv
     2305.14324, Alg. 1), evaluated only at thresholds that split distinct |m| values.
-  * Compute of Best-of-N is counted, not timed: transformer forwards, N prefix passes (N_b blocks + head) for
-    the scoring, VAE decodes; FLOPs = those counts x the FLOPs of ONE forward / prefix pass / decode at batch
-    1 and the generated size, counted with torch.utils.flop_counter.FlopCounterMode on meta-device copies
-    (no memory; attention through the math SDPA kernel so its matmuls are counted). The pixel reward model
-    of the oracle is not counted (in the toy world it is free; VideoScore2 in the paper is 8B).
-  * On --backbone tiny the paper's run lengths / widths are replaced by TINY (below) for a few-minute demo.
+  * Best-of-N compute is counted, not timed: transformer forwards, N scoring passes (N_b blocks + head), VAE
+    decodes, each x the FLOPs of ONE pass at batch 1 (FlopCounterMode on meta-device copies; math SDPA, so
+    attention is counted). The oracle's pixel reward model is not (free in the toy world; VideoScore2 is 8B).
+  * Best-of-N draws --eval-samples (prompt, seed) rows, the held-out prompts cycled, each with its own N noises.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 import common
@@ -64,62 +62,52 @@ class Args:
     seed: int = common.arg(0, "seed of training randomness (evaluation noise uses its own fixed seeds)")
     device: str = common.arg("auto", "auto | cpu | cuda")
     data: str = common.arg("", "'pairs' latent dataset folder (prepare.py); empty = the toy world (tiny only)")
-    toy_pairs: int = common.arg(2048, "toy world: number of labelled pairs (the DiNa-LRM demo's dataset: one cache)")
+    toy_size: int = common.arg(2048, "toy world: number of labelled pairs (the DiNa-LRM demo's dataset: one cache)")
     toy_cache: str = common.arg("runs/toy_data", "toy world: dataset cache folder")
     test_fraction: float = common.arg(0.25, "share of PROMPTS held out for evaluation (prompt-disjoint, as VLRM-Bench)")
-    tiny_defaults: bool = common.arg(True, "on --backbone tiny, fields still at their paper default take the "
-                                           "TINY value (shown as 'tiny: ...' in each help)")
-    estimate_memory: bool = common.arg(False, "only print the estimated peak GPU memory and TFLOPs of one head step, one "
-                                              "scoring pass and one early Best-of-N at --backbone's size (no weights, no data)")
+    estimate_memory: bool = common.arg(False, "only print the estimated peak GPU memory and TFLOPs of one step of each "
+                                              "stage at --backbone's size (no weights, no data)")
     # backbone (frozen; nothing of it trains)
     backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
     num_blocks: int = common.arg(12, "N_b: the head reads the tokens after this many DiT blocks (paper 12)")
     # reward model (PRISM head)
     reward_ckpt: str = common.arg("", "head safetensors to reuse (skips training)")
-    head_dim: int = common.arg(1536, "D: projection / attention / MLP width (paper 1536 for every backbone; tiny: 64)")
+    head_dim: int = common.arg(1536, "D: projection / attention / MLP width (paper 1536 for every backbone)")
     num_heads: int = common.arg(8, "attention heads (not reported; PAVRM code: 8)")
     num_queries: int = common.arg(1, "N_q learnable queries, averaged after attention (paper 1; Tab. 4: 4, 8)")
     mlp_layers: int = common.arg(5, "linear layers of the MLP to the scalar reward (paper 5)")
-    pooling: str = common.arg("query", "query: learnable-query cross-attention; mean: masked average pooling "
-                                       "(Tab. 3 ablation)", choices=["query", "mean"])
-    eta: float = common.arg(5.0, "Rao-Kupper tie parameter eta > 1 (paper 5.0; Tab. 4: 3, 8)")
-    lr: float = common.arg(1e-4, "AdamW lr, constant (paper; tiny: 1e-3)")
+    pooling: str = common.arg("query", "query: learnable-query cross-attention; mean: masked mean pooling (Tab. 3)",
+                              choices=["query", "mean"])
+    loss: str = common.arg("rao-kupper", "likelihood of the labels: rao-kupper (Eq. 3-4) or bradley-terry (plain BT, "
+                                         "a tie = half a win each way)", choices=["rao-kupper", "bradley-terry"])
+    eta: float = common.arg(5.0, "Rao-Kupper tie parameter eta > 1 (paper 5.0; Tab. 4: 3, 8); rao-kupper only")
+    rm_lr: float = common.arg(1e-4, "AdamW lr of the head, constant (paper)")
     weight_decay: float = common.arg(0.01, "AdamW weight decay (not reported)")
-    batch_size: int = common.arg(16, "pairs per step (not reported; tiny: 32)")
-    train_steps: int = common.arg(5000, "optimiser steps (not reported; ~3 epochs of 26k pairs at 16; tiny: 1000)")
+    rm_batch: int = common.arg(16, "pairs per micro-batch (not reported)")
+    grad_accum: int = common.arg(1, "micro-batches per optimiser step (not reported)")
+    rm_steps: int = common.arg(5000, "optimiser steps (not reported; ~3 epochs of 26k pairs at 16)")
     eval_timesteps: list = common.arg(None, "t in [0, 1000) where accuracy is measured (Tab. 1)",
                                       factory=lambda: [989, 949, 899, 699, 499, 299, 99, 0])
     # early Best-of-N (Fig. 3, Tab. 2)
-    bon_n: int = common.arg(5, "N candidates per prompt (paper 5)")
-    bon_steps: list = common.arg(None, "k: select after this many sampler steps (k = num_steps scores the clean "
-                                       "latent)", factory=lambda: [1, 5, 10, 25, 50])
+    bon_n: int = common.arg(5, "N candidates per draw (paper 5)")
+    bon_steps: list = common.arg(None, "k: pick after this many sampler steps (k = --num-steps: the clean latent)",
+                                 factory=lambda: [1, 5, 10, 25, 50])
     num_steps: int = common.arg(50, "sampler steps (paper 50)")
-    flow_shift: float = common.arg(0.0, "schedule shift; 0 = the backbone's (3.0 for 1.3B at 480p, diffusers)")
-    guidance_scale: float = common.arg(5.0, "CFG with the empty prompt as negative (diffusers default; tiny: 1.0)")
-    bon_batch: int = common.arg(1, "prompts denoised at once (each with its N candidates; tiny: 64)")
-    bon_prompts: int = common.arg(0, "cap on Best-of-N prompts (0 = all held-out prompts; toy: 12 unseen + the "
-                                     "test split's 9 = 21)")
-    bon_seeds: int = common.arg(1, "Best-of-N draws per prompt, each with its own N candidate noises (tiny: 8, "
-                                   "so that 21 toy prompts give 168 paired comparisons)")
-    num_videos: int = common.arg(2, "mp4 of the picks at each k saved for the first prompts")
+    flow_shift: float = common.arg(None, "schedule shift of sampling; None = the backbone scheduler's (3.0 for "
+                                         "Wan2.1-1.3B at 480p, 5.0 for 14B; diffusers)", type=float)
+    guidance_scale: float = common.arg(5.0, "CFG with the empty prompt as negative (diffusers default)")
+    eval_samples: int = common.arg(None, "Best-of-N draws (prompt, seed) in total, each with N fresh noises, the "
+                                         "held-out prompts cycled (toy: 21); None = each once", type=int)
+    bon_batch: int = common.arg(1, "draws denoised at once (each with its N candidates)")
+    save_videos: int = common.arg(2, "mp4s of the picks at each k, for the first draws (into <run>/videos/)")
 
 
-# Demo sizes for the tiny backbone (the rule: a field still equal to its paper default above takes this value
-# when --backbone tiny, unless --no-tiny-defaults). Real backbones keep the paper's. 1000 steps: on the toy
-# world's 2048 pairs 300 steps reach 0.66 w/o ties at t = 0, 1000 steps 0.70 (about a minute on one core).
-TINY = dict(head_dim=64, lr=1e-3, batch_size=32, train_steps=1000, guidance_scale=1.0, bon_batch=64, bon_seeds=8)
+# The parser's defaults on --backbone tiny (a typed value always wins). 1000 steps: on the toy world's 2048 pairs 300
+# steps reach 0.66 w/o ties at t = 0, 1000 steps 0.70 (a minute on one core). 168 draws = 21 toy prompts x 8 seeds.
+TINY = dict(head_dim=64, rm_lr=1e-3, rm_batch=32, rm_steps=1000, guidance_scale=1.0, bon_batch=64, eval_samples=168)
 
 
-def resolve_args(args: Args) -> Args:
-    if args.backbone != "tiny" or not args.tiny_defaults:
-        return args
-    paper = {f.name: f.default for f in dataclasses.fields(Args)}
-    return dataclasses.replace(args, **{k: v for k, v in TINY.items() if getattr(args, k) == paper[k]})
-
-
-# ----------------------------------------------------------------------------------------------
-# Features and head: Eqs. (1)-(2), §3.2
-# ----------------------------------------------------------------------------------------------
+# ==== Features and head: Eqs. (1)-(2), §3.2
 def noisy_pair(z_a, z_b, sigma, eps):
     """Eq. (1) for both videos of a pair at the SAME sigma with the SAME noise (§3.3: the difference of the
     two noisy latents is then (1 - sigma)(z_a - z_b), so noise never decides the comparison)."""
@@ -147,10 +135,8 @@ class PRISMHead(nn.Module):
         self.proj = nn.Linear(in_dim, dim)
         self.queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_queries, dim)))
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        layers = []
-        for _ in range(mlp_layers - 1):
-            layers += [nn.Linear(dim, dim), nn.GELU()]
-        self.mlp = nn.Sequential(*layers, nn.Linear(dim, 1))
+        hidden = [m for _ in range(mlp_layers - 1) for m in (nn.Linear(dim, dim), nn.GELU())]
+        self.mlp = nn.Sequential(*hidden, nn.Linear(dim, 1))
 
     def forward(self, f_vis, f_txt, txt_mask):
         tokens = self.proj(self.norm(torch.cat([f_vis, f_txt], 1)))                 # F_uni projected, [B, N+L, D]
@@ -163,15 +149,20 @@ class PRISMHead(nn.Module):
         return self.mlp(agg).squeeze(-1)
 
 
+def new_head(args, transformer_config) -> PRISMHead:
+    """A fresh head of the Args' shape over a transformer of this config (its inner width is the head's input)."""
+    c = transformer_config
+    return PRISMHead(c["num_attention_heads"] * c["attention_head_dim"], args.head_dim, args.num_heads,
+                     args.num_queries, args.mlp_layers, args.pooling)
+
+
 def prism_reward(transformer, head, z_t, sigma, embeds, txt_mask, num_blocks: int):
     """r(z_t, c, t): frozen prefix (no_grad) then the head (with grad when training)."""
     f_vis, f_txt = backbone_features(transformer, z_t, sigma, embeds, num_blocks)
     return head(f_vis, f_txt, txt_mask.to(z_t.device))
 
 
-# ----------------------------------------------------------------------------------------------
-# Rao-Kupper Bradley-Terry with ties: Eqs. (3)-(4)
-# ----------------------------------------------------------------------------------------------
+# ==== Rao-Kupper Bradley-Terry with ties: Eqs. (3)-(4)
 def rao_kupper_probs(r_a, r_b, eta: float):
     """Eq. (3), direct form (standard Rao-Kupper; see the module docstring for the printed typo).
     Returns [..., 3] = P(A>B), P(B>A), P(A=B) in the label order. Overflows for large r: reference only."""
@@ -198,9 +189,29 @@ def rao_kupper_nll(r_a, r_b, pref, eta: float):
     return -rao_kupper_log_probs(r_a, r_b, eta).gather(-1, pref.long()[:, None]).mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# Accuracy metrics (Tab. 1; VideoGen-RewardBench protocol)
-# ----------------------------------------------------------------------------------------------
+def bradley_terry_nll(r_a, r_b, pref):
+    """Plain Bradley-Terry, P(A>B) = sigmoid(r_A - r_B), which has no tie outcome: a tie counts as half a win
+    each way (soft label 1/2), which, like the Rao-Kupper tie term, pulls r_A - r_B towards 0. Ablation only."""
+    target = torch.tensor([1.0, 0.0, 0.5], device=r_a.device)[pref.long()]
+    return F.binary_cross_entropy_with_logits(r_a - r_b, target)
+
+
+# The one switch of the likelihood (--loss): head_step (training and --estimate-memory), the flag check in
+# check_args, the test NLL of evaluate_accuracy, the checkpoint metadata and the summary all go through these two
+# functions, so a fork that changes the loss changes it here and nowhere else.
+def preference_nll(args, r_a, r_b, pref):
+    """Mean NLL of the labels pref {0: A, 1: B, 2: tie} under --loss."""
+    if args.loss == "bradley-terry":
+        return bradley_terry_nll(r_a, r_b, pref)
+    return rao_kupper_nll(r_a, r_b, pref, args.eta)
+
+
+def loss_config(args) -> dict:
+    """The loss as recorded (checkpoint metadata, summary.json): its name and the parameters it reads."""
+    return dict(loss=args.loss, eta=args.eta) if args.loss == "rao-kupper" else dict(loss=args.loss)
+
+
+# ==== Accuracy metrics (Tab. 1; VideoGen-RewardBench protocol)
 def human_sign(pref):
     """pref {0: A, 1: B, 2: tie} -> h {+1, -1, 0}, the sign convention of m = r_A - r_B."""
     return torch.tensor([1.0, -1.0, 0.0])[pref.long().cpu()]
@@ -226,49 +237,12 @@ def accuracy_with_ties(h, m) -> float:
     return ((c + t_hm) / len(h))[last].max().item()
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-def load_pairs(args, pipe):
-    """A 'pairs' dataset (--data folder or the cached toy world), checked against the backbone."""
-    if args.data:
-        data, meta = common.load_dataset(args.data, "pairs")
-        where = args.data
-    else:
-        if args.backbone != "tiny":
-            raise SystemExit("the toy world exists for --backbone tiny only; pass --data <pairs folder> (prepare.py)")
-        data, meta = toy.toy_dataset(pipe, "pairs", args.toy_pairs, seed=0, cache_dir=args.toy_cache)
-        where = f"{args.toy_cache}/pairs-{args.toy_pairs}-0"
-    for k in ("latents_a", "latents_b"):
-        common.check_latent_shape(data[k], pipe, f"{where}: '{k}'")
-    if data["latents_a"].shape != data["latents_b"].shape:
-        raise ValueError(f"{where}: latents_a {tuple(data['latents_a'].shape)} != "
-                         f"latents_b {tuple(data['latents_b'].shape)}")
-    if not ((data["pref"] >= 0) & (data["pref"] <= 2)).all():
-        raise ValueError(f"{where}: 'pref' must be 0 (A), 1 (B) or 2 (tie), found {data['pref'].unique().tolist()}")
-    text_dim = pipe.transformer.config.text_dim
-    if data["prompt_embeds"].shape[-1] != text_dim:
-        raise ValueError(f"{where}: prompt_embeds {tuple(data['prompt_embeds'].shape)}, "
-                         f"the backbone's text dim is {text_dim}")
-    return data, meta
-
-
-def split_by_prompt(data, test_fraction: float, seed: int = 0):
-    """Prompt-disjoint train / test rows (the paper's VLRM-Bench is prompt-disjoint from training)."""
-    train_p, test_p = common.split_indices(len(data["prompt_embeds"]), test_fraction, seed)
-    is_test = torch.isin(data["prompt_idx"], test_p)
-    train, test = (~is_test).nonzero()[:, 0], is_test.nonzero()[:, 0]
-    if len(train) == 0 or len(test) == 0:
-        raise ValueError(f"prompt split left {len(train)} train / {len(test)} test pairs; change --test-fraction")
-    return train, test, test_p
-
-
-def batch_pairs(data, idx, sigma, eps, device):
-    """The pairs idx noised by Eq. (1) at sigma [B] with noise eps [B, ...] shared within each pair."""
-    z_a, z_b = noisy_pair(data["latents_a"][idx], data["latents_b"][idx], sigma, eps)
+# ==== Stage 1: train the head on the frozen backbone (§3.3, §4.1), evaluate accuracy vs t (Tab. 1)
+def batch_pairs(data, idx, device):
+    """Clean latents of A and B, prompt embeddings and mask, labels of the pairs idx, on the device."""
     p = data["prompt_idx"][idx]
-    return (z_a.to(device), z_b.to(device), sigma.to(device), data["prompt_embeds"][p].to(device),
-            data["prompt_mask"][p].to(device), data["pref"][idx].to(device))
+    return [x.to(device) for x in (data["latents_a"][idx], data["latents_b"][idx], data["prompt_embeds"][p],
+                                   data["prompt_mask"][p], data["pref"][idx])]
 
 
 def pair_rewards(transformer, head, z_a, z_b, sigma, embeds, mask, num_blocks):
@@ -278,58 +252,67 @@ def pair_rewards(transformer, head, z_a, z_b, sigma, embeds, mask, num_blocks):
     return r.chunk(2)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 1: train the head on the frozen backbone, evaluate accuracy vs t
-# ----------------------------------------------------------------------------------------------
+def head_step(args, transformer, head, x_a, x_b, embeds, mask, pref, sigma, eps):
+    """Forward and backward of one micro-batch (train_head and --estimate-memory): Eq. (1) for A and B at the same
+    sigma with the same noise, Eq. (2) + head, the loss of --loss (Eq. 4) / --grad-accum. Returns the loss."""
+    z_a, z_b = noisy_pair(x_a, x_b, sigma, eps)
+    r_a, r_b = pair_rewards(transformer, head, z_a, z_b, sigma, embeds, mask, args.num_blocks)
+    loss = preference_nll(args, r_a, r_b, pref)
+    (loss / args.grad_accum).backward()
+    return loss.detach()
+
+
 def train_head(args, pipe, head, data, train_idx, run, device):
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    """AdamW at a constant lr; each step: --grad-accum micro-batches of --rm-batch pairs drawn with replacement."""
+    opt = torch.optim.AdamW(head.parameters(), lr=args.rm_lr, weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(args.seed)
-    timer, losses = common.StepTimer(device), []
+    timer, losses, pairs = common.StepTimer(device), [], 0
     head.train()
-    for step in (bar := tqdm(range(args.train_steps), desc="PRISM head")):
+    for step in (bar := tqdm(range(args.rm_steps), desc="PRISM head")):
         with timer:
-            idx = train_idx[torch.randint(len(train_idx), (args.batch_size,), generator=g)]
-            sigma = torch.randint(0, 1000, (len(idx),), generator=g) / 1000       # t ~ U{0..999}, sigma = t / T
-            eps = torch.randn(len(idx), *data["latents_a"].shape[1:], generator=g)     # one noise per pair
-            z_a, z_b, s, e, m, pref = batch_pairs(data, idx, sigma, eps, device)
-            r_a, r_b = pair_rewards(pipe.transformer, head, z_a, z_b, s, e, m, args.num_blocks)
-            loss = rao_kupper_nll(r_a, r_b, pref, args.eta)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"PRISM head: loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = 0.0
+            for _ in range(args.grad_accum):
+                idx = train_idx[torch.randint(len(train_idx), (args.rm_batch,), generator=g)]
+                sigma = torch.randint(0, 1000, (len(idx),), generator=g) / 1000       # t ~ U{0..999}, sigma = t / T
+                eps = torch.randn(len(idx), *data["latents_a"].shape[1:], generator=g)     # one noise per pair
+                loss += head_step(args, pipe.transformer, head, *batch_pairs(data, idx, device), sigma.to(device),
+                                  eps.to(device)).item() / args.grad_accum
+                pairs += len(idx)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"PRISM head: loss is {loss} at step {step}")
             opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        run.log(step, "rm", loss=loss.item())
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        run.log(step, "rm", loss=loss)
     head.eval()
-    return dict(steps=args.train_steps, final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+    return dict(steps=args.rm_steps, pairs=pairs, final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
                 sec_per_step=timer.seconds_per_step, peak_mem_gib=timer.peak_memory_gib())
 
 
 @torch.no_grad()
 def evaluate_accuracy(args, pipe, head, data, test_idx, device, batch: int = 64) -> list[dict]:
-    """Tab. 1: every test pair at each fixed t, one fixed noise per pair shared by A and B (and by all t)."""
+    """Tab. 1: every test pair at each fixed t, one fixed noise per pair shared by A and B (and by all t); also the
+    test NLL of --loss."""
     g = torch.Generator().manual_seed(12345)
     eps_all = torch.randn(data["latents_a"][test_idx].shape, generator=g)
     h = human_sign(data["pref"][test_idx])
     rows = []
     for t in tqdm(args.eval_timesteps, desc="accuracy vs t", leave=False):
-        m = []
+        m, nll = [], 0.0
         for i in range(0, len(test_idx), batch):
-            idx = test_idx[i:i + batch]
-            sigma = torch.full((len(idx),), t / 1000)
-            z_a, z_b, s, e, msk, _ = batch_pairs(data, idx, sigma, eps_all[i:i + batch], device)
-            r_a, r_b = pair_rewards(pipe.transformer, head, z_a, z_b, s, e, msk, args.num_blocks)
+            x_a, x_b, e, msk, pref = batch_pairs(data, test_idx[i:i + batch], device)
+            sigma = torch.full((len(pref),), t / 1000, device=device)
+            z_a, z_b = noisy_pair(x_a, x_b, sigma, eps_all[i:i + batch].to(device))
+            r_a, r_b = pair_rewards(pipe.transformer, head, z_a, z_b, sigma, e, msk, args.num_blocks)
             m.append((r_a - r_b).cpu())
+            nll += preference_nll(args, r_a, r_b, pref).item() * len(pref) / len(test_idx)
         m = torch.cat(m)
-        rows.append(dict(t=t, acc=accuracy_without_ties(h, m), acc_ties=accuracy_with_ties(h, m)))
+        rows.append(dict(t=t, acc=accuracy_without_ties(h, m), acc_ties=accuracy_with_ties(h, m), nll=nll))
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 2: early Best-of-N (Fig. 3)
-# ----------------------------------------------------------------------------------------------
+# ==== Stage 2: early Best-of-N (Fig. 3)
 @torch.no_grad()
 def early_best_of_n(pipe, head, noise, embeds, txt_mask, sigmas, k: int, num_blocks: int,
                     guidance_scale: float = 1.0, negative_embeds=None):
@@ -356,9 +339,6 @@ def count_flops(pipe, head, latent_shape, text_len: int, num_blocks: int, device
     """FLOPs of ONE transformer forward, ONE scoring pass (N_b blocks + head) and ONE VAE decode at batch 1
     and this latent size, on fresh copies made on `device`: "meta" = shapes only, no memory (real sizes);
     "cpu" is faster for tiny (meta ops dispatch through Python). Math attention, so that it is counted."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device(device):
         tr = type(pipe.transformer).from_config(pipe.transformer.config)
         vae = type(pipe.vae).from_config(pipe.vae.config)
@@ -393,34 +373,18 @@ def bon_compute(n: int, k: int | None, steps: int, cfg: int, flops: dict) -> dic
     return dict(forwards=fwd, score_passes=score, decodes=dec, gflop=total / 1e9)
 
 
-def bon_prompt_table(args, pipe, data, meta, test_p):
-    """Best-of-N prompts: the held-out prompts of the split (+ the toy world's unseen 'patch' prompts)."""
-    prompts = [meta["prompts"][i] for i in test_p.tolist()]
-    embeds, mask = data["prompt_embeds"][test_p], data["prompt_mask"][test_p]
-    if meta.get("source") == "toy" and pipe.text_encoder is not None:
-        unseen = toy.toy_prompts("eval")
-        e, m = common.encode_prompts(pipe, unseen, max_sequence_length=embeds.shape[1])
-        prompts, embeds, mask = unseen + prompts, torch.cat([e, embeds]), torch.cat([m, mask])
-    cap, r = args.bon_prompts or len(prompts), args.bon_seeds  # draw d of prompt p is row d * cap + p
-    return prompts[:cap] * r, embeds[:cap].repeat(r, 1, 1), mask[:cap].repeat(r, 1)
-
-
 @torch.no_grad()
 def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative=None) -> list[dict]:
-    """Tab. 2: for each k, the reward of the pick vs a random pick (the expected value over the N candidates)
-    and the oracle (all N finished and decoded, best reward), same seeds throughout; compute per prompt.
-    reward_fn(pipe, latents, prompts) is the toy world's true_reward; None (real data): the picks are only
-    saved (bon_picks.safetensors, mp4) for an external benchmark."""
+    """Tab. 2: for each k, the reward of the pick vs a random pick (the mean over the N candidates) and the oracle
+    (all N finished and decoded, best reward), same seeds throughout; compute per draw. reward_fn(pipe, latents,
+    prompts): the toy world's true_reward; None (real data): the picks are only saved for an external benchmark."""
     P, N, S = len(prompts), args.bon_n, args.num_steps
-    shift = args.flow_shift or common.backbone_config(args.backbone)["flow_shift"]
-    sigmas = common.sigma_schedule(S, shift).to(device)
+    sigmas = common.sigma_schedule(S, sampler_shift(args)).to(device)
     shape = common.backbone_geometry(pipe)["latent_shape"]
     seed = lambda p, j: 10_000 * (args.seed + 1) + p * N + j              # candidate j of prompt p, every method
     noise = torch.stack([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed(p, j)))
                                       for j in range(N)]) for p in range(P)])
-    cfg = args.guidance_scale > 1
-    if cfg and negative is None:
-        negative = common.encode_prompts(pipe, [""], max_sequence_length=embeds.shape[1])[0]
+    cfg = args.guidance_scale > 1  # CFG needs `negative`, the empty prompt's embedding (encoded in main)
     neg = negative.to(device) if cfg else None
     flops = count_flops(pipe, head, shape, embeds.shape[1], args.num_blocks,
                         "cpu" if args.backbone == "tiny" else "meta")
@@ -446,11 +410,9 @@ def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device
         picks[f"step{k}"] = x
         rows.append(dict(method=f"PRISM step {k}", **bon_compute(N, k, S, 1 + cfg, flops)))
         if reward_fn is not None:
-            r = reward_fn(pipe, x, prompts)
-            gain = r - r_all.mean(1)                               # paired with the random pick, same seeds
-            rows[-1].update(reward=common.mean_se(r)[0], se=common.mean_se(r)[1],
-                            gain_vs_random=common.mean_se(gain)[0], gain_se=common.mean_se(gain)[1])
-        for i in range(min(args.num_videos, P)):
+            s = common.paired_summary(dict(r=r_all.mean(1)), dict(r=reward_fn(pipe, x, prompts)))[0]  # same seeds
+            rows[-1].update(zip(("reward", "se", "gain_vs_random", "gain_se"), s["r_after"] + s["r_gain"]))
+        for i in range(min(args.save_videos, P)):
             video = common.decode_latents(pipe, x[i:i + 1])[0]
             common.export_video(video, run.dir / "videos" / f"step{k:02d}_p{i}.mp4")
     common.save_safetensors(picks, run.dir / "bon_picks.safetensors", metadata=dict(prompts=prompts, n=N, steps=S))
@@ -460,130 +422,173 @@ def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
+# ==== Data, checkpoints, flags
+def load_pairs(args, pipe):
+    """A 'pairs' dataset (--data folder or the cached toy world), checked against the backbone."""
+    where = args.data or f"{args.toy_cache}/pairs-{args.toy_size}-0"
+    try:  # common's dataset checks (missing folder, NaN, ragged rows) end as `error:` too
+        if args.data:
+            data, meta = common.load_dataset(args.data, "pairs")
+        else:
+            data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=0, cache_dir=args.toy_cache)
+        for k in ("latents_a", "latents_b"):
+            common.check_latent_shape(data[k], pipe, f"{where}: '{k}'")
+    except (ValueError, FileNotFoundError) as e:
+        raise common.UserError(str(e)) from None
+    if data["latents_a"].shape != data["latents_b"].shape:
+        raise common.UserError(f"{where}: latents_a {tuple(data['latents_a'].shape)} != "
+                               f"latents_b {tuple(data['latents_b'].shape)}")
+    if not ((data["pref"] >= 0) & (data["pref"] <= 2)).all():
+        raise common.UserError(f"{where}: 'pref' must be 0 (A), 1 (B) or 2 (tie), "
+                               f"found {data['pref'].unique().tolist()}")
+    if data["prompt_embeds"].shape[-1] != pipe.transformer.config.text_dim:
+        raise common.UserError(f"{where}: prompt_embeds {tuple(data['prompt_embeds'].shape)}, the backbone's text "
+                               f"dim is {pipe.transformer.config.text_dim}")
+    return data, meta
+
+
+def split_by_prompt(data, test_fraction: float, seed: int = 0):
+    """Prompt-disjoint train / test rows (the paper's VLRM-Bench is prompt-disjoint from training)."""
+    train_p, test_p = common.split_indices(len(data["prompt_embeds"]), test_fraction, seed)
+    is_test = torch.isin(data["prompt_idx"], test_p)
+    train, test = (~is_test).nonzero()[:, 0], is_test.nonzero()[:, 0]
+    if len(train) == 0 or len(test) == 0:
+        raise common.UserError(f"the prompt split left {len(train)} train / {len(test)} test pairs: change "
+                               f"--test-fraction", 2)
+    return train, test, test_p
+
+
+def bon_prompt_table(args, pipe, data, meta, test_p):
+    """Best-of-N draws: the held-out prompts of the split (+ the toy world's unseen 'patch' prompts), cycled to
+    --eval-samples rows (row i: prompt i mod P; each row gets its own N noises in evaluate_bon)."""
+    prompts = [meta["prompts"][i] for i in test_p.tolist()]
+    embeds, mask = data["prompt_embeds"][test_p], data["prompt_mask"][test_p]
+    if meta.get("source") == "toy" and pipe.text_encoder is not None:
+        unseen = toy.toy_prompts("eval")
+        e, m = common.encode_prompts(pipe, unseen, max_sequence_length=embeds.shape[1])
+        prompts, embeds, mask = unseen + prompts, torch.cat([e, embeds]), torch.cat([m, mask])
+    rows = [i % len(prompts) for i in range(len(prompts) if args.eval_samples is None else args.eval_samples)]
+    return [prompts[i] for i in rows], embeds[rows], mask[rows]
+
+
+def sampler_shift(args) -> float:
+    """--flow-shift, or the backbone scheduler's."""
+    return common.backbone_config(args.backbone)["flow_shift"] if args.flow_shift is None else args.flow_shift
+
+
 def save_head(head, path, args):
     common.save_safetensors(head.state_dict(), path, metadata=dict(**head.config, num_blocks=args.num_blocks,
-                                                                   eta=args.eta, backbone=args.backbone))
+                                                                   **loss_config(args), backbone=args.backbone))
 
 
 def load_head(path, pipe, num_blocks: int) -> PRISMHead:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--reward-ckpt {path}: no such file")
     with safe_open(str(path), "pt") as f:
         meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     if "in_dim" not in meta:
-        raise ValueError(f"{path}: not a PRISM head checkpoint (no head config in its metadata)")
+        raise common.UserError(f"--reward-ckpt {path}: not a PRISM head checkpoint (no head config in its metadata)")
     cfg = {k: (meta[k] if k == "pooling" else int(meta[k])) for k in
            ("in_dim", "dim", "num_heads", "num_queries", "mlp_layers", "pooling")}
     inner = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
     if cfg["in_dim"] != inner or int(meta.get("num_blocks", num_blocks)) != num_blocks:
-        raise ValueError(f"{path}: head made for width {cfg['in_dim']} after block {meta.get('num_blocks')}, "
-                         f"this backbone gives width {inner} after block {num_blocks}")
+        raise common.UserError(f"--reward-ckpt {path}: head made for width {cfg['in_dim']} after block "
+                               f"{meta.get('num_blocks')}, this backbone gives width {inner} after block {num_blocks}")
     head = PRISMHead(**cfg)
     head.load_state_dict(state)
     return head
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
+def check_args(args: Args):
+    """Flag checks, before any model loads."""
+    def bad(msg, code=2):
+        raise common.UserError(msg, code)
+    if args.stage == "bon" and not args.reward_ckpt:
+        bad("--stage bon needs a trained head: --reward-ckpt <run>/prism_head.safetensors")
+    if not args.data and args.backbone != "tiny" and not args.estimate_memory:
+        bad("the toy world exists for --backbone tiny only; pass --data <pairs folder> (prepare.py)")
+    if args.reward_ckpt and not Path(args.reward_ckpt).is_file():
+        bad(f"--reward-ckpt {args.reward_ckpt}: no such file", 1)
+    if args.stage != "rm" and not args.estimate_memory and not all(1 <= k <= args.num_steps for k in args.bon_steps):
+        bad(f"--bon-steps {args.bon_steps} must lie in 1..--num-steps {args.num_steps}")
+    for name in ("num_blocks", "rm_batch", "grad_accum", "rm_steps", "bon_n", "num_steps", "eval_samples", "bon_batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.flow_shift is not None and args.flow_shift <= 0:
+        bad(f"--flow-shift must be > 0, got {args.flow_shift}")
+    try:  # the loss checks its own parameters (Rao-Kupper: eta > 1)
+        preference_nll(args, torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    except ValueError as e:
+        bad(f"--loss {args.loss}: {e}")
+
+
 def estimate_memory(args: Args) -> dict:
-    """--estimate-memory on fake tensors at the backbone's size (estimate.StageEstimates): train_head's step on one
-    pair, one scoring pass, one early Best-of-N for one prompt (k = 5: its first step runs on a 2-step schedule, the
-    other no-grad steps are counted)."""
+    """--estimate-memory: head_step on one pair, one scoring pass, one early Best-of-N for one prompt (k = 5: its
+    first step runs on a 2-step schedule, the other no-grad steps are counted), fake tensors at the backbone's size."""
     with estimate.StageEstimates("PRISM", args.backbone) as est:
         x0, emb, mask = est.inputs()
-        c = est.cfg["transformer"]
-        pipe, head = est.build(lambda: (est.pipeline(), PRISMHead(c["num_attention_heads"] * c["attention_head_dim"],
-                                        args.head_dim, args.num_heads, args.num_queries, args.mlp_layers, args.pooling)))
-
-        def head_step(tr, head, x0, emb, mask):  # same sigma and noise for A and B (A = B: only shapes matter)
-            sigma = torch.rand(1)
-            r_a, r_b = pair_rewards(tr, head, *noisy_pair(x0, x0, sigma, torch.randn_like(x0)), sigma, emb, mask,
-                                    args.num_blocks)
-            rao_kupper_nll(r_a, r_b, torch.zeros(1), args.eta).backward()
-
-        est.step("head step (pair)", head_step, pipe.transformer, head, x0, emb, mask)
+        pipe, head = est.build(lambda: (est.pipeline(), new_head(args, est.cfg["transformer"])))
+        est.step("head step (pair)", head_step, args, pipe.transformer, head, x0, x0, emb, mask,
+                 torch.zeros(1, dtype=torch.long), torch.rand(1), torch.randn_like(x0))  # A = B: only shapes matter
         est.step("scoring pass", torch.no_grad()(prism_reward), pipe.transformer, head, x0, torch.rand(1), emb, mask,
                  args.num_blocks, train=False)
         k, n, cfg = min(5, args.num_steps), args.bon_n, args.guidance_scale > 1
-        sigmas = common.sigma_schedule(2, args.flow_shift or common.backbone_config(args.backbone)["flow_shift"])
         est.step(f"early Best-of-{n} (k={k} of {args.num_steps})", early_best_of_n, pipe, head,
-                 torch.randn(1, n, *x0.shape[1:]), emb, mask, sigmas, 1, args.num_blocks, args.guidance_scale,
-                 torch.zeros_like(emb) if cfg else None, train=False,
+                 torch.randn(1, n, *x0.shape[1:]), emb, mask, common.sigma_schedule(2, sampler_shift(args)), 1,
+                 args.num_blocks, args.guidance_scale, torch.zeros_like(emb) if cfg else None, train=False,
                  rollout_forwards=(n * (k - 1) + args.num_steps - k - 1) * (1 + cfg))
     return est.results
 
 
+# ==== main
 def main(args: Args) -> dict:
-    args = resolve_args(args)
+    check_args(args)
     if args.estimate_memory:
         return estimate_memory(args)
-    if args.stage == "bon" and not args.reward_ckpt:
-        raise SystemExit("--stage bon needs a trained head: --reward-ckpt <run>/prism_head.safetensors")
-    if not all(1 <= k <= args.num_steps for k in args.bon_steps):
-        raise ValueError(f"--bon-steps {args.bon_steps} must lie in 1..--num-steps {args.num_steps}")
-    if args.eta <= 1:
-        raise ValueError(f"--eta must be > 1, got {args.eta}")
-    if args.bon_seeds < 1:
-        raise ValueError(f"--bon-seeds must be >= 1, got {args.bon_seeds}")
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     run = common.Run("prism", args, args.out_dir or None)
     pipe = common.load_backbone(args.backbone, device)
-    tr = pipe.transformer
     data, meta = load_pairs(args, pipe)
     train_idx, test_idx, test_p = split_by_prompt(data, args.test_fraction)
     # every prompt still needed is encoded now; then the text encoder (11 GB for Wan) leaves the device
-    bon_prompts = bon_prompt_table(args, pipe, data, meta, test_p)
+    prompts, embeds, mask = bon_prompt_table(args, pipe, data, meta, test_p)
     negative = common.encode_prompts(pipe, [""], max_sequence_length=data["prompt_embeds"].shape[1])[0]
     common.drop_text_encoder(pipe)
+    head = (load_head(args.reward_ckpt, pipe, args.num_blocks) if args.reward_ckpt
+            else new_head(args, pipe.transformer.config)).to(device)
+    ties = (data["pref"][test_idx] == 2).float().mean().item()
     summary = dict(method="prism", backbone=args.backbone, run_dir=str(run.dir), train_pairs=len(train_idx),
-                   test_pairs=len(test_idx), test_ties=(data["pref"][test_idx] == 2).float().mean().item())
-
-    if args.reward_ckpt:
-        head = load_head(args.reward_ckpt, pipe, args.num_blocks).to(device)
-    else:
-        head = PRISMHead(tr.config.num_attention_heads * tr.config.attention_head_dim, args.head_dim,
-                         args.num_heads, args.num_queries, args.mlp_layers, args.pooling).to(device)
-    summary["head_params"] = sum(p.numel() for p in head.parameters())
-    before = [p.clone() for p in tr.parameters()] if args.backbone == "tiny" else None
+                   test_pairs=len(test_idx), test_ties=ties, head_params=sum(p.numel() for p in head.parameters()),
+                   **loss_config(args))
+    before = [p.clone() for p in pipe.transformer.parameters()] if args.backbone == "tiny" else None
 
     if args.stage in ("rm", "all"):
         if not args.reward_ckpt:
             summary["train"] = train_head(args, pipe, head, data, train_idx, run, device)
             save_head(head, run.dir / "prism_head.safetensors", args)
-        rows = evaluate_accuracy(args, pipe, head, data, test_idx, device)
-        summary["accuracy"] = rows
-        summary.update({f"acc_t{r['t']}": r["acc"] for r in rows})  # flat headline numbers (common.py summarize)
-        print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs, {summary['test_ties']:.0%} ties; "
-              f"'always tie' scores {summary['test_ties']:.3f} w/ ties)")
-        print(common.format_table([{"metric": "w/o ties", **{str(r["t"]): r["acc"] for r in rows}},
-                                   {"metric": "w/ ties", **{str(r["t"]): r["acc_ties"] for r in rows}}]))
+        rows = summary["accuracy"] = evaluate_accuracy(args, pipe, head, data, test_idx, device)
+        summary.update({f"acc_t{r['t']}": r["acc"] for r in rows})  # flat headline numbers
+        print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs, {ties:.0%} ties; 'always tie' scores "
+              f"{ties:.3f} w/ ties; test NLL of --loss {args.loss})")
+        print(common.format_table([{"metric": name, **{str(r["t"]): r[key] for r in rows}} for name, key in
+                                   (("w/o ties", "acc"), ("w/ ties", "acc_ties"), ("NLL", "nll"))]))
 
     if args.stage in ("bon", "all"):
-        prompts, embeds, mask = bon_prompts
         # only the toy world has a ground truth; on real data the picks are saved for an external benchmark
         reward_fn = toy.true_reward if meta.get("source") == "toy" else None
-        rows = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
-        summary["bon"] = rows
+        rows = summary["bon"] = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
         summary.update({f"bon_gain_step{r['method'].split()[-1]}": [r["gain_vs_random"], r["gain_se"]]
                         for r in rows if "gain_vs_random" in r})
-        print(f"\nEarly Best-of-{args.bon_n}: true toy reward of the pick, {len(prompts) // args.bon_seeds} prompts x "
-              f"{args.bon_seeds} draws, {args.num_steps} "
-              f"steps (per-prompt compute; rel_flops vs the oracle)")
+        print(f"\nEarly Best-of-{args.bon_n}: true toy reward of the pick, {len(prompts)} draws over "
+              f"{len(set(prompts))} prompts, {args.num_steps} steps (per-draw compute; rel_flops vs the oracle)")
         print(common.format_table(rows, ["method", "reward", "se", "gain_vs_random", "gain_se", "forwards",
                                          "score_passes", "decodes", "gflop", "rel_flops"]))
 
     if before is not None:  # the backbone is frozen: nothing of it may have moved
-        summary["backbone_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, tr.parameters()))
+        summary["backbone_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, pipe.transformer.parameters()))
     run.summary(summary)
     print(f"\nrun folder: {run.dir}")
     return summary
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    common.cli(main, Args, TINY)

@@ -61,7 +61,7 @@ def test_real_id_without_network_gives_a_short_message(tmp_path):
 
 
 def test_a_missing_local_folder_is_named_without_hub_advice(tmp_path):
-    with pytest.raises(C.UserError, match="not a diffusers Wan folder") as e:
+    with pytest.raises(C.UserError, match="nor a diffusers Wan folder") as e:
         C.load_backbone(str(tmp_path / "no-such-folder"))
     assert "hub" not in str(e.value)
 

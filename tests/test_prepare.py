@@ -331,8 +331,9 @@ def test_prfl_trains_on_prepared_clips(method_data, tmp_path):
 
 def test_prism_trains_on_prepared_pairs(method_data, tmp_path):
     import prism
-    s = prism.main(prism.Args(stage="rm", data=str(method_data / "pairs"), out_dir=str(tmp_path / "run"),
-                              train_steps=2, batch_size=4, eval_timesteps=[500]))
+    s = prism.main(common.parse_args(prism.Args, prism.TINY, [
+        "--stage", "rm", "--data", str(method_data / "pairs"), "--out-dir", str(tmp_path / "run"),
+        "--rm-steps", "2", "--rm-batch", "4", "--eval-timesteps", "500"]))
     assert s["train_pairs"] + s["test_pairs"] == 12 and s["test_pairs"] > 0
     assert (tmp_path / "run" / "prism_head.safetensors").is_file()
 

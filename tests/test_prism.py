@@ -1,14 +1,18 @@
 """Tests of prism.py: Rao-Kupper (Eqs. 3-4), the tie-calibrated accuracy, the head, the frozen backbone,
 the toy-world behaviour (accuracy vs t, early Best-of-N), the CLI and bad input. CPU, offline."""
+import ast
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import common
@@ -28,10 +32,15 @@ def toy_cache(tmp_path_factory):
 
 
 def small_args(cache, out, **kw):
-    base = dict(toy_cache=str(cache), toy_pairs=TOY_PAIRS, out_dir=str(out), train_steps=150,
-                eval_timesteps=[899, 499, 299, 0], num_videos=0)
-    base.update(kw)
-    return prism.Args(**base)
+    """The tiny demo's arguments as the CLI builds them (TINY), with a shorter run and `kw` on top."""
+    base = dict(toy_cache=str(cache), toy_size=TOY_PAIRS, out_dir=str(out), rm_steps=150,
+                eval_timesteps=[899, 499, 299, 0], save_videos=0)
+    return dataclasses.replace(common.parse_args(prism.Args, prism.TINY, []), **{**base, **kw})
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, str(ROOT / "prism.py"), *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------- Eqs. (3)-(4)
@@ -75,6 +84,15 @@ def test_nll_value_and_gradient_directions():
     assert g[2] > 0             # a tie pulls d = 0.5 back towards 0
     with pytest.raises(ValueError, match="eta"):
         prism.rao_kupper_log_probs(r_a, r_b, 1.0)
+
+
+def test_bradley_terry_nll_by_hand_and_a_tie_is_half_a_win():
+    r_a, r_b = torch.tensor([0.3, 0.3, 0.3], requires_grad=True), torch.tensor([-0.2, -0.2, -0.2])
+    nll = prism.bradley_terry_nll(r_a, r_b, torch.tensor([0, 1, 2]))
+    # sigmoid(0.5) = 0.622459: -(log .622459 + log .377541 + (log .622459 + log .377541) / 2) / 3
+    assert nll.item() == pytest.approx(-(1.5 * (math.log(0.622459) + math.log(0.377541))) / 3, abs=1e-5)
+    g = torch.autograd.grad(prism.bradley_terry_nll(r_a, r_b, torch.tensor([0, 1, 2])) * 3, r_a)[0]
+    assert g[0] < 0 < g[1] and g[2] > 0     # as Rao-Kupper: A up, B down, a tie pulls d = 0.5 towards 0
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -132,7 +150,7 @@ def test_training_pairs_share_t_and_noise_and_backbone_stays_frozen(toy_cache, t
         return original(transformer, head, z_a, z_b, sigma, *rest)
 
     monkeypatch.setattr(prism, "pair_rewards", spy)
-    args = prism.resolve_args(small_args(toy_cache, tmp_path, train_steps=3, batch_size=8))
+    args = small_args(toy_cache, tmp_path, rm_steps=3, rm_batch=8)
     tr = pipe.transformer
     head = prism.PRISMHead(32, 16, 8, 1, 5)
     before = {k: v.clone() for k, v in tr.state_dict().items()}
@@ -184,7 +202,7 @@ def test_early_best_of_n_beats_random_pick_on_a_visible_reward(learnable, toy_ca
     _, out = learnable
     pipe = common.load_backbone("tiny")
     head = prism.load_head(out / "prism_head.safetensors", pipe, 12)
-    args = prism.resolve_args(small_args(toy_cache, tmp_path, bon_steps=[5], num_steps=20))
+    args = small_args(toy_cache, tmp_path, bon_steps=[5], num_steps=20)
     prompts = toy.toy_prompts("eval") + toy.toy_prompts("train")[:4]
     embeds, mask = common.encode_prompts(pipe, prompts)
     rows = prism.evaluate_bon(args, pipe, head, prompts, embeds, mask, lambda p, z, pr: brightness(z),
@@ -215,7 +233,8 @@ def test_toy_run_keeps_backbone_and_writes_head(toy_trained):
 def test_full_toy_world_run(tmp_path):
     """The issue's claims on the demo defaults. Measured: 0.67 / 0.69 / 0.70 / 0.70 w/o ties at t = 499 / 299 /
     99 / 0 (496 held-out pairs, chance 0.5), early Best-of-5 at k = 5: +0.124 +- 0.037 over the random pick."""
-    s = prism.main(prism.Args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"), num_videos=0))
+    s = prism.main(common.parse_args(prism.Args, prism.TINY, ["--out-dir", str(tmp_path / "run"), "--toy-cache",
+                                                              str(tmp_path / "toy"), "--save-videos", "0"]))
     acc = {r["t"]: r["acc"] for r in s["accuracy"]}
     assert min(acc[t] for t in (699, 499, 299, 99, 0)) > 0.6, acc    # chance 0.5, SE ~0.03 on ~370 strict pairs
     bon = {r["method"]: r for r in s["bon"]}
@@ -248,10 +267,9 @@ def test_flops_are_counted_per_pass():
 
 # ---------------------------------------------------------------------------------------------- CLI, bad input
 def test_cli_smoke(toy_cache, tmp_path):
-    cmd = [sys.executable, str(ROOT / "prism.py"), "--toy-cache", str(toy_cache), "--toy-pairs", str(TOY_PAIRS),
-           "--train-steps", "3", "--eval-timesteps", "499", "--num-steps", "4", "--bon-steps", "1", "4",
-           "--bon-n", "2", "--bon-prompts", "2", "--bon-seeds", "3", "--num-videos", "1", "--out-dir", str(tmp_path / "run")]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = run_cli("--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--rm-steps", "3", "--eval-timesteps",
+                  "499", "--num-steps", "4", "--bon-steps", "1", "4", "--bon-n", "2", "--eval-samples", "22",
+                  "--save-videos", "1", "--out-dir", str(tmp_path / "run"))
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [r["t"] for r in summary["accuracy"]] == [499]
@@ -259,28 +277,125 @@ def test_cli_smoke(toy_cache, tmp_path):
     assert (tmp_path / "run" / "prism_head.safetensors").is_file()
     assert (tmp_path / "run" / "videos" / "step04_p0.mp4").is_file()
     picks = load_file(str(tmp_path / "run" / "bon_picks.safetensors"))
-    assert picks["step4"].shape == (2 * 3, 16, 3, 4, 4)  # 2 prompts x 3 draws, one pick each
-    assert not torch.equal(picks["step4"][0], picks["step4"][2])  # the same prompt, another draw of noise
+    prompts = ast.literal_eval(safe_open(str(tmp_path / "run" / "bon_picks.safetensors"), "pt").metadata()["prompts"])
+    assert picks["step4"].shape == (22, 16, 3, 4, 4)  # 22 draws over the 21 toy Best-of-N prompts, one pick each
+    assert prompts[21] == prompts[0] and len(set(prompts)) == 21  # the prompts are cycled ...
+    assert not torch.equal(picks["step4"][0], picks["step4"][21])  # ... the same prompt, another draw of noise
     assert "w/o ties" in res.stdout
 
 
 def test_bad_input_fails_early_with_a_message(toy_cache, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(common.UserError, match="nope.safetensors"):
         prism.main(small_args(toy_cache, tmp_path / "a", reward_ckpt=str(tmp_path / "nope.safetensors")))
-    with pytest.raises(SystemExit, match="reward-ckpt"):
+    with pytest.raises(common.UserError, match="reward-ckpt"):
         prism.main(small_args(toy_cache, tmp_path / "b", stage="bon"))
-    with pytest.raises(ValueError, match="bon-steps"):
+    with pytest.raises(common.UserError, match="bon-steps"):
         prism.main(small_args(toy_cache, tmp_path / "c", bon_steps=[60]))
     # a dataset whose latents do not fit the backbone, and one with an unknown label
     data, meta = common.load_dataset(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
     bad = dict(data, latents_a=data["latents_a"][:, :8], latents_b=data["latents_b"][:, :8])
     common.save_dataset(tmp_path / "shape", bad, meta)
-    with pytest.raises(ValueError, match="latents_a"):
+    with pytest.raises(common.UserError, match="latents_a"):
         prism.main(small_args(toy_cache, tmp_path / "d", data=str(tmp_path / "shape")))
     common.save_dataset(tmp_path / "label", dict(data, pref=data["pref"] + 1), meta)
-    with pytest.raises(ValueError, match="pref"):
+    with pytest.raises(common.UserError, match="pref"):
         prism.main(small_args(toy_cache, tmp_path / "e", data=str(tmp_path / "label")))
     data["latents_b"][3, 0, 0, 0, 0] = float("nan")
     common.save_dataset(tmp_path / "nan", data, meta)
-    with pytest.raises(ValueError, match="latents_b"):
+    with pytest.raises(common.UserError, match="latents_b"):
         prism.main(small_args(toy_cache, tmp_path / "f", data=str(tmp_path / "nan")))
+    with pytest.raises(common.UserError, match="eval-samples"):
+        prism.main(small_args(toy_cache, tmp_path / "g", eval_samples=0))
+
+
+def test_cli_user_error_is_one_line_before_any_model_loads(tmp_path):
+    res = run_cli("--bon-steps", "60", "--out-dir", str(tmp_path / "run"))
+    assert res.returncode == 2 and res.stderr.startswith("error: --bon-steps [60]"), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- one defaults mechanism
+def test_cli_typed_values_win_on_tiny_even_the_papers(toy_cache, tmp_path):
+    """--rm-batch 16, --rm-lr 1e-4 and --guidance-scale 5.0 are the paper's values, where TINY has 32, 1e-3 and 1.0:
+    typed, they are used (the old mechanism silently replaced them). --head-dim, not typed, is TINY's."""
+    out = tmp_path / "run"
+    res = run_cli("--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--rm-steps", "3", "--rm-batch", "16",
+                  "--rm-lr", "1e-4", "--guidance-scale", "5.0", "--eval-timesteps", "0", "--num-steps", "2",
+                  "--bon-steps", "2", "--bon-n", "2", "--eval-samples", "3", "--save-videos", "0",
+                  "--out-dir", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    args = json.loads((out / "args.json").read_text())
+    assert (args["rm_steps"], args["rm_batch"], args["rm_lr"], args["guidance_scale"]) == (3, 16, 1e-4, 5.0)
+    assert (args["head_dim"], args["eval_samples"]) == (64, 3)
+    summary = json.loads((out / "summary.json").read_text())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["stage"] == "rm"] == [0, 1, 2]
+    assert summary["train"]["pairs"] == 3 * 16                              # the typed batch was drawn
+    assert summary["bon"][0]["forwards"] == 2 * 2                           # 2 steps, each with CFG (2 forwards)
+    assert load_file(str(out / "bon_picks.safetensors"))["step2"].shape[0] == 3
+
+
+def test_help_shows_the_effective_tiny_value_and_the_papers():
+    def flag(out, name):  # the help entry of one flag, on one line
+        return " ".join(next(b for b in re.split(r"\n(?=  --)", out) if b.lstrip().startswith(name + " ")).split())
+
+    tiny = run_cli("--help").stdout
+    assert "[paper: 5000; tiny: 1000] (default: 1000)" in flag(tiny, "--rm-steps"), flag(tiny, "--rm-steps")
+    assert "(default: 168)" in flag(tiny, "--eval-samples") and "(default: None)" in flag(tiny, "--flow-shift")
+    real = run_cli("--backbone", "wan2.1-1.3b", "--help").stdout
+    assert "(default: 5000)" in flag(real, "--rm-steps") and "(default: None)" in flag(real, "--eval-samples")
+
+
+def test_flow_shift_none_is_the_backbones_and_a_typed_one_wins(toy_cache, tmp_path):
+    assert prism.sampler_shift(small_args(toy_cache, tmp_path)) == common.backbone_config("tiny")["flow_shift"]
+    assert prism.sampler_shift(small_args(toy_cache, tmp_path, flow_shift=1.5)) == 1.5
+
+
+# ---------------------------------------------------------------------------------------------- the loss in one place
+def test_bradley_terry_flows_to_checks_training_evaluation_checkpoint_and_estimate(toy_cache, tmp_path, monkeypatch):
+    """--loss bradley-terry: Rao-Kupper is never called, eta (here an invalid 1.0) is neither checked nor recorded,
+    and the flag check, the training step, the test NLL and --estimate-memory all call bradley_terry_nll."""
+    with pytest.raises(common.UserError, match="eta"):
+        prism.check_args(small_args(toy_cache, tmp_path, eta=1.0))
+    callers, original = [], prism.bradley_terry_nll
+
+    def spy(*a):
+        callers.append(sys._getframe(2).f_code.co_name)  # who called preference_nll
+        return original(*a)
+
+    def no_rao_kupper(*a):
+        raise AssertionError("rao_kupper_nll called under --loss bradley-terry")
+
+    monkeypatch.setattr(prism, "bradley_terry_nll", spy)
+    monkeypatch.setattr(prism, "rao_kupper_nll", no_rao_kupper)
+    args = small_args(toy_cache, tmp_path / "run", loss="bradley-terry", eta=1.0, stage="rm", rm_steps=2,
+                      eval_timesteps=[0])
+    summary = prism.main(args)
+    assert {"check_args", "head_step", "evaluate_accuracy"} <= set(callers), callers
+    assert summary["loss"] == "bradley-terry" and "eta" not in summary
+    assert math.isfinite(summary["accuracy"][0]["nll"])
+    with safe_open(str(tmp_path / "run" / "prism_head.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["loss"] == "bradley-terry" and "eta" not in meta
+    callers.clear()
+    prism.main(dataclasses.replace(args, estimate_memory=True))
+    assert "head_step" in callers, callers
+
+
+def test_grad_accum_sums_micro_batches_to_the_full_batch_gradient():
+    """Two micro-batches of 4 pairs at --grad-accum 2 give the gradient of one batch of the 8 at --grad-accum 1."""
+    pipe = common.load_backbone("tiny")
+    torch.manual_seed(0)
+    x_a, x_b, eps = torch.randn(8, 16, 3, 4, 4), torch.randn(8, 16, 3, 4, 4), torch.randn(8, 16, 3, 4, 4)
+    embeds, mask = torch.randn(8, 32, 32), torch.ones(8, 32, dtype=torch.bool)
+    pref, sigma = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.rand(8)
+    base = common.parse_args(prism.Args, prism.TINY, [])
+    head = prism.new_head(base, pipe.transformer.config)
+    grads = []
+    for accum, parts in ((1, [slice(0, 8)]), (2, [slice(0, 4), slice(4, 8)])):
+        head.zero_grad(set_to_none=True)
+        for c in parts:
+            prism.head_step(dataclasses.replace(base, grad_accum=accum), pipe.transformer, head, x_a[c], x_b[c],
+                            embeds[c], mask[c], pref[c], sigma[c], eps[c])
+        grads.append([p.grad.clone() for p in head.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
