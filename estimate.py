@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from common import (WAN_CONFIGS, GiB, add_lora, add_noise, decode_latents, predict_velocity, velocity_target,
+from common import (GiB, backbone_config, add_lora, add_noise, decode_latents, predict_velocity, velocity_target,
                     x0_from_velocity)
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +217,9 @@ def _meta_to_fake(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _config(backbone) -> dict:
-    """A WAN_CONFIGS entry by name, or such a dict itself (tests shrink one)."""
-    if isinstance(backbone, str) and backbone not in WAN_CONFIGS:
-        raise ValueError(f"no known config for backbone '{backbone}' (known: {', '.join(WAN_CONFIGS)})")
-    return WAN_CONFIGS[backbone] if isinstance(backbone, str) else backbone
+    """common.backbone_config of a name, hub id or diffusers folder (its config files only), or such a dict itself
+    (tests shrink one)."""
+    return backbone_config(backbone) if isinstance(backbone, str) else backbone
 
 
 def build_wan_transformer(backbone, dtype=torch.bfloat16, lora_rank: int = 0, gradient_checkpointing: bool = True):

@@ -145,5 +145,39 @@ def test_wan_1_3b_forward_flops_match_hand_count_and_allocate_nothing():
 
 
 def test_unknown_backbone_fails_with_the_known_names():
-    with pytest.raises(ValueError, match="wan2.1-1.3b"):
+    with pytest.raises(common.UserError, match="wan2.1-1.3b"):
         build_wan_transformer("wan9-huge")
+
+
+def _config_only_folder(path, name):
+    """A diffusers Wan folder with the configs of `name` and no weights (the transformer is built on meta)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    cfg = common.WAN_CONFIGS[name]
+    with torch.device("meta"):
+        WanTransformer3DModel(**cfg["transformer"]).save_config(path / "transformer")
+        AutoencoderKLWan(**cfg["vae"]).save_config(path / "vae")
+    UniPCMultistepScheduler(flow_shift=cfg["flow_shift"]).save_config(path / "scheduler")
+    (path / "model_index.json").write_text('{"_class_name": "WanPipeline"}')
+    return path
+
+
+def test_a_folder_backbone_estimates_as_its_hub_name(tmp_path):
+    folder = _config_only_folder(tmp_path / "Wan2.1-T2V-1.3B", "wan2.1-1.3b")
+    cfg = common.backbone_config(str(folder))
+    for k in ("height", "width", "num_frames", "flow_shift", "max_sequence_length"):
+        assert cfg[k] == common.WAN_CONFIGS["wan2.1-1.3b"][k], k
+    small = dict(height=64, width=64, num_frames=9)  # the real 30-block DiT, a small video: a few seconds
+    by_name = estimate_training_step_of("wan2.1-1.3b", small)
+    by_folder = estimate_training_step_of(str(folder), small)
+    assert by_folder["peak_bytes"] == by_name["peak_bytes"] and by_folder["flops"] == by_name["flops"]
+
+
+def estimate_training_step_of(backbone, size):
+    import estimate
+    return estimate.estimate_transformer_step(backbone, **size, lora_rank=4)
+
+
+def test_a_folder_of_the_14b_shape_gets_14b_geometry(tmp_path):
+    folder = _config_only_folder(tmp_path / "my-14b-copy", "wan2.1-14b")
+    cfg = common.backbone_config(str(folder))
+    assert (cfg["height"], cfg["width"], cfg["flow_shift"]) == (720, 1280, 5.0)
