@@ -15,6 +15,7 @@ Equation -> code
     Alg. 1 / Eqs. (7)-(8)  rollout to m, one step with gradient    process_reward (common.rollout, grad_steps=[m])
     Eq. (9)   L_PRFL = lambda * relu(2 - r)                        prfl_loss
     Eq. (10)  L_SFT, flow matching on real latents                 sft_loss
+    one training step of each stage (loop and --estimate-memory)  pavrm_step, prfl_step
     Tab. 5    accuracy per noise interval (+ AUC, not in the paper) evaluate_pavrm, auc
     Tab. 3    early / middle / late / full range of m              sample_cutoff (--m-range)
 
@@ -30,16 +31,14 @@ Deliberate differences from the official code:
   * z = attn.squeeze(1) + q: the official [B,D] + [B,1,D] broadcasts to [B,B,D] when B > 1.
   * Euler steps (the paper's Alg. 1, common.rollout) instead of the code's UniPC predictor-corrector.
   * One optimiser step per iteration on L_SFT + L_PRFL; the code steps twice per accumulation cycle.
-  * LoRA on q/k/v/o by default (the code fully fine-tunes; --full-finetune); the PAVRM is frozen with
-    requires_grad False (the code leaves it True, wasting memory).
+  * LoRA (alpha = rank) on q/k/v/o by default (the code fully fine-tunes; --full-finetune); the PAVRM is
+    frozen with requires_grad False (the code leaves it True, wasting memory).
   * On --backbone tiny the paper's learning rates and run lengths are replaced by TINY (see below): at lr 1e-6
     a 40k-parameter model does not move in a few-minute demo.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +70,11 @@ class Args:
     toy_size: int = common.arg(1024, "toy world: number of labelled latents")
     toy_cache: str = common.arg("runs/toy_data", "toy world: dataset cache folder")
     test_fraction: float = common.arg(0.2, "held-out share of --data for PAVRM accuracy")
-    tiny_defaults: bool = common.arg(True, "on --backbone tiny, fields not given and at their paper default take "
-                                           "the TINY value (shown as 'tiny: ...' in each help)")
     estimate_memory: bool = common.arg(False, "only print the estimated peak GPU memory and TFLOPs of one PAVRM step and "
                                               "one PRFL step at --backbone's size (fake tensors: no weights, no data)")
     # backbone
     backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
-    gradient_checkpointing: bool = common.arg(True, "block checkpointing in generator and PAVRM (tiny: off)")
+    gradient_checkpointing: bool = common.arg(True, "block checkpointing in generator and PAVRM")
     # reward model (PAVRM)
     reward_ckpt: str = common.arg("", "PAVRM safetensors to reuse (skips PAVRM training); a pavrm.safetensors "
                                       "already in --out-dir is reused as well (resume)")
@@ -87,27 +84,27 @@ class Args:
                                           "mean / max pooling (Tab. 5 ablations)", choices=["query", "attn", "mean", "max"])
     rm_loss: str = common.arg("bce", "bce (Eq. 6) | bt: Bradley-Terry over (good, bad) pairs in a batch (Tab. 7)",
                               choices=["bce", "bt"])
-    rm_sigma_shift: float = common.arg(5.0, "training sigma = shift(s), s uniform: 5 = official code, 1 = paper's U(0,1) (tiny: 1)")
+    rm_sigma_shift: float = common.arg(5.0, "training sigma = shift(s), s uniform: 5 = official code, 1 = paper's U(0,1)")
     rm_sigma_range: list = common.arg(None, "training sigma mapped into [lo, hi] (lo + (hi - lo) * shift(s)); "
                                             "0.8 1 trains a high-noise specialist (ours, an analysis aid)",
                                       factory=lambda: [0.0, 1.0])
-    rm_lr_blocks: float = common.arg(1e-6, "AdamW lr of the 8 DiT blocks (paper; tiny: 1e-4)")
-    rm_lr_head: float = common.arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6; tiny: 1e-3)")
+    rm_lr_blocks: float = common.arg(1e-6, "AdamW lr of the 8 DiT blocks (paper)")
+    rm_lr_head: float = common.arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6)")
     rm_weight_decay: float = common.arg(0.01, "AdamW weight decay")
-    rm_batch: int = common.arg(2, "PAVRM batch (official: 1 per 4-GPU sequence-parallel group; tiny: 32)")
-    rm_steps: int = common.arg(3000, "PAVRM steps (the paper gives none; tiny: 600)")
+    rm_batch: int = common.arg(2, "PAVRM batch (official: 1 per 4-GPU sequence-parallel group)")
+    rm_steps: int = common.arg(3000, "PAVRM steps (the paper gives none)")
     # fine-tuning (PRFL)
     full_finetune: bool = common.arg(False, "train every generator weight (official) instead of LoRA")
-    lora_rank: int = common.arg(128, "LoRA rank on q/k/v/o (the official optional LoRA; tiny: 16)")
-    lora_alpha: float = common.arg(0.0, "LoRA alpha; 0 = rank")
-    lr: float = common.arg(5e-6, "AdamW lr, constant (paper, for full fine-tuning; LoRA usually wants ~1e-4; tiny: 1e-3)")
+    lora_rank: int = common.arg(128, "LoRA rank on q/k/v/o, alpha = rank (the official optional LoRA)")
+    lr: float = common.arg(5e-6, "AdamW lr, constant (paper, for full fine-tuning; LoRA usually wants ~1e-4)")
     weight_decay: float = common.arg(0.01, "AdamW weight decay")
     grad_clip: float = common.arg(1.0, "gradient-norm clip")
-    tune_steps: int = common.arg(1000, "optimiser steps (paper: 1 epoch of ~30k pairs at batch 30; tiny: 200)")
-    tune_batch: int = common.arg(1, "per-step batch (official per GPU; tiny: 16)")
-    grad_accum: int = common.arg(5, "gradient accumulation (official; tiny: 1)")
-    rollout_steps: int = common.arg(40, "sampler steps N, training rollout and evaluation (paper; tiny: 10)")
-    rollout_shift: float = common.arg(5.0, "schedule shift (official 5.0)")
+    tune_steps: int = common.arg(1000, "optimiser steps (paper: 1 epoch of ~30k pairs at batch 30)")
+    batch_size: int = common.arg(1, "per-step batch of the fine-tuning (official per GPU)")
+    grad_accum: int = common.arg(5, "gradient accumulation (official)")
+    num_steps: int = common.arg(40, "sampler steps N, training rollout and evaluation (paper)")
+    flow_shift: float = common.arg(5.0, "schedule shift of the rollout and evaluation sampling (official 5.0, "
+                                        "PRFL's own schedule, whatever the backbone's scheduler says)")
     m_range: str = common.arg("full", "cut-off step m: full range, or the early / middle / late third (Tab. 3)",
                               choices=["full", "early", "middle", "late"])
     reward_weight: float = common.arg(0.1, "lambda of Eq. 9 (official code)")
@@ -118,32 +115,23 @@ class Args:
     # evaluation
     eval_prompts: list = common.arg(None, "held-out prompts (empty: the toy world's held-out ones; with --data "
                                           "its first 16 prompts, which are not held out)", factory=list)
-    eval_samples: int = common.arg(16, "fresh samples before/after PRFL, prompts cycled, fixed seeds (tiny: 96)")
-    eval_guidance: float = common.arg(5.0, "CFG of evaluation sampling with the empty prompt as negative "
-                                           "(README of the code; tiny: 1.0)")
-    num_videos: int = common.arg(4, "before/after mp4 samples saved (first eval samples)")
+    eval_samples: int = common.arg(16, "fresh samples before/after PRFL, prompts cycled, fixed seeds")
+    guidance_scale: float = common.arg(5.0, "CFG of evaluation sampling with the empty prompt as negative "
+                                            "(README of the code)")
+    save_videos: int = common.arg(4, "before/after mp4s saved under <run>/videos/ (the first eval samples)")
     eval_sigma_edges: list = common.arg(None, "edges of the sigma intervals of PAVRM's held-out accuracy (Tab. 5: "
                                               "0 .2 .4 .6 .8 1); finer ones show where accuracy falls off",
                                         factory=lambda: list(TAB5_EDGES))
 
 
-# Demo sizes for the tiny backbone (the rule: a field still equal to its paper default above takes this value
-# when --backbone tiny, unless --no-tiny-defaults). Real backbones keep the paper's.
+# The parser's defaults on --backbone tiny (common.parse_args; a typed value always wins): CPU-sized learning
+# rates and lengths for the 40k-parameter tiny backbone. Real backbones keep the paper's values above.
 TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_rank=16, lr=1e-3,
-            tune_steps=200, tune_batch=16, grad_accum=1, rollout_steps=10, eval_samples=96, eval_guidance=1.0,
+            tune_steps=200, batch_size=16, grad_accum=1, num_steps=10, eval_samples=96, guidance_scale=1.0,
             gradient_checkpointing=False,
             # the paper's U(0,1) training sigma: the toy world's 12-token latents carry little above sigma 0.8,
             # and the official shift 5 spends most steps there (measured: 0.70 vs 0.51 mean accuracy)
             rm_sigma_shift=1.0)
-
-
-def resolve_args(args: Args, explicit=()) -> Args:
-    """On tiny, fields at their paper default that were not given explicitly (`explicit`: the names given
-    on the command line) take the TINY value."""
-    if args.backbone != "tiny" or not args.tiny_defaults:
-        return args
-    paper = {f.name: f.default for f in dataclasses.fields(Args)}
-    return dataclasses.replace(args, **{k: v for k, v in TINY.items() if k not in explicit and getattr(args, k) == paper[k]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,13 +155,15 @@ class QueryAttention(nn.Module):
 
 
 class PAVRM(nn.Module):
-    """Process-aware video reward model: logit s(x_t, t, text) [B]; reward r = sigmoid(s)."""
+    """Process-aware video reward model: logit s(x_t, t, text) [B]; reward r = sigmoid(s). `loss` names the
+    objective it is trained with (RM_LOSSES); it travels with the checkpoint, as the architecture does."""
 
-    def __init__(self, transformer, blocks: int = 8, heads: int = 8, pooling: str = "query"):
+    def __init__(self, transformer, blocks: int = 8, heads: int = 8, pooling: str = "query", loss: str = "bce",
+                 gradient_checkpointing: bool = False):
         super().__init__()
         if blocks > len(transformer.blocks):
-            raise ValueError(f"--rm-blocks {blocks} > the backbone's {len(transformer.blocks)} blocks")
-        self.blocks, self.pooling = blocks, pooling
+            raise common.UserError(f"--rm-blocks {blocks} > the backbone's {len(transformer.blocks)} blocks", 2)
+        self.blocks, self.heads, self.pooling, self.loss = blocks, heads, pooling, loss
         # Eq. (4): a copy of the generator truncated to its first blocks; the generator itself is untouched.
         self.dit = copy.deepcopy(transformer).float()  # fp32 master weights, bf16 autocast on CUDA
         if getattr(self.dit, "peft_config", None):  # a generator with LoRA attached: keep the base weights only
@@ -181,12 +171,17 @@ class PAVRM(nn.Module):
         self.dit.blocks = self.dit.blocks[:blocks]
         self.dit.requires_grad_(False)       # patch / text / time embeddings stay frozen ...
         self.dit.blocks.requires_grad_(True)  # ... the blocks are fine-tuned (paper Sec. 4.2, official code)
+        if gradient_checkpointing:  # also in PRFL: the reward's backward runs through the 8 blocks
+            self.dit.enable_gradient_checkpointing()
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.pool = QueryAttention(dim, heads, residual=pooling == "query") if pooling in ("query", "attn") else None
         self.mlp = nn.Sequential(nn.Linear(dim, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 1))
         for layer in self.mlp[::2]:  # official init: xavier weights, zero biases
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def config(self) -> dict:  # what the checkpoint metadata and summary.json record
+        return dict(blocks=self.blocks, heads=self.heads, pooling=self.pooling, loss=self.loss)
 
     def head_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("dit.")]
@@ -212,33 +207,41 @@ def bce_loss(logits, labels):
 
 
 def bradley_terry_loss(logits, labels):
-    """Tab. 7's alternative: -log sigmoid(s_good - s_bad) over every (good, bad) pair in the batch."""
-    pos, neg = logits[labels > 0.5], logits[labels <= 0.5]
-    if len(pos) == 0 or len(neg) == 0:
-        return logits.sum() * 0.0  # no pair in this batch: no signal, but keep the graph
-    return F.softplus(neg[None, :] - pos[:, None]).mean()
+    """Tab. 7's alternative: -log sigmoid(s_good - s_bad), the mean over every (good, bad) pair in the batch
+    (a [B, B] mask, no data-dependent shapes, so --estimate-memory runs it; no pair: 0, the graph kept)."""
+    pos = labels > 0.5
+    pairs = (pos[:, None] & ~pos[None, :]).float()  # [i, j]: i good, j bad
+    return (F.softplus(logits[None, :] - logits[:, None]) * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+RM_LOSSES = dict(bce=bce_loss, bt=bradley_terry_loss)  # --rm-loss -> function; PAVRM.loss names one
+
+
+def build_pavrm(args, transformer, ckpt: str = "") -> PAVRM:
+    """The run's PAVRM: from a checkpoint (its own architecture and loss) or new from the flags."""
+    if ckpt:
+        return load_pavrm(ckpt, transformer, args.gradient_checkpointing)
+    return PAVRM(transformer, args.rm_blocks, args.rm_heads, args.rm_pooling, args.rm_loss, args.gradient_checkpointing)
 
 
 def save_pavrm(pavrm: PAVRM, path, backbone: str):
-    meta = dict(blocks=pavrm.blocks, heads=pavrm.pool.attn.num_heads if pavrm.pool else 0,
-                pooling=pavrm.pooling, backbone=backbone)
-    common.save_safetensors(pavrm.state_dict(), path, metadata=meta)
+    common.save_safetensors(pavrm.state_dict(), path, metadata=dict(pavrm.config(), backbone=backbone))
 
 
-def load_pavrm(path, transformer) -> PAVRM:
+def load_pavrm(path, transformer, gradient_checkpointing: bool = False) -> PAVRM:
     """Rebuild the architecture named in the checkpoint's metadata and load it strictly."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--reward-ckpt {path}: no such file")
     with safe_open(str(path), "pt") as f:
         meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     if "blocks" not in meta:
-        raise ValueError(f"{path}: no PAVRM metadata (blocks/heads/pooling); was it written by prfl.py?")
-    pavrm = PAVRM(transformer, int(meta["blocks"]), int(meta["heads"]) or 8, meta["pooling"])
+        raise common.UserError(f"{path}: no PAVRM metadata (blocks/heads/pooling); was it written by prfl.py?")
+    pavrm = PAVRM(transformer, int(meta["blocks"]), int(meta["heads"]) or 8, meta["pooling"], meta.get("loss", "bce"),
+                  gradient_checkpointing)
     own = pavrm.state_dict()
     bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if bad or missing or extra:
-        raise ValueError(f"{path} does not fit this backbone: shapes {bad[:3]}, missing {missing[:3]}, unexpected {extra[:3]}")
+        raise common.UserError(f"{path} does not fit this backbone: shapes {bad[:3]}, missing {missing[:3]}, "
+                               f"unexpected {extra[:3]}")
     pavrm.load_state_dict(state)
     return pavrm
 
@@ -283,10 +286,12 @@ def drop_prompts(embeds, null_embed, p: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# Stages
+# Training steps and stages
 # ----------------------------------------------------------------------------------------------
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, bf16: bool | None = None):
+    """bf16 autocast over fp32 master weights on CUDA; --estimate-memory turns it on for its fake CPU tensors."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16)
 
 
 def check_finite(loss, step: int, stage: str):
@@ -294,26 +299,30 @@ def check_finite(loss, step: int, stage: str):
         raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; lower the learning rate")
 
 
+def pavrm_step(args, pavrm, x0, y, embeds, bf16=None):
+    """Forward + backward of one PAVRM step: Eq. (6) (or BT) on x_t = (1-sigma) x0 + sigma eps."""
+    lo, hi = args.rm_sigma_range
+    sigma = lo + (hi - lo) * common.sample_train_sigma(len(x0), args.rm_sigma_shift, device=x0.device)
+    with autocast(x0.device, bf16):
+        logits = pavrm(common.add_noise(x0, torch.randn_like(x0), sigma), sigma, embeds)
+    loss = RM_LOSSES[pavrm.loss](logits, y)
+    loss.backward()
+    return loss, logits, sigma
+
+
 def train_pavrm(args, pavrm, data, idx, device, run):
-    """Stage 1: BCE (or BT) on x_t = (1-sigma) x0 + sigma eps with the official shift-5 sigma."""
+    """Stage 1: pavrm_step on random training rows; AdamW with the paper's two learning rates."""
     opt = torch.optim.AdamW([dict(params=pavrm.dit.blocks.parameters(), lr=args.rm_lr_blocks),
                              dict(params=pavrm.head_parameters(), lr=args.rm_lr_head)],
                             betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
-    loss_fn = bce_loss if args.rm_loss == "bce" else bradley_terry_loss
     timer, pavrm = common.StepTimer(device), pavrm.train()
     for step in (bar := tqdm(range(args.rm_steps), desc="PAVRM")):
         with timer:
             b = idx[torch.randint(len(idx), (args.rm_batch,))]
             x0, y = data["latents"][b].to(device), data["label"][b].to(device)
-            embeds = data["prompt_embeds"][data["prompt_idx"][b]].to(device)
-            lo, hi = args.rm_sigma_range
-            sigma = lo + (hi - lo) * common.sample_train_sigma(len(b), args.rm_sigma_shift, device=device)
-            with autocast(device):
-                logits = pavrm(common.add_noise(x0, torch.randn_like(x0), sigma), sigma, embeds)
-            loss = loss_fn(logits, y)
-            check_finite(loss, step, "PAVRM")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, logits, sigma = pavrm_step(args, pavrm, x0, y, data["prompt_embeds"][data["prompt_idx"][b]].to(device))
+            check_finite(loss, step, "PAVRM")
             torch.nn.utils.clip_grad_norm_(pavrm.dit.blocks.parameters(), args.grad_clip)  # official: blocks only
             opt.step()
         acc = ((logits > 0).float() == y).float().mean()
@@ -355,41 +364,53 @@ def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, batch: int = 64, 
             logits.append(s.float().cpu())
         s, key = torch.cat(logits), f"({lo:g},{hi:g}]"
         acc[key], area[key] = ((s > 0).float() == y).float().mean().item(), auc(s, y)
-    return dict(accuracy=acc, auc=area, majority=max(y.mean().item(), 1 - y.mean().item()))
+    return dict(pavrm_accuracy=acc, pavrm_accuracy_mean=sum(acc.values()) / len(acc), pavrm_auc=area,
+                pavrm_majority_class=max(y.mean().item(), 1 - y.mean().item()), pavrm_test_size=len(idx))
+
+
+def prepare_prfl(args, transformer, pavrm) -> list:
+    """PRFL's trainable weights (LoRA, or all with --full-finetune); the PAVRM frozen in the generator's dtype."""
+    pavrm.to(transformer.dtype).eval().requires_grad_(False)  # frozen during PRFL (paper and code)
+    if args.full_finetune:
+        params = list(transformer.float().requires_grad_(True).parameters())  # fp32 master weights, bf16 autocast
+    else:
+        params = common.add_lora(transformer, args.lora_rank, adapter_name="prfl")
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return params
+
+
+def prfl_step(args, transformer, pavrm, x0, embeds, sigmas, m: int | None = None, bf16=None):
+    """Forward + backward of one PRFL micro-batch: L_SFT on real latents (Eq. 10), then (m drawn here unless
+    given) L_PRFL of the one gradient step at m (Eqs. 7-9). Two backward passes: never both graphs at once."""
+    with autocast(x0.device, bf16):
+        l_sft = sft_loss(transformer, x0, embeds, args.sft_sigma_shift) if args.sft_weight else torch.zeros(())
+    if args.sft_weight:
+        (args.sft_weight * l_sft / args.grad_accum).backward()
+    m = sample_cutoff(args.num_steps, args.m_range) if m is None else m  # Alg. 1 line 9 (--estimate-memory: m = 0)
+    with autocast(x0.device, bf16):  # real latents give only the shape (official)
+        r = process_reward(transformer, pavrm, embeds, x0.shape, sigmas, m)
+    l_prfl = prfl_loss(r, args.reward_weight, args.reward_target)
+    (l_prfl / args.grad_accum).backward()
+    return l_sft.detach(), l_prfl.detach(), r.detach(), m
 
 
 def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
-    """Stage 2: per step, L_SFT on real latents (Eq. 10) + L_PRFL of one gradient step (Eqs. 7-9)."""
+    """Stage 2: prfl_step on batches of the SFT set (the same text batch for both losses), AdamW, constant lr."""
     tr = pipe.transformer
-    pavrm.eval().requires_grad_(False)  # the reward model is frozen during PRFL (paper and code)
-    if args.full_finetune:
-        tr.float().requires_grad_(True)  # fp32 master weights, bf16 autocast
-        params = list(tr.parameters())
-    else:
-        params = common.add_lora(tr, args.lora_rank, args.lora_alpha or None, adapter_name="prfl")
-    if args.gradient_checkpointing:
-        tr.enable_gradient_checkpointing()
+    params = prepare_prfl(args, tr, pavrm)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    sigmas = common.sigma_schedule(args.rollout_steps, args.rollout_shift).to(device)
+    sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(device)
     timer = common.StepTimer(device)
     tr.train()
     for step in (bar := tqdm(range(args.tune_steps), desc="PRFL")):
         with timer:
             for _ in range(args.grad_accum):
-                b = torch.randint(len(sft["latents"]), (args.tune_batch,))
-                x0 = sft["latents"][b].to(device)
+                b = torch.randint(len(sft["latents"]), (args.batch_size,))
                 embeds = drop_prompts(sft["prompt_embeds"][sft["prompt_idx"][b]].to(device), null_embed,
                                       args.null_prompt_prob)
-                with autocast(device):  # two backward passes: never hold both graphs at once
-                    l_sft = sft_loss(tr, x0, embeds, args.sft_sigma_shift) if args.sft_weight else torch.zeros(())
-                if args.sft_weight:
-                    (args.sft_weight * l_sft / args.grad_accum).backward()
-                m = sample_cutoff(args.rollout_steps, args.m_range)
-                with autocast(device):  # real latents give only the shape (official)
-                    r = process_reward(tr, pavrm, embeds, x0.shape, sigmas, m)
-                l_prfl = prfl_loss(r, args.reward_weight, args.reward_target)
-                check_finite(l_prfl + l_sft.detach(), step, "PRFL")
-                (l_prfl / args.grad_accum).backward()
+                l_sft, l_prfl, r, m = prfl_step(args, tr, pavrm, sft["latents"][b].to(device), embeds, sigmas)
+                check_finite(l_prfl + l_sft, step, "PRFL")  # before the optimiser step: no NaN reaches the weights
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -400,13 +421,13 @@ def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
 
 
 @torch.no_grad()
-def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, toy: bool, tag: str, run) -> dict:
-    """Fresh samples for held-out prompts from fixed seeds: true toy reward, PAVRM reward, a few mp4s."""
+def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, on_toy: bool, tag: str, run) -> dict:
+    """Fresh samples for held-out prompts from fixed seeds: true toy reward, PAVRM reward, process reward, mp4s."""
     n = args.eval_samples
     rows = [i % len(prompts) for i in range(n)]
     seeds = [10_000 + i for i in range(n)]  # the same noise before and after PRFL: a paired comparison
-    lat = common.sample_latents(pipe, embeds[rows], seeds, num_steps=args.rollout_steps, shift=args.rollout_shift,
-                                guidance_scale=args.eval_guidance, negative_embeds=null_embed)
+    lat = common.sample_latents(pipe, embeds[rows], seeds, num_steps=args.num_steps, shift=args.flow_shift,
+                                guidance_scale=args.guidance_scale, negative_embeds=null_embed)
     dev = pipe.transformer.device
     g = torch.Generator().manual_seed(99)  # the paper's PAVRM score: one random t per sample
     sigma = torch.rand(n, generator=g)
@@ -414,11 +435,12 @@ def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, toy: bool
     with autocast(dev):
         r = torch.sigmoid(torch.cat([pavrm(x_t[i:i + 16].to(dev), sigma[i:i + 16].to(dev), embeds[rows[i:i + 16]].to(dev))
                                      for i in range(0, n, 16)])).cpu()
-    out = dict(pavrm_reward=r, process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds),
-               true_reward=toy.true_reward(pipe, lat, [prompts[i] for i in rows]) if toy else None)
-    for i in range(min(args.num_videos, n)):
+    out = dict(pavrm_reward=r, process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds))
+    if on_toy:  # the decoded pixel-space toy reward: the ground truth the labels came from
+        out = dict(true_reward=toy.true_reward(pipe, lat, [prompts[i] for i in rows]), **out)
+    for i in range(min(args.save_videos, n)):
         video = common.decode_latents(pipe, lat[i:i + 1].to(pipe.vae.device))[0]
-        common.export_video(video, run.dir / "samples" / f"{tag}_seed{seeds[i]}.mp4")
+        common.export_video(video, run.dir / "videos" / f"{tag}_seed{seeds[i]}.mp4")
     return out
 
 
@@ -428,8 +450,8 @@ def process_reward_eval(args, pipe, pavrm, embeds, seeds) -> torch.Tensor:
     fixed seeds, with m = i mod (N-1) so every cut-off is covered; [n]."""
     dev, n = pipe.transformer.device, len(seeds)
     shape = common.backbone_geometry(pipe)["latent_shape"]
-    sigmas = common.sigma_schedule(args.rollout_steps, args.rollout_shift).to(dev)
-    m = torch.arange(n) % max(1, args.rollout_steps - 1)
+    sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(dev)
+    m = torch.arange(n) % max(1, args.num_steps - 1)
     r = torch.zeros(n)
     for k in m.unique().tolist():
         idx = (m == k).nonzero()[:, 0]
@@ -447,21 +469,19 @@ def load_data(args, pipe):
     """The binary dataset (toy world by default) and the real latents for L_SFT, validated early."""
     if args.data:
         data, meta = common.load_dataset(args.data, "binary")
-    elif args.backbone == "tiny":
-        data, meta = toy.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
     else:
-        raise SystemExit("the toy world exists only for --backbone tiny; pass --data <binary dataset folder> (prepare.py)")
+        data, meta = toy.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
     where = args.data or f"{args.toy_cache}/binary-{args.toy_size}-0"
     common.check_latent_shape(data["latents"], pipe, where)
     if not set(data["label"].unique().tolist()) <= {0.0, 1.0}:
-        raise ValueError(f"{where}: 'label' must be 0/1, found {data['label'].unique()[:5].tolist()}")
+        raise common.UserError(f"{where}: 'label' must be 0/1, found {data['label'].unique()[:5].tolist()}")
     if data["label"].min() == data["label"].max():
-        raise ValueError(f"{where}: every label is {data['label'][0].item()}; PAVRM needs good and bad examples")
+        raise common.UserError(f"{where}: every label is {data['label'][0].item()}; PAVRM needs good and bad examples")
     train_idx, test_idx = common.split_indices(len(data["latents"]), args.test_fraction, seed=0)
     if args.sft_data:
         sft, _ = common.load_dataset(args.sft_data)
         if "latents" not in sft:
-            raise ValueError(f"{args.sft_data}: no 'latents' (L_SFT needs real-video latents)")
+            raise common.UserError(f"{args.sft_data}: no 'latents' (L_SFT needs real-video latents)")
         common.check_latent_shape(sft["latents"], pipe, args.sft_data)
     else:  # the good training rows: the paper's SFT set is real footage, qualified by construction
         keep = train_idx[data["label"][train_idx] > 0.5]
@@ -470,103 +490,80 @@ def load_data(args, pipe):
 
 
 def estimate_memory(args) -> dict:
-    """--estimate-memory: one PAVRM step and one PRFL step (batch 1) of this file's code on fake tensors at the
-    backbone's real size (estimate.StageEstimates); bf16 autocast as on CUDA. On tiny: measured on the CPU."""
+    """--estimate-memory: pavrm_step and prfl_step (batch 1, m = 0; E[m] no-grad forwards counted) on fake tensors
+    at the backbone's size, bf16 autocast as on CUDA (estimate.StageEstimates); on tiny: run and measured on the CPU."""
+    def generator_and_pavrm(tune: bool):
+        tr = est.pipeline(gradient_checkpointing=args.gradient_checkpointing).transformer
+        pavrm = build_pavrm(args, tr)
+        return tr, pavrm, prepare_prfl(args, tr, pavrm) if tune else None
+
     with estimate.StageEstimates("PRFL", args.backbone) as est:
         x0, embeds, _ = est.inputs()
-        ac = lambda: torch.autocast("cpu", torch.bfloat16, enabled=not est.real)
-
-        def build(tune: bool):
-            tr = est.pipeline(gradient_checkpointing=args.gradient_checkpointing).transformer
-            pavrm = PAVRM(tr, args.rm_blocks, args.rm_heads, args.rm_pooling)
-            if args.gradient_checkpointing:
-                pavrm.dit.enable_gradient_checkpointing()
-            if tune:  # as main() / train_prfl(): frozen PAVRM in the generator's dtype, LoRA on the generator
-                pavrm.to(tr.dtype).requires_grad_(False)
-                common.add_lora(tr, args.lora_rank, args.lora_alpha or None, adapter_name="prfl")
-            return tr, pavrm
-
-        def pavrm_step(tr, pavrm, x0, embeds):  # train_pavrm's step; the generator tr stays on the GPU
-            sigma = common.sample_train_sigma(len(x0), args.rm_sigma_shift)
-            with ac():
-                logits = pavrm(common.add_noise(x0, torch.randn_like(x0), sigma), sigma, embeds)
-            bce_loss(logits, torch.ones_like(logits)).backward()
-
-        def prfl_step(tr, pavrm, x0, embeds):  # train_prfl's step with m = 0 (the no-grad steps to m are skipped)
-            with ac():
-                (args.sft_weight * sft_loss(tr, x0, embeds, args.sft_sigma_shift)).backward()
-                r = process_reward(tr, pavrm, embeds, x0.shape, sigmas, 0)
-            prfl_loss(r, args.reward_weight, args.reward_target).backward()
-
-        sigmas = common.sigma_schedule(args.rollout_steps, args.rollout_shift)
-        est.step("PAVRM step", pavrm_step, *est.build(lambda: build(False)), x0, embeds)
-        est.step("PRFL step (SFT + 1 step with grad + PAVRM)", prfl_step, *est.build(lambda: build(True)), x0, embeds,
-                 rollout_forwards=(args.rollout_steps - 2) / 2)  # E[m], --m-range full
+        bf16, sigmas = not est.real, common.sigma_schedule(args.num_steps, args.flow_shift)
+        _, pavrm, _ = est.build(lambda: generator_and_pavrm(False))
+        est.step("PAVRM step", pavrm_step, args, pavrm, x0, torch.ones(1), embeds, bf16=bf16)
+        tr, pavrm, _ = est.build(lambda: generator_and_pavrm(True))
+        est.step("PRFL step (SFT + 1 step with grad + PAVRM)", prfl_step, args, tr, pavrm, x0, embeds, sigmas, 0,
+                 bf16=bf16, rollout_forwards=(args.num_steps - 2) / 2)  # E[m], --m-range full
     return est.results
 
 
-def main(args: Args, explicit=()) -> dict:
-    args = resolve_args(args, explicit)
-    e = args.eval_sigma_edges
+def main(args: Args) -> dict:
+    e, lohi = args.eval_sigma_edges, args.rm_sigma_range
     if len(e) < 2 or any(not 0 <= a < b <= 1 for a, b in zip(e, e[1:])):
-        raise SystemExit(f"--eval-sigma-edges {e}: need at least two increasing values in [0, 1]")
-    if len(args.rm_sigma_range) != 2 or not 0 <= args.rm_sigma_range[0] < args.rm_sigma_range[1] <= 1:
-        raise SystemExit(f"--rm-sigma-range {args.rm_sigma_range}: need lo hi with 0 <= lo < hi <= 1")
+        raise common.UserError(f"--eval-sigma-edges {e}: need at least two increasing values in [0, 1]", 2)
+    if len(lohi) != 2 or not 0 <= lohi[0] < lohi[1] <= 1:
+        raise common.UserError(f"--rm-sigma-range {lohi}: need lo hi with 0 <= lo < hi <= 1", 2)
     if args.estimate_memory:
         return estimate_memory(args)
+    # resume at stage granularity: a run folder that already holds a PAVRM skips stage 1
+    resume = Path(args.out_dir) / "pavrm.safetensors"
+    ckpt = args.reward_ckpt or (str(resume) if args.out_dir and resume.is_file() else "")
+    if args.stage == "tune" and not ckpt:
+        raise common.UserError("--stage tune needs --reward-ckpt (a PAVRM safetensors from --stage rm)", 2)
+    if ckpt and not Path(ckpt).is_file():
+        raise common.UserError(f"--reward-ckpt {ckpt}: no such file")
+    if not args.data and args.backbone != "tiny":
+        raise common.UserError("the toy world exists only for --backbone tiny; pass --data <binary dataset folder> "
+                               "(prepare.py)", 2)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     run = common.Run("prfl", args, args.out_dir or None)
-    # resume at stage granularity: a run folder that already holds a PAVRM skips stage 1
-    ckpt = args.reward_ckpt or (str(run.dir / "pavrm.safetensors") if (run.dir / "pavrm.safetensors").is_file() else "")
-    if args.stage == "tune" and not ckpt:
-        raise SystemExit("--stage tune needs --reward-ckpt (a PAVRM safetensors from --stage rm)")
     pipe = common.load_backbone(args.backbone, device)
     data, meta, train_idx, test_idx, sft = load_data(args, pipe)
-    toy = not args.data
-    prompts = args.eval_prompts or (toy.toy_prompts("eval") if toy else meta["prompts"][:16])
+    on_toy = not args.data
+    prompts = args.eval_prompts or (toy.toy_prompts("eval") if on_toy else meta["prompts"][:16])
     eval_embeds, _ = common.encode_prompts(pipe, prompts)
     null_embed = common.encode_prompts(pipe, [""])[0].to(device)
     common.drop_text_encoder(pipe)  # every prompt is cached; T5 never sits next to the training graph
 
-    summary = dict(backbone=args.backbone, run_dir=str(run.dir), reward_ckpt=ckpt or None)
-    if ckpt:
-        print(f"PAVRM from {ckpt}")
-        pavrm = load_pavrm(ckpt, pipe.transformer).to(device)
-    else:
-        pavrm = PAVRM(pipe.transformer, args.rm_blocks, args.rm_heads, args.rm_pooling).to(device)
-    if args.gradient_checkpointing:  # also in PRFL: the reward's backward runs through the 8 blocks
-        pavrm.dit.enable_gradient_checkpointing()
+    pavrm = build_pavrm(args, pipe.transformer, ckpt).to(device)
+    summary = dict(backbone=args.backbone, run_dir=str(run.dir), reward_ckpt=ckpt or None, pavrm=pavrm.config())
     if not ckpt:
-        rm_timer = train_pavrm(args, pavrm, data, train_idx, device, run)
+        t = train_pavrm(args, pavrm, data, train_idx, device, run)
         save_pavrm(pavrm, run.dir / "pavrm.safetensors", args.backbone)
-        summary.update(rm_seconds_per_step=rm_timer.seconds_per_step, rm_peak_memory_gib=rm_timer.peak_memory_gib())
+        summary.update(rm_seconds_per_step=t.seconds_per_step, rm_peak_memory_gib=t.peak_memory_gib())
     ev = evaluate_pavrm(pavrm, data, test_idx, device, args.eval_sigma_edges)
-    acc = ev["accuracy"]
-    summary.update(pavrm_accuracy=acc, pavrm_accuracy_mean=sum(acc.values()) / len(acc), pavrm_auc=ev["auc"],
-                   pavrm_majority_class=ev["majority"], pavrm_test_size=len(test_idx))
-    tables = [common.format_table([dict(noise_interval=k, pavrm_accuracy=v, auc=ev["auc"][k]) for k, v in acc.items()]
-                                  + [dict(noise_interval="mean", pavrm_accuracy=summary["pavrm_accuracy_mean"],
-                                          auc=sum(ev["auc"].values()) / len(acc))])
-              + f"\nchance: accuracy {ev['majority']:.3f} (majority class of {len(test_idx)} held-out latents), AUC 0.5"]
+    summary.update(ev)
+    acc, area = ev["pavrm_accuracy"], ev["pavrm_auc"]
+    rows = [dict(noise_interval=k, pavrm_accuracy=acc[k], auc=area[k]) for k in acc]
+    rows.append(dict(noise_interval="mean", pavrm_accuracy=ev["pavrm_accuracy_mean"], auc=sum(area.values()) / len(area)))
+    tables = [common.format_table(rows) + f"\nchance: accuracy {ev['pavrm_majority_class']:.3f} (majority class of "
+              f"{len(test_idx)} held-out latents), AUC 0.5" + ("" if pavrm.loss == "bce" else
+              f"; a {pavrm.loss}-trained logit has no fixed zero, so accuracy of s > 0 is arbitrary: read the AUC")]
 
     if args.stage != "rm":
-        pavrm.to(pipe.transformer.dtype)  # frozen now: run it in the generator's precision
-        before = evaluate_generator(args, pipe, pavrm, eval_embeds, prompts, null_embed, toy, "before", run)
-        timer = train_prfl(args, pipe, pavrm, sft, null_embed, device, run)
-        after = evaluate_generator(args, pipe, pavrm, eval_embeds, prompts, null_embed, toy, "after", run)
+        pavrm.to(pipe.transformer.dtype)  # frozen from here on: run it in the generator's precision
+        evaluate = lambda tag: evaluate_generator(args, pipe, pavrm, eval_embeds, prompts, null_embed, on_toy, tag, run)
+        before = evaluate("before")
+        t = train_prfl(args, pipe, pavrm, sft, null_embed, device, run)
+        after = evaluate("after")
         if args.full_finetune:
             pipe.transformer.save_pretrained(run.dir / "transformer")  # safetensors, diffusers format
         else:
             common.save_lora(pipe.transformer, run.dir / "lora", "prfl")
-        rows = []
-        for key in ["true_reward", "pavrm_reward", "process_reward"][0 if toy else 1:]:
-            b, a = before[key], after[key]
-            for name, x in (("before", b), ("after", a), ("after-before (paired)", a - b)):
-                mean, se = common.mean_se(x)
-                summary[f"{key}_{name.split()[0].replace('-', '_minus_')}"] = [mean, se]
-                rows.append(dict(metric=key, samples=f"{name} (n={len(x)})", mean=mean, se=se))
-        summary.update(tune_seconds_per_step=timer.seconds_per_step, tune_peak_memory_gib=timer.peak_memory_gib(),
+        paired, rows = common.paired_summary(before, after)
+        summary.update(paired, tune_seconds_per_step=t.seconds_per_step, tune_peak_memory_gib=t.peak_memory_gib(),
                        eval_prompts=len(prompts), eval_samples=args.eval_samples)
         tables.append(common.format_table(rows))
     run.summary(summary)
@@ -576,5 +573,4 @@ def main(args: Args, explicit=()) -> dict:
 
 
 if __name__ == "__main__":
-    given = {a[2:].split("=")[0].replace("-", "_").removeprefix("no_") for a in sys.argv[1:] if a.startswith("--")}
-    main(common.parse_args(Args), explicit=given)
+    common.cli(main, Args, TINY)

@@ -321,9 +321,10 @@ def method_data(videos, tmp_path_factory):
 
 def test_prfl_trains_on_prepared_clips(method_data, tmp_path):
     import prfl
-    s = prfl.main(prfl.Args(data=str(method_data / "binary"), sft_data=str(method_data / "sft"),
-                            out_dir=str(tmp_path / "run"), rm_steps=2, rm_batch=4, tune_steps=2, tune_batch=2,
-                            rollout_steps=4, eval_samples=2, num_videos=0))
+    s = prfl.main(common.parse_args(prfl.Args, prfl.TINY, [
+        "--data", str(method_data / "binary"), "--sft-data", str(method_data / "sft"), "--out-dir", str(tmp_path / "run"),
+        "--rm-steps", "2", "--rm-batch", "4", "--tune-steps", "2", "--batch-size", "2", "--num-steps", "4",
+        "--eval-samples", "2", "--save-videos", "0"]))
     assert s["pavrm_test_size"] + round(12 * 0.8) == 12 and np.isfinite(s["pavrm_accuracy_mean"])
     assert (tmp_path / "run" / "pavrm.safetensors").is_file()
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,4 +1,6 @@
 """Tests of prfl.py (PAVRM + PRFL) on the tiny backbone and the toy world: CPU, offline."""
+import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -22,24 +24,32 @@ def toy_cache(tmp_path_factory):
     return cache
 
 
+def tiny_args(**kw):
+    """What `python prfl.py` parses on tiny (TINY over the paper's defaults), with `kw` replaced."""
+    return dataclasses.replace(common.parse_args(prfl.Args, prfl.TINY, []), **kw)
+
+
 def small_args(tmp_path, toy_cache, **kw):
     base = dict(out_dir=str(tmp_path / "run"), toy_size=256, toy_cache=str(toy_cache), rm_steps=2, rm_batch=8,
-                tune_steps=2, tune_batch=4, eval_samples=4, num_videos=0)
+                tune_steps=2, batch_size=4, eval_samples=4, save_videos=0)
     base.update(kw)
-    return prfl.Args(**base)
+    return tiny_args(**base)
 
 
 # ---------------------------------------------------------------- defaults ----
 def test_paper_defaults_for_real_backbones_and_the_tiny_rule():
-    real = prfl.resolve_args(prfl.Args(backbone="wan2.1-1.3b"))
+    parse = lambda *argv: common.parse_args(prfl.Args, prfl.TINY, list(argv))
+    real = parse("--backbone", "wan2.1-1.3b")
     assert real == prfl.Args(backbone="wan2.1-1.3b")  # real backbones keep the paper's / official values
-    assert (real.rm_blocks, real.rm_heads, real.rollout_steps, real.rollout_shift, real.reward_weight,
+    assert (real.rm_blocks, real.rm_heads, real.num_steps, real.flow_shift, real.reward_weight,
             real.lr, real.null_prompt_prob, real.sft_weight) == (8, 8, 40, 5.0, 0.1, 5e-6, 0.1, 1.0)
-    tiny = prfl.resolve_args(prfl.Args())
+    tiny = parse()
     assert all(getattr(tiny, k) == v for k, v in prfl.TINY.items())
-    assert prfl.resolve_args(prfl.Args(lr=2e-3)).lr == 2e-3  # a non-default value is kept
-    assert prfl.resolve_args(prfl.Args(), explicit={"sft_weight"}).sft_weight == 1.0  # given on the CLI
-    assert prfl.resolve_args(prfl.Args(tiny_defaults=False)) == prfl.Args(tiny_defaults=False)
+    assert {k: getattr(tiny, k) for k in ("gradient_checkpointing", "rm_sigma_shift", "flow_shift")} == dict(
+        gradient_checkpointing=False, rm_sigma_shift=1.0, flow_shift=5.0)  # PRFL's own shift 5 also on tiny
+    assert parse("--lr", "2e-3").lr == 2e-3  # a non-default value is kept
+    assert parse("--lr", "5e-6").lr == 5e-6 and parse("--grad-accum", "5").grad_accum == 5  # typed = paper: kept
+    assert parse("--backbone", "wan2.1-1.3b", "--rm-steps", "7").rm_steps == 7
 
 
 # ---------------------------------------------------------------- Eq. (5): query attention ----
@@ -87,7 +97,7 @@ def test_pavrm_is_a_truncated_copy_with_frozen_embeddings():
     assert not any(n.startswith(("dit.patch_embedding", "dit.condition_embedder")) for n in trainable)
     assert {"pool.query", "mlp.0.weight", "mlp.4.bias"} <= trainable
     assert rm.mlp[0].out_features == 1024 and rm.mlp[2].out_features == 512 and rm.mlp[4].out_features == 1
-    with pytest.raises(ValueError, match="blocks"):
+    with pytest.raises(common.UserError, match="--rm-blocks 13"):
         prfl.PAVRM(pipe.transformer, blocks=13)
 
 
@@ -168,7 +178,7 @@ def test_process_reward_takes_exactly_one_gradient_step():
 
 
 def test_prfl_stage_freezes_pavrm_and_base_and_never_decodes(tmp_path, toy_cache, monkeypatch):
-    args = prfl.resolve_args(small_args(tmp_path, toy_cache, tune_steps=3, tune_batch=2))
+    args = small_args(tmp_path, toy_cache, tune_steps=3, batch_size=2)
     pipe = common.load_backbone("tiny")
     data, meta, train_idx, test_idx, sft = prfl.load_data(args, pipe)
     null = common.encode_prompts(pipe, [""])[0]
@@ -197,8 +207,8 @@ def test_prfl_stage_freezes_pavrm_and_base_and_never_decodes(tmp_path, toy_cache
 def demo(tmp_path_factory, toy_cache):
     """One short run of both stages (the behaviour tests share it); PAVRM with the demo's 600 steps."""
     out = tmp_path_factory.mktemp("demo")
-    args = prfl.Args(out_dir=str(out), toy_size=256, toy_cache=str(toy_cache), tune_steps=10,
-                     eval_samples=16, num_videos=2)
+    args = tiny_args(out_dir=str(out), toy_size=256, toy_cache=str(toy_cache), tune_steps=10,
+                     eval_samples=16, save_videos=2)
     return prfl.main(args), out
 
 
@@ -214,7 +224,6 @@ def test_auc_matches_hand_computation():
 
 def test_rm_sigma_range_confines_training_noise(tmp_path, toy_cache):
     """--rm-sigma-range 0.8 1 (the high-noise specialist of the README): every training batch's sigma lies there."""
-    import json
     prfl.main(small_args(tmp_path, toy_cache, stage="rm", rm_steps=20, rm_sigma_range=[0.8, 1.0]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     sigmas = [r["sigma_mean"] for r in rows if r["stage"] == "rm"]
@@ -253,8 +262,7 @@ def test_prfl_raises_its_objective_on_the_training_prompts(demo, toy_cache, tmp_
     with this fixture's PAVRM: full range +0.23 to +0.31 (SE 0.04) in five RNG states, -0.003 in the one
     left by the fixture (it drew m <= 4 in 15 of 20 steps); late third +0.29."""
     _, out = demo
-    args = prfl.resolve_args(small_args(tmp_path, toy_cache, tune_steps=20, tune_batch=16, sft_weight=0.0,
-                                        m_range="late"), explicit={"sft_weight"})
+    args = small_args(tmp_path, toy_cache, tune_steps=20, batch_size=16, sft_weight=0.0, m_range="late")
     pipe = common.load_backbone("tiny")
     *_, sft = prfl.load_data(args, pipe)
     rm = prfl.load_pavrm(out / "pavrm.safetensors", pipe.transformer)
@@ -272,18 +280,18 @@ def test_prfl_raises_the_true_toy_reward(demo, toy_cache, tmp_path):
     +0.22 +- 0.05 with the 1024-latent demo's PAVRM. A detached step, a flipped sign or SFT on the wrong rows
     stays near 0 or goes down (PRFL alone games PAVRM: -0.54 +- 0.08)."""
     _, out = demo
-    args = prfl.Args(out_dir=str(tmp_path / "run"), toy_size=256, toy_cache=str(toy_cache), num_videos=0,
+    args = tiny_args(out_dir=str(tmp_path / "run"), toy_size=256, toy_cache=str(toy_cache), save_videos=0,
                      reward_ckpt=str(out / "pavrm.safetensors"))
     summary = prfl.main(args)
     assert summary["eval_samples"] >= 16, summary
-    gain, se = summary["true_reward_after_minus_before"]
+    gain, se = summary["true_reward_gain"]
     assert gain > 2 * se and gain > 0, summary
 
 
 def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, toy_cache):
     summary, out = demo
     assert (out / "summary.json").is_file() and (out / "pavrm.safetensors").is_file()
-    assert len(list((out / "samples").glob("before_*.mp4"))) == 2 and len(list((out / "samples").glob("after_*.mp4"))) == 2
+    assert len(list((out / "videos").glob("before_*.mp4"))) == 2 and len(list((out / "videos").glob("after_*.mp4"))) == 2
     pipe = common.load_backbone("tiny")
     x, emb = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 32, 32)
     with torch.no_grad():
@@ -295,32 +303,61 @@ def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, toy_cache):
     # exactly as the run's PAVRM did: the held-out accuracy is reproduced
     rm = prfl.load_pavrm(out / "pavrm.safetensors", pipe.transformer)
     assert rm.blocks == 8 and rm.pooling == "query" and not any("lora" in k for k in rm.state_dict())
+    assert rm.config() == summary["pavrm"] == dict(blocks=8, heads=8, pooling="query", loss="bce")
     data, _ = common.load_dataset(next(toy_cache.glob("binary-256-0-*")), "binary")
     _, test_idx = common.split_indices(len(data["latents"]), 0.2, seed=0)
-    assert prfl.evaluate_pavrm(rm, data, test_idx, torch.device("cpu"))["accuracy"] == pytest.approx(summary["pavrm_accuracy"])
+    assert prfl.evaluate_pavrm(rm, data, test_idx, torch.device("cpu"))["pavrm_accuracy"] == pytest.approx(summary["pavrm_accuracy"])
     # resume: the same --out-dir reuses its pavrm.safetensors instead of training again
-    again = prfl.main(prfl.Args(out_dir=str(out), stage="rm", toy_size=256, toy_cache=str(toy_cache)))
+    again = prfl.main(tiny_args(out_dir=str(out), stage="rm", toy_size=256, toy_cache=str(toy_cache)))
     assert again["reward_ckpt"] == str(out / "pavrm.safetensors") and "rm_seconds_per_step" not in again
     assert again["pavrm_accuracy"] == pytest.approx(summary["pavrm_accuracy"])
 
 
-def test_cli_smoke(tmp_path, toy_cache):
-    cmd = [sys.executable, "prfl.py", "--out-dir", str(tmp_path / "cli"), "--toy-size", "256", "--toy-cache",
-           str(toy_cache), "--rm-steps", "2", "--tune-steps", "1", "--tune-batch", "2", "--eval-samples", "2",
-           "--num-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt"]
+def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
+    """The CLI on tiny: typed values are the values used, also --eval-samples 16 (the paper's value; TINY's is
+    96); untyped fields take TINY. The chosen loss and pooling reach the checkpoint's metadata and the summary."""
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "prfl.py", "--out-dir", str(out), "--toy-size", "256", "--toy-cache",
+           str(toy_cache), "--rm-steps", "3", "--tune-steps", "2", "--batch-size", "2", "--eval-samples", "16",
+           "--save-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "pavrm_accuracy" in res.stdout and "true_reward" in res.stdout
-    assert (tmp_path / "cli" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((out / "videos").glob("*.mp4"))) == 2  # before + after
+    args = json.loads((out / "args.json").read_text())
+    assert (args["rm_steps"], args["tune_steps"], args["batch_size"], args["eval_samples"]) == (3, 2, 2, 16)
+    assert (args["rm_batch"], args["num_steps"], args["grad_accum"]) == (32, 10, 1)  # untyped: TINY
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["rm"] * 3 + ["tune"] * 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_samples"] == 16 and "gain (paired) (n=16)" in res.stdout
+    assert summary["pavrm"] == dict(blocks=8, heads=8, pooling="mean", loss="bt")
+    assert prfl.load_pavrm(out / "pavrm.safetensors", common.load_backbone("tiny").transformer).config() == summary["pavrm"]
+
+
+def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(prfl.Args, prfl.TINY, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 600)" in text.split("--rm-steps RM_STEPS")[-1].split("--")[0]
+    assert "[paper: 3000; tiny: 600]" in text and "[paper: 40; tiny: 10]" in text
+    res = subprocess.run([sys.executable, "prfl.py", "--stage", "tune"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith("error: --stage tune needs --reward-ckpt"), res.stderr
+    assert "Traceback" not in res.stderr
 
 
 # ---------------------------------------------------------------- bad input ----
 def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "no_such_folder")))
-    with pytest.raises(SystemExit, match="reward-ckpt"):
+    with pytest.raises(common.UserError, match="reward-ckpt") as e:
         prfl.main(small_args(tmp_path, toy_cache, stage="tune"))
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+    assert e.value.code == 2  # a bad flag, as argparse
+    with pytest.raises(common.UserError, match="toy world exists only for --backbone tiny"):  # before any download
+        prfl.main(small_args(tmp_path, toy_cache, backbone="wan2.1-1.3b"))
+    with pytest.raises(common.UserError, match="missing.safetensors"):
         prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "missing.safetensors")))
     data, meta = common.load_dataset(next(toy_cache.glob("binary-256-0-*")), "binary")
     wrong = dict(data, latents=data["latents"][:, :8])  # 8 channels instead of 16
@@ -328,17 +365,17 @@ def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
     with pytest.raises(ValueError, match=r"\(256, 8, 3, 4, 4\)"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "wrong")))
     common.save_dataset(tmp_path / "one_class", dict(data, label=torch.ones_like(data["label"])), meta)
-    with pytest.raises(ValueError, match="good and bad"):
+    with pytest.raises(common.UserError, match="good and bad"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "one_class")))
     nan = data["latents"].clone()
     nan[7, 0, 0, 0, 0] = float("nan")
     common.save_dataset(tmp_path / "nan", dict(data, latents=nan), meta)
     with pytest.raises(ValueError, match="NaN"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "nan")))
-    with pytest.raises(SystemExit, match="rm-sigma-range"):
+    with pytest.raises(common.UserError, match="rm-sigma-range"):
         prfl.main(small_args(tmp_path, toy_cache, rm_sigma_range=[0.9, 0.8]))
-    with pytest.raises(SystemExit, match="eval-sigma-edges"):
+    with pytest.raises(common.UserError, match="eval-sigma-edges"):
         prfl.main(small_args(tmp_path, toy_cache, eval_sigma_edges=[0.0, 0.5, 0.4, 1.0]))
     common.save_safetensors({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
-    with pytest.raises(ValueError, match="metadata"):
+    with pytest.raises(common.UserError, match="metadata"):
         prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "foreign.safetensors")))
