@@ -96,12 +96,13 @@ def folder_config(transformer: dict, vae: dict, scheduler: dict, repo: str) -> d
 def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   height: int | None = None, width: int | None = None, num_frames: int | None = None):
     """Load a WanPipeline: "tiny" (toy.build_tiny_pipeline), "wan2.1-1.3b", "wan2.1-14b", a folder or a hub id.
-    The transformer runs in bf16 on CUDA and fp32 on CPU (or `dtype`); VAE and text encoder in fp32. The video size
-    (default: the checkpoint's, backbone_config) is fixed here: every later backbone_geometry(pipe) uses it."""
+    DiT and text encoder in `dtype` (default bf16 on CUDA, fp32 on CPU: pick_dtype), the VAE in fp32. UMT5-XXL in bf16
+    is 11 GiB (21 in fp32), so on a 24 GB card it fits beside the DiT for encoding, then drop_text_encoder frees it.
+    The video size (default: the checkpoint's, backbone_config) is fixed here: backbone_geometry(pipe) returns it."""
     from diffusers import WanPipeline
 
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or pick_dtype(None, device)
     hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
     known = any(name in (k, c["repo"]) for k, c in WAN_CONFIGS.items())
     # a known name or a folder: its config before any weight loads (a bad folder is a UserError here)
@@ -112,7 +113,8 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
     else:
         repo = WAN_CONFIGS[name]["repo"] if name in WAN_CONFIGS else name
         try:  # transformer in `dtype`, everything else (VAE, text encoder) in fp32
-            pipe = WanPipeline.from_pretrained(repo, dtype={"transformer": dtype, "default": torch.float32})
+            pipe = WanPipeline.from_pretrained(repo, dtype={"transformer": dtype, "text_encoder": dtype,
+                                                            "default": torch.float32})
         except (OSError, ValueError) as e:  # hub unreachable / not cached / not a Wan folder
             folder = f"checkpoints/{repo.split('/')[-1]}"
             raise UserError(f"could not load the Wan checkpoint '{repo}' ({type(e).__name__}: {e}).\nDownload it "
@@ -123,12 +125,19 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
     pipe.wan_config = dict(cfg, height=height or cfg["height"], width=width or cfg["width"],
                            num_frames=num_frames or cfg["num_frames"])
     backbone_geometry(pipe)  # checks the size
-    if pipe.transformer.dtype != dtype:  # tiny on CUDA (from_pretrained keeps Wan's fp32 modules; .to() would not)
-        pipe.transformer.to(dtype=dtype)
+    for m in (pipe.transformer, pipe.text_encoder):  # tiny (from_pretrained keeps Wan's fp32 modules; .to() would not)
+        if m.dtype != dtype:
+            m.to(dtype=dtype)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
         if m is not None:
             m.to(device).requires_grad_(False)
     return pipe
+
+
+def pick_dtype(name: str | None, device) -> torch.dtype:
+    """--dtype bf16 | fp32 of the DiT (and text encoder); None: bf16 on CUDA, fp32 on CPU."""
+    name = name or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def backbone_geometry(pipe, height=None, width=None, num_frames=None) -> dict:
@@ -436,7 +445,8 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 # ==== Plumbing: args, errors, seeding, run folder, logging, timing, statistics
 def arg(default, help: str, **kw):
-    """A dataclass field with its --help text (every Args field uses this)."""
+    """A dataclass field with its --help text (every Args field uses this); kw: choices, type (for a None default),
+    min / max (parse_args refuses a value outside them, and any non-finite float)."""
     factory = kw.pop("factory", None)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=dict(help=help, **kw))
@@ -472,6 +482,12 @@ def parse_args(cls, tiny: dict, argv=None):
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     ns = vars(p.parse_args(argv))
     ns.pop("debug")
+    for name, value in ns.items():  # every number finite, and within the field's min / max where it names them
+        lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v) or lo is not None and v < lo or hi is not None and v > hi:
+                p.error(f"argument --{name.replace('_', '-')}: {v} is not a finite number in "
+                        f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
     return cls(**ns)
 
 
