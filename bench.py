@@ -34,6 +34,7 @@ METHODS = [("PRFL", prfl), ("VELR", velr), ("DiNa-LRM", dina_lrm), ("PRISM", pri
 def reference_steps(backbone: str) -> dict:
     """The generic LoRA step and the RGB ReFL baseline (all frames / first frame) through estimate.StageEstimates."""
     with estimate.StageEstimates("baseline", backbone) as est:
+        est.load_phase()  # what every script's start costs: load_backbone + encode_prompts
         pipe = est.build(lambda: est.pipeline(lora_rank=64, vae_dtype=est.dtype))
         x, e, _ = est.inputs()
         est.step("LoRA transformer step (flow matching)", estimate.transformer_step, pipe.transformer, x, e)
@@ -91,7 +92,7 @@ def main():
             row[f"{short} TFLOPs"] = tflops(est["flops"] / 1e12) + (f" (+{rollout:.0f})" if rollout else "")
             row[f"{short} fits"] = fits(gib)
         tiny = runs["tiny"][i][2]
-        row["tiny CPU ms/step"] = f"{tiny['seconds_per_step'] * 1e3:.1f}"
+        row["tiny CPU ms/step"] = f"{tiny['seconds_per_step'] * 1e3:.1f}" if "seconds_per_step" in tiny else "-"
         row["tiny peak MiB"] = f"{tiny['peak_bytes'] / 2**20:.2f}"
         table.append(row)
     print("\n" + common.format_table(table))

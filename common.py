@@ -44,14 +44,17 @@ class UserError(Exception):
 # ==== Backbones
 # The real Wan2.1 text-to-video checkpoints (diffusers format): shapes, parameter counts and memory without weights.
 _WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+# UMT5-XXL (google/umt5-xxl), Wan's text encoder: 5.7B parameters
+_UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
 _WAN_DIT = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                 freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_CONFIGS = {
     "wan2.1-1.3b": dict(repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", height=480, width=832, num_frames=81,
-                        max_sequence_length=512, flow_shift=3.0, vae=_WAN_VAE,
+                        max_sequence_length=512, flow_shift=3.0, vae=_WAN_VAE, text_encoder=_UMT5_XXL,
                         transformer=dict(_WAN_DIT, num_attention_heads=12, ffn_dim=8960, num_layers=30)),
     "wan2.1-14b": dict(repo="Wan-AI/Wan2.1-T2V-14B-Diffusers", height=720, width=1280, num_frames=81,
-                       max_sequence_length=512, flow_shift=5.0, vae=_WAN_VAE,
+                       max_sequence_length=512, flow_shift=5.0, vae=_WAN_VAE, text_encoder=_UMT5_XXL,
                        transformer=dict(_WAN_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40)),
     # 12 blocks, so every method's paper default (8 or 12 blocks, taps 4/8/12) exists; inner dim 32 = 2 heads x 16,
     # which the 8 heads of PRFL and DiNa divide. is_residual (Wan2.2's pooling shortcuts, same class) lets the tiny
@@ -77,11 +80,11 @@ def backbone_config(name: str) -> dict:
         raise UserError(f"--backbone {name}: neither a known backbone ({', '.join(WAN_CONFIGS)}) nor a diffusers Wan "
                         f"folder (no model_index.json in {folder})", 2)
     read = lambda f: json.loads((folder / f).read_text()) if (folder / f).is_file() else {}
-    return folder_config(read("transformer/config.json"), read("vae/config.json"),
+    return folder_config(read("transformer/config.json"), read("vae/config.json"), read("text_encoder/config.json"),
                          read("scheduler/scheduler_config.json"), str(folder))
 
 
-def folder_config(transformer: dict, vae: dict, scheduler: dict, repo: str) -> dict:
+def folder_config(transformer: dict, vae: dict, text_encoder: dict, scheduler: dict, repo: str) -> dict:
     """A checkpoint's config from its own transformer / VAE / scheduler configs. Flow shift: the scheduler's. Default
     video size and text length: those of the known checkpoint with the same DiT shape (a local 14B copy gets 14B's),
     else Wan2.1-1.3B's."""
@@ -89,8 +92,9 @@ def folder_config(transformer: dict, vae: dict, scheduler: dict, repo: str) -> d
     shape = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")
     known = next((c for c in WAN_CONFIGS.values() if all(tr.get(k) == c["transformer"][k] for k in shape)),
                  WAN_CONFIGS["wan2.1-1.3b"])
+    own = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
     return dict(known, repo=repo, flow_shift=scheduler.get("flow_shift") or known["flow_shift"], transformer=tr,
-                vae={k: v for k, v in vae.items() if not k.startswith("_")})
+                vae=own(vae), text_encoder=own(text_encoder) or known["text_encoder"])
 
 
 def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -120,7 +124,8 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
             raise UserError(f"could not load the Wan checkpoint '{repo}' ({type(e).__name__}: {e}).\nDownload it "
                             f"once where the Hugging Face hub is reachable:\n    hf download {repo} --local-dir "
                             f"{folder}\nthen pass the folder: --backbone {folder}") from None
-    cfg = cfg or folder_config(dict(pipe.transformer.config), dict(pipe.vae.config), dict(pipe.scheduler.config), name)
+    cfg = cfg or folder_config(dict(pipe.transformer.config), dict(pipe.vae.config), pipe.text_encoder.config.to_dict(),
+                               dict(pipe.scheduler.config), name)
     pipe.backbone_name = name
     pipe.wan_config = dict(cfg, height=height or cfg["height"], width=width or cfg["width"],
                            num_frames=num_frames or cfg["num_frames"])

@@ -205,11 +205,14 @@ def _meta_to_fake(model: torch.nn.Module) -> torch.nn.Module:
     """Replace meta parameters and buffers by CPU tensors made in the active fake mode (shapes only)."""
     if torch._guards.active_fake_mode() is None:
         return model
+    made = {}  # a tied parameter (T5's shared token embedding) stays one tensor
     for module in model.modules():
         for n, p in module._parameters.items():
             if p is not None and p.is_meta:
-                fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
-                module._parameters[n] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                if id(p) not in made:
+                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
+                    made[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                module._parameters[n] = made[id(p)]
         for n, b in module._buffers.items():
             if b is not None and b.is_meta:
                 module._buffers[n] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="cpu")
@@ -363,8 +366,11 @@ class StageEstimates:
 
     steps = 3  # timed runs of each step on tiny, after the metered one
 
-    def __init__(self, method: str, backbone: str):
-        self.method, self.backbone, self.cfg = method, backbone, _config(backbone)
+    def __init__(self, method: str, backbone: str, height=None, width=None, num_frames=None):
+        cfg = _config(backbone)
+        self.cfg = dict(cfg, height=height or cfg["height"], width=width or cfg["width"],
+                        num_frames=num_frames or cfg["num_frames"])
+        self.method, self.backbone = method, backbone
         self.real = backbone == "tiny"
         self.mode = contextlib.nullcontext() if self.real else _ScalarFakeMode()
         self.dtype = torch.float32 if self.real else torch.bfloat16
@@ -399,9 +405,23 @@ class StageEstimates:
         from types import SimpleNamespace
         self.generator = build_wan_transformer(self.cfg, self.dtype, lora_rank, gradient_checkpointing)
         self.pipe = SimpleNamespace(transformer=self.generator, vae=build_wan_vae(self.cfg, vae_dtype),
-                                    text_encoder=None, backbone_name=self.backbone,
+                                    text_encoder=None, backbone_name=self.backbone, wan_config=self.cfg,
                                     vae_scale_factor_temporal=4, vae_scale_factor_spatial=8)
         return self.pipe
+
+    def load_phase(self, prompts: int = 16) -> dict:
+        """The load phase as the scripts run it: load_backbone's DiT (bf16) and VAE (fp32) resident with the text encoder
+        (in the DiT's dtype), encoding a batch of `prompts` prompts of max_sequence_length tokens (no grad)."""
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        def build():
+            te = UMT5EncoderModel(UMT5Config(**self.cfg["text_encoder"])).to(self.dtype).requires_grad_(False)
+            return build_wan_transformer(self.cfg, self.dtype, 0, False), build_wan_vae(self.cfg, torch.float32), te
+
+        L = self.cfg["max_sequence_length"]
+        ids, mask = torch.zeros(prompts, L, dtype=torch.long), torch.ones(prompts, L, dtype=torch.long)
+        est = estimate(torch.no_grad()(lambda tr, vae, te, i, m: te(i, m).last_hidden_state), *self.build(build), ids, mask)
+        return self.report(f"load phase (DiT + VAE resident, text encoder encoding {prompts} prompts)", est)
 
     def inputs(self, batch: int = 1):
         """Latents [B, 16, F', H', W'], text embeddings [B, L, text_dim] (fp32, as cached) and mask [B, L]."""

@@ -123,7 +123,7 @@ def test_k_gradient_steps_cost_linearly_so_extrapolation_is_exact():
 def test_checkpoint_with_adapter_recomputes_each_block_under_its_own_adapter():
     # DiNa's ReFL backward spans a policy-adapter step and the reward-adapter blocks; diffusers' checkpointing
     # recomputes both under the adapter active at backward time: an error here (ranks differ), else wrong grads.
-    from dina_lrm import set_active_adapter
+    from dina_lrm import checkpoint_with_adapter, set_active_adapter
     torch.manual_seed(0)
     tiny2 = dict(TINY, transformer=dict(TINY["transformer"], num_layers=2))
     tr = build_wan_transformer(tiny2, torch.float32, gradient_checkpointing=False)

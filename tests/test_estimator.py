@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from estimate import (MemoryFlopMeter, build_wan_transformer, build_wan_vae, estimate, estimate_training_step,
+from estimate import (StageEstimates, MemoryFlopMeter, build_wan_transformer, build_wan_vae, estimate, estimate_training_step,
                         fake_mode, format_estimate, latent_shape, rgb_refl_step, transformer_step)
 
 # The tiny backbone with 2 blocks: real runs of a training step stay well under a second.
@@ -181,3 +181,11 @@ def test_a_folder_of_the_14b_shape_gets_14b_geometry(tmp_path):
     folder = _config_only_folder(tmp_path / "my-14b-copy", "wan2.1-14b")
     cfg = common.backbone_config(str(folder))
     assert (cfg["height"], cfg["width"], cfg["flow_shift"]) == (720, 1280, 5.0)
+
+
+def test_load_phase_fits_a_24gb_card_at_1_3b_and_counts_the_text_encoder():
+    with StageEstimates("load", "wan2.1-1.3b") as est:
+        load = est.load_phase()
+    te = 5.7e9 * 2  # UMT5-XXL's parameters in bf16 are most of it
+    assert te < load["breakdown"]["weights"] < te + 4 * 2**30
+    assert load["peak_bytes"] + 1.5 * 2**30 <= 24e9  # with 1.5 GiB of CUDA context and workspace
