@@ -1,4 +1,6 @@
 """Tests of dina_lrm.py: equations, head properties, adapter isolation, toy-world behaviour, CLI, bad input."""
+import dataclasses
+import json
 import math
 import os
 import statistics
@@ -8,12 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.utils.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 import dina_lrm as D  # noqa: E402
+import estimate  # noqa: E402
+import toy  # noqa: E402
+
 
 def synthetic_pairs(pipe, folder, n=1024, seed=0, margin=0.15):
     """Toy-prompt pairs whose preference is a known latent feature (the mean of channel 0).
@@ -35,11 +42,16 @@ def synthetic_pairs(pipe, folder, n=1024, seed=0, margin=0.15):
     return str(folder)
 
 
+def tiny_args(**kw):
+    """Args as `python dina_lrm.py` builds them on tiny (TINY's values), then the overrides."""
+    return dataclasses.replace(common.parse_args(D.Args, D.TINY, []), **kw)
+
+
 def small_args(out, data, **kw):
-    base = dict(out_dir=str(out), data=str(data), rm_steps=100, rm_lr=3e-3, test_fraction=0.25, ablation="off",
-                eval_sigmas=[0.1, 0.4, 0.9], refl_steps=3, refl_batch=4, num_steps=6, eval_seeds=2, save_videos=0)
+    base = dict(out_dir=str(out), data=str(data), rm_steps=100, rm_lr=3e-3, test_fraction=0.25, ablation=False,
+                eval_sigmas=[0.1, 0.4, 0.9], tune_steps=3, batch_size=4, num_steps=6, eval_samples=24, save_videos=0)
     base.update(kw)
-    return D.Args(**base)
+    return tiny_args(**base)
 
 
 class capture_pipe:
@@ -172,7 +184,7 @@ def test_text_mask_hides_padding():
 
 def test_dina_reward_ensemble_on_backbone_and_shared_eps():
     pipe = common.load_backbone("tiny")
-    args = D.resolve(D.Args())
+    args = tiny_args()
     head, _ = D.add_reward_model(pipe, args)
     with torch.no_grad():
         for p in head.parameters():
@@ -198,7 +210,7 @@ def base_weights(transformer):
 
 def test_refl_step_gradients_reach_only_the_policy():
     pipe = common.load_backbone("tiny")
-    args = D.resolve(D.Args(num_steps=4, refl_batch=2))
+    args = tiny_args(num_steps=4, batch_size=2)
     head, reward = D.add_reward_model(pipe, args)
     with torch.no_grad():
         for p in reward + list(head.parameters()):
@@ -221,6 +233,87 @@ def test_refl_step_gradients_reach_only_the_policy():
     assert pipe.transformer.active_adapters() == ["policy"]
 
 
+def test_refl_step_with_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):  # as main and run_refl set it up
+        torch.manual_seed(0)
+        pipe, args = common.load_backbone("tiny"), tiny_args(num_steps=4, gradient_checkpointing=ckpt)
+        if ckpt:
+            pipe.transformer.enable_gradient_checkpointing()
+        head, reward = D.add_reward_model(pipe, args)
+        with torch.no_grad():
+            for p in reward + list(head.parameters()):
+                p.add_(torch.randn_like(p) * 0.05)
+        policy = D.add_policy(pipe, head, args)
+        with torch.no_grad():  # non-zero B so gradients reach both LoRA factors
+            for p in policy:
+                p.add_(torch.randn_like(p) * 0.01)
+        assert pipe.transformer.is_gradient_checkpointing == ckpt
+        emb, mask = torch.randn(2, 32, 32), torch.ones(2, 32, dtype=torch.bool)
+        D.refl_step(pipe, head, emb, mask, args, torch.Generator().manual_seed(0))[0].backward()
+        grads.append([p.grad.clone() for p in policy])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert max(g.abs().max() for g in grads[0]) > 0
+
+
+def test_checkpoint_with_adapter_recomputes_each_block_under_its_own_adapter():
+    # DiNa's ReFL backward spans a policy-adapter step and the reward-adapter blocks; diffusers' checkpointing
+    # recomputes both under the adapter active at backward time: an error here (ranks differ), else wrong grads.
+    torch.manual_seed(0)
+    tiny = common.WAN_CONFIGS["tiny"]
+    tiny2 = dict(tiny, transformer=dict(tiny["transformer"], num_layers=2))
+    tr = estimate.build_wan_transformer(tiny2, torch.float32, gradient_checkpointing=False)
+    common.add_lora(tr, 8, adapter_name="reward")
+    tr.requires_grad_(False)  # as run_refl: the reward adapter is frozen
+    policy = common.add_lora(tr, 4, adapter_name="policy")
+    for n, p in tr.named_parameters():
+        if "lora_B" in n:  # B = 0 at init would hide what the adapters do
+            torch.nn.init.normal_(p, std=0.5)
+    x, e = torch.randn(1, *estimate.latent_shape(tiny2)), torch.randn(1, 32, 32)
+
+    def policy_grads():
+        D.set_active_adapter(tr, "policy")
+        v = common.predict_velocity(tr, x, 0.5, e)
+        D.set_active_adapter(tr, "reward")
+        r = common.predict_velocity(tr, x - v, 0.5, e).square().mean()
+        D.set_active_adapter(tr, "policy")
+        r.backward()
+        grads = [p.grad.clone() for p in policy]
+        tr.zero_grad(set_to_none=True)
+        return grads
+
+    reference = policy_grads()  # no checkpointing: every activation kept
+    tr.enable_gradient_checkpointing()
+    with pytest.raises(CheckpointError):
+        policy_grads()
+    tr.zero_grad(set_to_none=True)
+    D.checkpoint_with_adapter(tr, D.set_active_adapter)
+    fixed = policy_grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fixed, reference))
+    assert max(g.abs().max() for g in reference) > 0
+
+
+def test_optimiser_step_accumulates_the_mean_gradient():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.randn(8)
+    grads = []
+    for accum in (1, 4):
+        w = torch.zeros(3, requires_grad=True)
+        opt = torch.optim.SGD([w], lr=1.0)
+        chunks = iter(zip(x.chunk(accum), y.chunk(accum)))
+
+        def micro_step():
+            xb, yb = next(chunks)
+            return ((xb @ w - yb) ** 2).mean(), len(xb)
+
+        loss, sizes = D.optimiser_step(opt, [w], micro_step, accum, grad_clip=1e9, where="test")
+        grads.append(-w.detach())  # SGD lr 1 from 0: w = -grad
+        assert sizes == [8 // accum] * accum and abs(loss - (y ** 2).mean().item()) < 1e-6
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(common.UserError, match="step 7: loss is nan"):
+        D.optimiser_step(opt, [w], lambda: (torch.tensor(float("nan")), None), 1, 1.0, "step 7")
+
+
 def test_set_active_adapter_keeps_requires_grad():
     pipe = common.load_backbone("tiny")
     reward = common.add_lora(pipe.transformer, 4, 8, adapter_name="reward", blocks=[0])
@@ -239,7 +332,7 @@ def test_stage1_trains_only_reward_adapter_and_head_stage2_only_policy(trained):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed"
     # stage 1 wrote the reward model; stage 2 must have left it bit-identical
-    sd = D.load_file(str(out / "reward_model.safetensors"))
+    sd = load_file(str(out / "reward_model.safetensors"))
     live = {f"lora.{k}": v for k, v in common.lora_state_dict(pipe.transformer, "reward").items()}
     assert live and all(torch.equal(sd[k], v) for k, v in live.items())
     assert any(v.abs().sum() > 0 for k, v in live.items() if "lora_B" in k)  # stage 1 did train it
@@ -258,16 +351,19 @@ def test_text_encoder_is_dropped_before_any_training(tmp_path, data, monkeypatch
     train_rm, refl = D.train_reward_model, D.run_refl
     monkeypatch.setattr(D, "train_reward_model", lambda pipe, *a: seen.append(("rm", pipe.text_encoder)) or train_rm(pipe, *a))
     monkeypatch.setattr(D, "run_refl", lambda pipe, *a: seen.append(("refl", pipe.text_encoder)) or refl(pipe, *a))
-    summary = D.main(small_args(tmp_path / "o", data, rm_steps=2, refl_steps=1, eval_seeds=1, guidance_scale=2.0))
+    summary = D.main(small_args(tmp_path / "o", data, rm_steps=2, tune_steps=1, eval_samples=12, guidance_scale=2.0))
     assert seen == [("rm", None), ("refl", None)]
     assert summary["eval_samples"] == 12  # the held-out prompts were encoded before T5 left
 
 
 def test_stage1_has_no_policy_adapter_and_drops_the_ablation(tmp_path, data):
     with capture_pipe() as cap:
-        s = D.main(small_args(tmp_path, data, stage="rm", rm_steps=2, ablation="on", eval_sigmas=[0.4]))
+        s = D.main(small_args(tmp_path, data, stage="rm", rm_steps=2, ablation=True, eval_sigmas=[0.4]))
     assert list(cap.pipe.transformer.peft_config) == ["reward"]
-    assert "ablation_acc_sigma_0.4" in s and "true_gain" not in s
+    assert "ablation_acc_sigma_0.4" in s and "true_reward_gain" not in s
+    from safetensors import safe_open  # the checkpoint records the loss that trained it
+    with safe_open(str(tmp_path / "reward_model.safetensors"), "pt") as f:
+        assert f.metadata()["loss"] == "thurstone"
 
 
 # ---------------------------------------------------------------- behaviour
@@ -287,11 +383,12 @@ def test_reward_model_beats_chance_on_held_out_pairs(trained):
 @pytest.mark.skipif(not os.environ.get("DINA_LRM_SLOW"), reason="the full toy-world run (building its 2048 pairs, then both stages) took 11 minutes here; "
                     "set DINA_LRM_SLOW=1")
 def test_full_toy_world_run(tmp_path):
-    s = D.main(D.Args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"), save_videos=0))
+    s = D.main(tiny_args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"), save_videos=0))
     assert s["acc_sigma_0.4"] > 0.65 and s["acc_ensemble"] > 0.65, s["accuracy_table"]
     assert s["eval_samples"] >= 16
     # paired by seed (measured: +0.159 +- 0.055, 96 samples)
-    assert s["true_gain"] > 2 * s["true_gain_se"], s
+    gain, se = s["true_reward_gain"]
+    assert gain > 2 * se, s
 
 
 # ---------------------------------------------------------------- CLI smoke and saved LoRA
@@ -299,14 +396,14 @@ def test_cli_tune_stage_and_lora_loads(trained, tmp_path, data):
     _, out, _ = trained
     cmd = [sys.executable, str(ROOT / "dina_lrm.py"), "--stage", "tune", "--reward-ckpt",
            str(out / "reward_model.safetensors"), "--out-dir", str(tmp_path / "cli"), "--data", data,
-           "--refl-steps", "2", "--refl-batch", "2", "--num-steps", "4",
-           "--eval-seeds", "1", "--save-videos", "1"]
+           "--tune-steps", "2", "--batch-size", "2", "--num-steps", "4",
+           "--eval-samples", "12", "--save-videos", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "true_reward" in res.stdout
-    summary = __import__("json").loads((tmp_path / "cli" / "summary.json").read_text())
-    assert summary["eval_samples"] == 12 and summary["refl_steps"] == 2
-    assert (tmp_path / "cli" / "samples" / "after_0.mp4").stat().st_size > 0
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["eval_samples"] == 12 and summary["tune_steps"] == 2
+    assert (tmp_path / "cli" / "videos" / "after_0.mp4").stat().st_size > 0
     pipe = common.load_backbone("tiny")
     x, e = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 32, 32)
     v0 = common.predict_velocity(pipe.transformer, x, 0.5, e)
@@ -328,25 +425,77 @@ def write_pairs(folder, n=4, shape=(16, 3, 4, 4), nan=False, pref=None):
 
 
 def test_missing_reward_ckpt_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        D.main(D.Args(stage="tune", reward_ckpt=str(tmp_path / "nope.safetensors"), out_dir=str(tmp_path)))
+    with pytest.raises(common.UserError, match="nope.safetensors"):
+        D.main(tiny_args(stage="tune", reward_ckpt=str(tmp_path / "nope.safetensors"), out_dir=str(tmp_path)))
+
+
+def test_bad_flags_fail_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("loaded a model"))
+    for kw, match in [(dict(stage="tune"), "--stage tune needs --reward-ckpt"), (dict(taps=[4, 13]), "--taps"),
+                      (dict(grad_accum=0), "--grad-accum"), (dict(eval_samples=0), "--eval-samples"),
+                      (dict(test_fraction=1.0), "--test-fraction")]:
+        with pytest.raises(common.UserError, match=match) as e:
+            D.main(tiny_args(out_dir=str(tmp_path), **kw))
+        assert e.value.code == 2
 
 
 def test_bad_datasets_fail_early(tmp_path):
-    with pytest.raises(ValueError, match="latents_a"):
-        D.main(D.Args(data=write_pairs(tmp_path / "shape", shape=(8, 3, 4, 4)), out_dir=str(tmp_path / "o1")))
-    with pytest.raises(ValueError, match="latents_a.*NaN"):
-        D.main(D.Args(data=write_pairs(tmp_path / "nan", nan=True), out_dir=str(tmp_path / "o2")))
-    with pytest.raises(ValueError, match="tie"):
-        D.main(D.Args(data=write_pairs(tmp_path / "ties", pref=torch.full((4,), 2)), out_dir=str(tmp_path / "o3")))
-    with pytest.raises(ValueError, match="empty"):
-        D.main(D.Args(data=write_pairs(tmp_path / "empty", n=0), out_dir=str(tmp_path / "o4")))
-    with pytest.raises(FileNotFoundError, match="no meta.json"):
-        D.main(D.Args(data=str(tmp_path / "missing"), out_dir=str(tmp_path / "o5")))
+    with pytest.raises(common.UserError, match="latents_a"):
+        D.main(tiny_args(data=write_pairs(tmp_path / "shape", shape=(8, 3, 4, 4)), out_dir=str(tmp_path / "o1")))
+    with pytest.raises(common.UserError, match="latents_a.*NaN"):
+        D.main(tiny_args(data=write_pairs(tmp_path / "nan", nan=True), out_dir=str(tmp_path / "o2")))
+    with pytest.raises(common.UserError, match="tie"):
+        D.main(tiny_args(data=write_pairs(tmp_path / "ties", pref=torch.full((4,), 2)), out_dir=str(tmp_path / "o3")))
+    with pytest.raises(common.UserError, match="empty"):
+        D.main(tiny_args(data=write_pairs(tmp_path / "empty", n=0), out_dir=str(tmp_path / "o4")))
+    with pytest.raises(common.UserError, match="no meta.json"):
+        D.main(tiny_args(data=str(tmp_path / "missing"), out_dir=str(tmp_path / "o5")))
 
 
 def test_reward_ckpt_with_other_head_config_is_rejected(trained, tmp_path):
     _, out, _ = trained
-    with pytest.raises(ValueError, match="num_queries"):
-        D.main(D.Args(stage="tune", reward_ckpt=str(out / "reward_model.safetensors"), num_queries=2,
-                      data=write_pairs(tmp_path / "d"), out_dir=str(tmp_path / "o")))
+    with pytest.raises(common.UserError, match="--num-queries 4, this run has 2"):
+        D.main(tiny_args(stage="tune", reward_ckpt=str(out / "reward_model.safetensors"), num_queries=2,
+                         data=write_pairs(tmp_path / "d"), out_dir=str(tmp_path / "o")))
+
+
+# ---------------------------------------------------------------- the defaults mechanism on the command line
+def run_cli(*argv, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "dina_lrm.py"), *argv], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_typed_values_win_on_tiny_even_the_paper_default(tmp_path, data):
+    # --rm-lr 5e-5, --grad-accum 4 and --gradient-checkpointing are the paper's values, TINY has others: typed, they
+    # must be used. Effect of --grad-accum 4: every logged ReFL step holds 4 micro-batches (4 mid steps).
+    res = run_cli("--data", data, "--out-dir", str(tmp_path / "run"), "--rm-steps", "3", "--rm-lr", "5e-5",
+                  "--no-ablation", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4", "--tune-steps", "2",
+                  "--batch-size", "1", "--grad-accum", "4", "--num-steps", "2", "--eval-samples", "1",
+                  "--save-videos", "0", "--gradient-checkpointing", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["rm_lr"] == 5e-5 != D.TINY["rm_lr"] and args["grad_accum"] == 4 != D.TINY["grad_accum"]
+    assert args["gradient_checkpointing"] is True and args["ablation"] is False
+    assert args["rm_steps"] == 3 and args["tune_steps"] == 2 and args["eval_samples"] == 1
+    assert args["lr"] == D.TINY["lr"] != D.Args.lr  # not typed: TINY's
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "rm-reward"] == [0, 1, 2]
+    refl = [r for r in rows if r["stage"] == "refl"]
+    assert len(refl) == 2 and all(len(r["mid_step"]) == 4 for r in refl)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_samples"] == 1 and summary["tune_steps"] == 2 and "ablation_acc_sigma_0.4" not in summary
+
+
+def test_help_shows_the_effective_tiny_values_and_bad_flags_say_error(tmp_path):
+    res = run_cli("--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = " ".join(res.stdout.split())
+    assert "--toy-size" in text and "~30% are strict" in text  # a % in a help string once crashed --help
+    for flag, tiny, paper in [("--tune-steps", 40, 150), ("--grad-accum", 1, 4), ("--eval-samples", 96, 64),
+                              ("--rm-lr", 0.001, 5e-05)]:
+        assert f"[paper: {paper}; tiny: {tiny}] (default: {tiny})" in text, flag
+    real = " ".join(run_cli("--backbone", "wan2.1-1.3b", "--help", cwd=tmp_path).stdout.split())
+    assert "[paper: 150; tiny: 40] (default: 150)" in real
+    bad = run_cli("--stage", "tune", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --stage tune needs --reward-ckpt")
+    assert "Traceback" not in bad.stderr

@@ -341,8 +341,9 @@ def test_prism_trains_on_prepared_pairs(method_data, tmp_path):
 
 def test_dina_lrm_trains_on_prepared_pairs(method_data, tmp_path):
     import dina_lrm
-    s = dina_lrm.main(dina_lrm.Args(stage="rm", data=str(method_data / "pairs"), out_dir=str(tmp_path / "run"),
-                                    rm_steps=2, rm_batch=4, ablation="off", eval_sigmas=[0.4], ensemble_sigmas=[0.4]))
+    s = dina_lrm.main(common.parse_args(dina_lrm.Args, dina_lrm.TINY, [
+        "--stage", "rm", "--data", str(method_data / "pairs"), "--out-dir", str(tmp_path / "run"), "--rm-steps", "2",
+        "--rm-batch", "4", "--no-ablation", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4"]))
     assert s["pairs"] == 12
     assert list((tmp_path / "run").glob("*.safetensors"))
 
