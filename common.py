@@ -5,10 +5,11 @@
                    add_noise, velocity_target, x0_from_velocity, euler_step, sample_train_sigma, predict_velocity
     rollout        rollout(transformer, x, embeds, sigmas, start, stop, grad_steps, cfg), sample_latents
     DiT prefix     dit_prefix_features(transformer, x, timestep, embeds, taps) (stops after max(taps))
-    LoRA, data     add_lora / save_lora (diffusers format); save_dataset / load_dataset; encode_video / decode_latents
+    LoRA, VAE      add_lora / save_lora (diffusers format); encode_video / decode_latents
     plumbing       arg / parse_args / cli (dataclass -> argparse, TINY defaults, `error:` for UserError), Run,
                    StepTimer, save_safetensors (atomic), export_video, mean_se, paired_summary, format_table
-The toy world and the tiny backbone's weights live in toy.py, the memory estimator in estimate.py.
+The dataset format lives in dataset.py, the toy world and the tiny backbone's weights in toy.py, the memory
+estimator in estimate.py.
 Conventions (Wan2.1 / diffusers): x_sigma = (1 - sigma) x0 + sigma eps with sigma in [0, 1]; the transformer's
 timestep is 1000 * sigma and it predicts the velocity eps - x0. Latents are the VAE's normalised latents
 [B, 16, F', H', W'], F' = (frames - 1) // 4 + 1, H' = H / 8.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 
@@ -338,14 +339,7 @@ def save_lora(transformer, out_dir, adapter_name: str = "default"):
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 
-# ==== Data: a latent dataset is a folder of safetensors shards + meta.json {"kind", "prompts": [P strings], ...}.
-# Per-row tensors share dim 0 and each row has prompt_idx [N]; prompts are stored once (prompt_embeds [P, L, D],
-# prompt_mask [P, L]). kinds: "binary" (latents, label), "score" (latents, score), "pairs" (latents_a, latents_b,
-# pref: 0 = A better, 1 = B better, 2 = tie), "prompts" (the prompt table; latents optional).
 GiB = 2**30
-DATASET_KEYS = {"binary": ("latents", "label"), "score": ("latents", "score"),
-                "pairs": ("latents_a", "latents_b", "pref"), "prompts": ()}
-PROMPT_KEYS = ("prompt_embeds", "prompt_mask")
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None):
@@ -363,68 +357,6 @@ def save_json(obj, path):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
-
-
-def save_dataset(folder, tensors: dict, meta: dict, shard: int = 0):
-    """Write one shard (shard-00000.safetensors) and meta.json; the prompt table goes in prompts.safetensors."""
-    folder = Path(folder)
-    rows = {k: v for k, v in tensors.items() if k not in PROMPT_KEYS}
-    save_safetensors({k: tensors[k] for k in PROMPT_KEYS}, folder / "prompts.safetensors")
-    save_safetensors(rows, folder / f"shard-{shard:05d}.safetensors")
-    save_json(meta, folder / "meta.json")
-
-
-def load_dataset(folder, kind: str | None = None) -> tuple[dict, dict]:
-    """Load and validate a dataset folder; every problem is reported with the file and the key."""
-    folder = Path(folder)
-    if not (folder / "meta.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a dataset folder (no meta.json); make one with the toy world "
-                                f"or the preparation step")
-    meta = json.loads((folder / "meta.json").read_text())
-    if kind is not None and meta.get("kind") != kind:
-        raise ValueError(f"{folder}/meta.json: kind is '{meta.get('kind')}', this method needs '{kind}'")
-    prompts = load_file(str(folder / "prompts.safetensors"))
-    shards = sorted(folder.glob("shard-*.safetensors"))
-    parts = [load_file(str(s)) for s in shards]
-    data = {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
-    data.update(prompts)
-    need = DATASET_KEYS[meta["kind"]] + ("prompt_idx",) * bool(DATASET_KEYS[meta["kind"]]) + PROMPT_KEYS
-    for k in need:
-        if k not in data:
-            raise ValueError(f"{folder}: key '{k}' missing (a '{meta['kind']}' dataset needs {need})")
-    per_row = [k for k in data if k not in PROMPT_KEYS]  # a "prompts" dataset may have no per-row tensors
-    row_key = per_row[0] if per_row else "prompt_embeds"
-    n = len(data[row_key])
-    if n == 0:
-        raise ValueError(f"{folder}: the dataset is empty")
-    for k, v in data.items():
-        if k in per_row and len(v) != n:
-            raise ValueError(f"{folder}: '{k}' has {len(v)} rows, '{row_key}' has {n}")
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            bad = (~torch.isfinite(v.flatten(1) if v.ndim > 1 else v[:, None])).any(1).nonzero()[:5, 0].tolist()
-            raise ValueError(f"{folder}: '{k}' has NaN/inf values (rows {bad})")
-    if "prompt_idx" in data and data["prompt_idx"].max() >= len(data["prompt_embeds"]):
-        raise ValueError(f"{folder}: prompt_idx points past the {len(data['prompt_embeds'])} prompts")
-    if len(meta.get("prompts", [])) != len(data["prompt_embeds"]):
-        raise ValueError(f"{folder}/meta.json: {len(meta.get('prompts', []))} prompts listed, "
-                         f"prompts.safetensors holds {len(data['prompt_embeds'])}")
-    return data, meta
-
-
-def check_latent_shape(latents, pipe, where: str):
-    """Fail early when a dataset's latents do not fit the backbone (e.g. made for another one)."""
-    c = pipe.transformer.config.in_channels
-    if latents.ndim != 5 or latents.shape[1] != c:
-        raise ValueError(f"{where}: latents have shape {tuple(latents.shape)}, the backbone needs [N, {c}, F', H', W']")
-    p = pipe.transformer.config.patch_size
-    if latents.shape[3] % p[1] or latents.shape[4] % p[2]:
-        raise ValueError(f"{where}: latent height/width {tuple(latents.shape[3:])} not divisible by the patch {p[1:]}")
-
-
-def split_indices(n: int, test_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    k = max(1, int(round(n * test_fraction)))
-    return perm[k:], perm[:k]
 
 
 def encode_video(pipe, video: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
@@ -602,3 +534,24 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
+
+
+# TEMPORARY (until velr.py moves to dataset.py): the old names
+def load_dataset(folder, kind=None):
+    import dataset
+    return dataset.load(folder, kind)
+
+
+def save_dataset(folder, tensors, meta, shard=0):
+    import dataset
+    return dataset.save(folder, tensors, meta, shard)
+
+
+def check_latent_shape(latents, pipe, where):
+    import dataset
+    return dataset.check_latent_shape(latents, pipe, where)
+
+
+def split_indices(n, test_fraction, seed=0):
+    import dataset
+    return dataset.split_indices(n, test_fraction, seed)

@@ -40,6 +40,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 import common
+import dataset
 import estimate
 import toy
 from common import arg
@@ -56,7 +57,7 @@ class Args:
     out_dir: str = arg("", "run directory (default runs/dina_lrm-<backbone>-<time>)")
     seed: int = arg(0, "seed of everything (data split, sigmas, noise, rollouts)")
     device: str = arg("auto", "cuda | cpu | auto")
-    data: str = arg("", "a prepared 'pairs' dataset folder (common.load_dataset); empty = the toy world")
+    data: str = arg("", "a prepared 'pairs' dataset folder (dataset.load); empty = the toy world")
     toy_size: int = arg(2048, "pairs in the toy dataset (without --data); ~30% are strict, the rest ties")
     toy_cache: str = arg("runs/toy_data", "cache folder of the toy dataset")
     reward_ckpt: str = arg("", "reward_model.safetensors of an earlier run: skip stage 1 and use it")
@@ -311,10 +312,10 @@ def load_pairs(pipe, args: Args):
     """The 'pairs' dataset (a folder, or the toy world) as tensors, validated against the backbone."""
     where = args.data or f"toy pairs-{args.toy_size}"
     try:
-        data, meta = (common.load_dataset(args.data, "pairs") if args.data else
+        data, meta = (dataset.load(args.data, "pairs") if args.data else
                       toy.toy_dataset(pipe, "pairs", args.toy_size, seed=args.seed, cache_dir=args.toy_cache))
         for k in ("latents_a", "latents_b"):
-            common.check_latent_shape(data[k], pipe, f"{where} '{k}'")
+            dataset.check_latent_shape(data[k], pipe, f"{where} '{k}'")
     except (ValueError, FileNotFoundError) as e:  # common's data errors name the file and key: a user error here
         raise common.UserError(str(e)) from None
     if not ((data["pref"] >= 0) & (data["pref"] <= 2)).all() or not (data["pref"] < 2).any():
@@ -576,7 +577,7 @@ def main(args: Args) -> dict:
         pipe.transformer.enable_gradient_checkpointing()
     run = common.Run("dina_lrm", args, args.out_dir or None)
     data, meta = load_pairs(pipe, args)  # before any adapter: the toy world samples the plain generator
-    train_idx, test_idx = common.split_indices(len(data["pref"]), args.test_fraction, args.seed)
+    train_idx, test_idx = dataset.split_indices(len(data["pref"]), args.test_fraction, args.seed)
     summary = dict(backbone=args.backbone, pairs=len(data["pref"]),
                    test_strict_pairs=int((data["pref"][test_idx] < 2).sum()), run_dir=str(run.dir))
     if not args.reward_ckpt and summary["test_strict_pairs"] == 0:

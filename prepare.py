@@ -1,7 +1,7 @@
 """prepare.py: from videos and prompts on disk to the latent datasets every method trains on.
 
 One preparation step shared by prfl.py, velr.py, prism.py and dina_lrm.py. It writes the folder the
-toy world writes (the layout of common.save_dataset / common.load_dataset), for any backbone:
+toy world writes (the layout of dataset.save / dataset.load), for any backbone:
 
     prompts.safetensors   prompt_embeds [P, L, D] (T5, zero-padded as Wan does), prompt_mask [P, L]
     shard-NNNNN.safetensors   per-row tensors: prompt_idx, row (the manifest row) and
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common
+import dataset
 
 
 @dataclass
@@ -452,7 +453,7 @@ def main(args: Args) -> dict:
         raise common.UserError(f"{args.input}: no good rows left" + (f"\n{describe_bad(args.input, bad)}" if bad else ""))
     progress = open_output(out, fingerprint(args, kind, geo, rows), args.overwrite)
     with_videos = bool(rows[0]["videos"])
-    # "prompts" datasets keep one prompt-table entry per row: common.load_dataset counts a prompts dataset's
+    # "prompts" datasets keep one prompt-table entry per row: dataset.load counts a prompts dataset's
     # rows by its prompt table. The labelled kinds store each distinct prompt once and point at it.
     per_row = kind == "prompts"
     table = list(dict.fromkeys(r["prompt"] for r in rows))
@@ -515,7 +516,7 @@ def main(args: Args) -> dict:
                 bad_rows=n_bad, pair_label=args.pair_label if kind == "pairs" else None,
                 dropped_by_vote=dropped, **geo, **({"teacher": args.score_source} if args.score_source else {}))
     common.save_json(meta, out / "meta.json")
-    data, _ = common.load_dataset(out, kind)  # what every method will read; fails loudly if anything is off
+    data, _ = dataset.load(out, kind)  # what every method will read; fails loudly if anything is off
     summary = dict(out=str(out), kind=kind, rows=len(kept_rows), prompts=len(table), bad_rows=n_bad,
                    shards_written=written, shards_skipped=skipped, seconds=round(time.time() - t0, 1),
                    **target_stats(kind, data))

@@ -49,6 +49,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import common
+import dataset
 import estimate
 import toy
 
@@ -468,21 +469,21 @@ def process_reward_eval(args, pipe, pavrm, embeds, seeds) -> torch.Tensor:
 def load_data(args, pipe):
     """The binary dataset (toy world by default) and the real latents for L_SFT, validated early."""
     if args.data:
-        data, meta = common.load_dataset(args.data, "binary")
+        data, meta = dataset.load(args.data, "binary")
     else:
         data, meta = toy.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
     where = args.data or f"{args.toy_cache}/binary-{args.toy_size}-0"
-    common.check_latent_shape(data["latents"], pipe, where)
+    dataset.check_latent_shape(data["latents"], pipe, where)
     if not set(data["label"].unique().tolist()) <= {0.0, 1.0}:
         raise common.UserError(f"{where}: 'label' must be 0/1, found {data['label'].unique()[:5].tolist()}")
     if data["label"].min() == data["label"].max():
         raise common.UserError(f"{where}: every label is {data['label'][0].item()}; PAVRM needs good and bad examples")
-    train_idx, test_idx = common.split_indices(len(data["latents"]), args.test_fraction, seed=0)
+    train_idx, test_idx = dataset.split_indices(len(data["latents"]), args.test_fraction, seed=0)
     if args.sft_data:
-        sft, _ = common.load_dataset(args.sft_data)
+        sft, _ = dataset.load(args.sft_data)
         if "latents" not in sft:
             raise common.UserError(f"{args.sft_data}: no 'latents' (L_SFT needs real-video latents)")
-        common.check_latent_shape(sft["latents"], pipe, args.sft_data)
+        dataset.check_latent_shape(sft["latents"], pipe, args.sft_data)
     else:  # the good training rows: the paper's SFT set is real footage, qualified by construction
         keep = train_idx[data["label"][train_idx] > 0.5]
         sft = dict(latents=data["latents"][keep], prompt_idx=data["prompt_idx"][keep], prompt_embeds=data["prompt_embeds"])

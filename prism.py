@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 import common
+import dataset
 import estimate
 import toy
 
@@ -428,11 +429,11 @@ def load_pairs(args, pipe):
     where = args.data or f"{args.toy_cache}/pairs-{args.toy_size}-0"
     try:  # common's dataset checks (missing folder, NaN, ragged rows) end as `error:` too
         if args.data:
-            data, meta = common.load_dataset(args.data, "pairs")
+            data, meta = dataset.load(args.data, "pairs")
         else:
             data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=0, cache_dir=args.toy_cache)
         for k in ("latents_a", "latents_b"):
-            common.check_latent_shape(data[k], pipe, f"{where}: '{k}'")
+            dataset.check_latent_shape(data[k], pipe, f"{where}: '{k}'")
     except (ValueError, FileNotFoundError) as e:
         raise common.UserError(str(e)) from None
     if data["latents_a"].shape != data["latents_b"].shape:
@@ -449,7 +450,7 @@ def load_pairs(args, pipe):
 
 def split_by_prompt(data, test_fraction: float, seed: int = 0):
     """Prompt-disjoint train / test rows (the paper's VLRM-Bench is prompt-disjoint from training)."""
-    train_p, test_p = common.split_indices(len(data["prompt_embeds"]), test_fraction, seed)
+    train_p, test_p = dataset.split_indices(len(data["prompt_embeds"]), test_fraction, seed)
     is_test = torch.isin(data["prompt_idx"], test_p)
     train, test = (~is_test).nonzero()[:, 0], is_test.nonzero()[:, 0]
     if len(train) == 0 or len(test) == 0:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import dataset
 from common import (WAN_CONFIGS, add_noise, backbone_geometry, decode_latents, encode_prompts, encode_video,
-                    format_table, load_dataset, predict_velocity, sample_latents, save_dataset, save_safetensors,
-                    velocity_target, DATASET_KEYS)
+                    format_table, predict_velocity, sample_latents, save_safetensors, velocity_target)
 
 # The tiny backbone's fitted weights (VAE, transformer, text encoder; 1 MB), made by `python common.py
 # fit-tiny`. Random tiny components cannot show a reward method working: a random VAE's decode is
@@ -192,7 +192,7 @@ def build_toy_dataset(pipe, kind: str, n: int, seed: int = 0, generated_fraction
     elif kind == "prompts":
         tensors.update(latents=latents_for(prompt_idx, 0))
     else:
-        raise ValueError(f"unknown dataset kind '{kind}' (one of {list(DATASET_KEYS)})")
+        raise ValueError(f"unknown dataset kind '{kind}' (one of {list(dataset.KEYS)})")
     meta = dict(kind=kind, prompts=prompts, source="toy", n=n, seed=seed, backbone="tiny", **{
         k: geo[k] for k in ("height", "width", "num_frames")})
     return tensors, meta
@@ -209,9 +209,9 @@ def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data
         h.update(p.detach().float().cpu().numpy().tobytes())
     folder = Path(cache_dir) / f"{kind}-{n}-{seed}-{h.hexdigest()[:8]}"
     if (folder / "meta.json").is_file():
-        return load_dataset(folder, kind)
+        return dataset.load(folder, kind)
     tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
-    save_dataset(folder, tensors, meta)
+    dataset.save(folder, tensors, meta)
     return tensors, meta
 
 

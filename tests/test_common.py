@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import dataset
 import toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,8 +237,8 @@ def _toy_tensors(n=4, p=2):
 
 def test_dataset_roundtrip(tmp_path):
     t = _toy_tensors()
-    C.save_dataset(tmp_path / "d", t, dict(kind="binary", prompts=["a", "b"]))
-    data, meta = C.load_dataset(tmp_path / "d", "binary")
+    dataset.save(tmp_path / "d", t, dict(kind="binary", prompts=["a", "b"]))
+    data, meta = dataset.load(tmp_path / "d", "binary")
     assert meta["prompts"] == ["a", "b"]
     for k in t:
         assert torch.equal(data[k], t[k])
@@ -246,7 +247,8 @@ def test_dataset_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("problem, message", [
     ("missing", "no meta.json"), ("kind", "needs 'pairs'"), ("nan", "NaN"), ("rows", "rows"),
-    ("empty", "empty"), ("key", "missing"), ("idx", "prompt_idx")])
+    ("empty", "empty"), ("key", "missing"), ("idx", "prompt_idx"), ("negative_idx", r"prompt_idx .*rows \[1\]"),
+    ("meta_json", "meta.json: not valid JSON"), ("corrupt_shard", "shard-00000.safetensors: not a readable")])
 def test_dataset_bad_input_is_named(tmp_path, problem, message):
     t = _toy_tensors()
     kind = "binary"
@@ -260,16 +262,22 @@ def test_dataset_bad_input_is_named(tmp_path, problem, message):
         del t["label"]
     elif problem == "idx":
         t["prompt_idx"] = torch.tensor([0, 1, 2, 3])
+    elif problem == "negative_idx":  # -1 would silently index the last prompt
+        t["prompt_idx"] = torch.tensor([0, -1, 1, 0])
     if problem != "missing":
-        C.save_dataset(tmp_path / "d", t, dict(kind=kind, prompts=["a", "b"]))
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
-        C.load_dataset(tmp_path / "d", "pairs" if problem == "kind" else None)
+        dataset.save(tmp_path / "d", t, dict(kind=kind, prompts=["a", "b"]))
+    if problem == "meta_json":
+        (tmp_path / "d" / "meta.json").write_text("{kind: binary")
+    if problem == "corrupt_shard":
+        (tmp_path / "d" / "shard-00000.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(C.UserError, match=message):
+        dataset.load(tmp_path / "d", "pairs" if problem == "kind" else None)
 
 
 def test_check_latent_shape(pipe):
-    C.check_latent_shape(torch.zeros(2, 16, 3, 4, 4), pipe, "x")
-    with pytest.raises(ValueError, match=r"\(2, 4, 3, 4, 4\)"):
-        C.check_latent_shape(torch.zeros(2, 4, 3, 4, 4), pipe, "x")
+    dataset.check_latent_shape(torch.zeros(2, 16, 3, 4, 4), pipe, "x")
+    with pytest.raises(C.UserError, match=r"\(2, 4, 3, 4, 4\)"):
+        dataset.check_latent_shape(torch.zeros(2, 4, 3, 4, 4), pipe, "x")
 
 
 # ---------------------------------------------------------------- toy world
@@ -341,7 +349,7 @@ def test_toy_prompts_held_out_and_parse():
 def test_toy_dataset_kinds(pipe, kind, tmp_path):
     data, meta = toy.toy_dataset(pipe, kind, 16, cache_dir=tmp_path)
     folder, = tmp_path.glob(f"{kind}-16-0-*")  # cached on disk (keyed by the weights), same layout as real data
-    again, _ = C.load_dataset(folder, kind)
+    again, _ = dataset.load(folder, kind)
     for k in data:
         assert torch.equal(data[k], again[k])
     lat = data["latents" if kind != "pairs" else "latents_a"]

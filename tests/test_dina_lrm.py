@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import dataset  # noqa: E402
 import dina_lrm as D  # noqa: E402
 import estimate  # noqa: E402
 import toy  # noqa: E402
@@ -35,7 +36,7 @@ def synthetic_pairs(pipe, folder, n=1024, seed=0, margin=0.15):
     a, b = torch.randn(n, 16, 3, 4, 4, generator=g), torch.randn(n, 16, 3, 4, 4, generator=g)
     ra, rb = a[:, 0].mean((1, 2, 3)), b[:, 0].mean((1, 2, 3))
     pref = torch.where(ra - rb > margin, 0, torch.where(rb - ra > margin, 1, 2))
-    common.save_dataset(folder, dict(latents_a=a, latents_b=b, pref=pref, reward_a=ra, reward_b=rb,
+    dataset.save(folder, dict(latents_a=a, latents_b=b, pref=pref, reward_a=ra, reward_b=rb,
                                      prompt_idx=torch.randint(0, len(prompts), (n,), generator=g),
                                      prompt_embeds=emb, prompt_mask=mask),
                         dict(kind="pairs", prompts=prompts, source="toy-synthetic"))
@@ -420,7 +421,7 @@ def write_pairs(folder, n=4, shape=(16, 3, 4, 4), nan=False, pref=None):
     t = dict(latents_a=lat, latents_b=torch.randn(n, *shape), pref=pref if pref is not None else torch.zeros(n, dtype=torch.long),
              prompt_idx=torch.zeros(n, dtype=torch.long), prompt_embeds=torch.randn(1, 32, 32),
              prompt_mask=torch.ones(1, 32, dtype=torch.bool))
-    common.save_dataset(folder, t, dict(kind="pairs", prompts=["a red square moving left"], source="test"))
+    dataset.save(folder, t, dict(kind="pairs", prompts=["a red square moving left"], source="test"))
     return str(folder)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import dataset
 import toy
 import prepare
 
@@ -101,7 +102,7 @@ def test_read_video_resamples_to_the_target_fps(videos):
 
 # ---------------------------------------------------------------- the three manifest shapes (+ prompts)
 def test_binary_csv_gives_the_dataset_the_methods_load(binary_folder, videos):
-    data, meta = common.load_dataset(binary_folder, "binary")
+    data, meta = dataset.load(binary_folder, "binary")
     assert data["latents"].shape == (5, 16, 3, 4, 4)
     assert data["label"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert data["row"].tolist() == [1, 2, 3, 4, 5]
@@ -124,7 +125,7 @@ def test_prfl_quality_columns_jsonl_label_is_both_good(videos, tmp_path):
                              physics_quality=p, human_quality=h)) for i, (p, h) in enumerate(quality)]
     (videos / "prfl.jsonl").write_text("\n".join(lines) + "\n")
     _prepare(videos / "prfl.jsonl", tmp_path / "prfl")
-    data, _ = common.load_dataset(tmp_path / "prfl", "binary")
+    data, _ = dataset.load(tmp_path / "prfl", "binary")
     assert data["label"].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
 
 
@@ -132,11 +133,11 @@ def test_score_manifest(videos, tmp_path):
     _csv(videos / "score.csv", ["video", "prompt", "score"],
          [("v0.mp4", "a red square moving left", 0.25), ("v3.mp4", "a blue box moving up", -1.5)])
     summary = _prepare(videos / "score.csv", tmp_path / "score")
-    data, meta = common.load_dataset(tmp_path / "score", "score")
+    data, meta = dataset.load(tmp_path / "score", "score")
     assert data["score"].tolist() == [0.25, -1.5] and meta["kind"] == "score" and summary["rows"] == 2
     (videos / "score.json").write_text(json.dumps([dict(video="v0.mp4", text="a red square moving left", score=0.25)]))
     _prepare(videos / "score.json", tmp_path / "score-json")   # a JSON list, with the 'text' alias for prompt
-    assert torch.equal(common.load_dataset(tmp_path / "score-json", "score")[0]["latents"], data["latents"][:1])
+    assert torch.equal(dataset.load(tmp_path / "score-json", "score")[0]["latents"], data["latents"][:1])
 
 
 BENCH = ["path_A", "path_B", "A_model", "B_model", "prompt", "VQ", "MQ", "TA", "Overall"]
@@ -154,24 +155,24 @@ def pairs_csv(videos):
 
 def test_videogen_rewardbench_pairs(pairs_csv, videos, tmp_path):
     _prepare(pairs_csv, tmp_path / "overall", video_root=str(videos.parent), shard_size=3)
-    data, meta = common.load_dataset(tmp_path / "overall", "pairs")
+    data, meta = dataset.load(tmp_path / "overall", "pairs")
     assert data["pref"].tolist() == [0, 1, 2, 0] and data["latents_b"].shape == (4, 16, 3, 4, 4)
     # A and B keep their sides, and a video shared by two pairs has one latent
     assert torch.equal(data["latents_a"][0], data["latents_b"][2])       # v0 is A in row 1, B in row 3
     assert torch.equal(data["latents_b"][0], data["latents_a"][1])       # v1
     assert not torch.equal(data["latents_a"][0], data["latents_b"][0])
     _prepare(pairs_csv, tmp_path / "mq", video_root=str(videos.parent), pair_label="MQ")
-    assert common.load_dataset(tmp_path / "mq", "pairs")[0]["pref"].tolist() == [0, 2, 2, 1]
+    assert dataset.load(tmp_path / "mq", "pairs")[0]["pref"].tolist() == [0, 2, 2, 1]
     # PRISM's vote over VQ/MQ/TA: row 4 (A, B, same) conflicts and is dropped, row 3 (all same) is a tie
     s = _prepare(pairs_csv, tmp_path / "prism", video_root=str(videos.parent), pair_label="prism")
-    data, _ = common.load_dataset(tmp_path / "prism", "pairs")
+    data, _ = dataset.load(tmp_path / "prism", "pairs")
     assert data["pref"].tolist() == [0, 1, 2] and data["row"].tolist() == [1, 2, 3] and s["dropped_by_vote"] == 1
 
 
 def test_prompts_file(tmp_path):
     (tmp_path / "prompts.txt").write_text("a red square moving left\n\n  a blue box moving up  \n")
     _prepare(tmp_path / "prompts.txt", tmp_path / "prompts")
-    data, meta = common.load_dataset(tmp_path / "prompts", "prompts")
+    data, meta = dataset.load(tmp_path / "prompts", "prompts")
     assert meta["prompts"] == ["a red square moving left", "a blue box moving up"]
     assert data["prompt_embeds"].shape[:2] == (2, 32) and data["prompt_idx"].tolist() == [0, 1]
 
@@ -180,11 +181,11 @@ def test_manifest_without_labels_gives_prompts_with_real_video_latents(videos, b
     """video, prompt only -> kind "prompts" with latents (e.g. PRFL's --sft-data); one table entry per row."""
     manifest = _csv(videos / "sft.csv", ["video", "prompt"], [r[:2] for r in GOOD])
     _prepare(manifest, tmp_path / "sft", shard_size=2)
-    data, meta = common.load_dataset(tmp_path / "sft", "prompts")
+    data, meta = dataset.load(tmp_path / "sft", "prompts")
     assert data["latents"].shape == (5, 16, 3, 4, 4) and data["prompt_idx"].tolist() == [0, 1, 2, 3, 4]
     assert meta["prompts"] == [p for _, p, _ in GOOD]
     assert torch.equal(data["prompt_embeds"][0], data["prompt_embeds"][2])  # the same prompt, encoded once
-    assert torch.equal(data["latents"], common.load_dataset(binary_folder, "binary")[0]["latents"])
+    assert torch.equal(data["latents"], dataset.load(binary_folder, "binary")[0]["latents"])
 
 
 # ---------------------------------------------------------------- bad rows
@@ -208,7 +209,7 @@ def test_every_bad_row_is_named_before_any_heavy_work(videos, tmp_path):
 def test_skip_bad_keeps_every_good_row_and_reports_the_rest(videos, tmp_path):
     manifest = _csv(videos / "bad.csv", ["video", "prompt", "label"], BAD_ROWS)
     summary = _prepare(manifest, tmp_path / "out", skip_bad=True)
-    data, meta = common.load_dataset(tmp_path / "out", "binary")
+    data, meta = dataset.load(tmp_path / "out", "binary")
     assert data["row"].tolist() == [1, 2, 8] and data["label"].tolist() == [1.0, 0.0, 1.0]
     report = json.loads((tmp_path / "out" / "bad_rows.json").read_text())
     assert [b["row"] for b in report] == [3, 4, 5, 6, 7] and summary["bad_rows"] == 5 and meta["bad_rows"] == 5
@@ -225,7 +226,7 @@ def test_a_video_that_fails_while_decoding_is_named_or_skipped(videos, tmp_path,
     with pytest.raises(common.UserError, match=r"row 2 \(line 3\): RuntimeError: Could not read frame 5"):
         _prepare(manifest, tmp_path / "a")
     _prepare(manifest, tmp_path / "b", skip_bad=True)
-    assert common.load_dataset(tmp_path / "b", "binary")[0]["row"].tolist() == [1, 3]
+    assert dataset.load(tmp_path / "b", "binary")[0]["row"].tolist() == [1, 3]
     assert [b["row"] for b in json.loads((tmp_path / "b" / "bad_rows.json").read_text())] == [2]
 
 
@@ -261,8 +262,8 @@ def test_interrupted_run_resumes_without_duplicates(videos, binary_folder, tmp_p
     monkeypatch.setattr(common, "encode_video", lambda pipe, v: encoded.append(len(v)) or real_encode(pipe, v))
     summary = _prepare(manifest, out, shard_size=2)
     assert summary["shards_skipped"] == 1 and summary["shards_written"] == 2 and len(encoded) == 3  # rows 3, 4, 5
-    data, _ = common.load_dataset(out, "binary")
-    ref, _ = common.load_dataset(binary_folder, "binary")          # the same manifest, never interrupted
+    data, _ = dataset.load(out, "binary")
+    ref, _ = dataset.load(binary_folder, "binary")          # the same manifest, never interrupted
     assert data["row"].tolist() == [1, 2, 3, 4, 5]
     for k in ref:
         assert torch.allclose(data[k].float(), ref[k].float(), atol=1e-6), k
@@ -277,7 +278,7 @@ def test_a_folder_made_with_other_settings_is_refused_unless_overwrite(videos, t
         _prepare(manifest, tmp_path / "d", shard_size=2)
     _prepare(manifest, tmp_path / "d", shard_size=2, overwrite=True)
     assert len(list((tmp_path / "d").glob("shard-*.safetensors"))) == 1
-    assert common.load_dataset(tmp_path / "d", "binary")[0]["row"].tolist() == [1, 2]
+    assert dataset.load(tmp_path / "d", "binary")[0]["row"].tolist() == [1, 2]
 
 
 # ---------------------------------------------------------------- CLI
@@ -287,7 +288,7 @@ def test_cli(videos, tmp_path):
                         "--shard-size", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     assert "| binary" in r.stdout and "16x3x4x4" in r.stdout
-    assert common.load_dataset(tmp_path / "cli", "binary")[0]["latents"].shape[0] == 5
+    assert dataset.load(tmp_path / "cli", "binary")[0]["latents"].shape[0] == 5
 
 
 def test_cli_bad_rows_exit_with_the_rows_named_and_no_traceback(videos, tmp_path, monkeypatch, capsys):

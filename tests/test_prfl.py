@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import dataset
 import toy
 import prfl
 
@@ -304,8 +305,8 @@ def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, toy_cache):
     rm = prfl.load_pavrm(out / "pavrm.safetensors", pipe.transformer)
     assert rm.blocks == 8 and rm.pooling == "query" and not any("lora" in k for k in rm.state_dict())
     assert rm.config() == summary["pavrm"] == dict(blocks=8, heads=8, pooling="query", loss="bce")
-    data, _ = common.load_dataset(next(toy_cache.glob("binary-256-0-*")), "binary")
-    _, test_idx = common.split_indices(len(data["latents"]), 0.2, seed=0)
+    data, _ = dataset.load(next(toy_cache.glob("binary-256-0-*")), "binary")
+    _, test_idx = dataset.split_indices(len(data["latents"]), 0.2, seed=0)
     assert prfl.evaluate_pavrm(rm, data, test_idx, torch.device("cpu"))["pavrm_accuracy"] == pytest.approx(summary["pavrm_accuracy"])
     # resume: the same --out-dir reuses its pavrm.safetensors instead of training again
     again = prfl.main(tiny_args(out_dir=str(out), stage="rm", toy_size=256, toy_cache=str(toy_cache)))
@@ -350,7 +351,7 @@ def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys):
 
 # ---------------------------------------------------------------- bad input ----
 def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
-    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+    with pytest.raises(common.UserError, match="no_such_folder"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "no_such_folder")))
     with pytest.raises(common.UserError, match="reward-ckpt") as e:
         prfl.main(small_args(tmp_path, toy_cache, stage="tune"))
@@ -359,18 +360,18 @@ def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
         prfl.main(small_args(tmp_path, toy_cache, backbone="wan2.1-1.3b"))
     with pytest.raises(common.UserError, match="missing.safetensors"):
         prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "missing.safetensors")))
-    data, meta = common.load_dataset(next(toy_cache.glob("binary-256-0-*")), "binary")
+    data, meta = dataset.load(next(toy_cache.glob("binary-256-0-*")), "binary")
     wrong = dict(data, latents=data["latents"][:, :8])  # 8 channels instead of 16
-    common.save_dataset(tmp_path / "wrong", wrong, meta)
-    with pytest.raises(ValueError, match=r"\(256, 8, 3, 4, 4\)"):
+    dataset.save(tmp_path / "wrong", wrong, meta)
+    with pytest.raises(common.UserError, match=r"\(256, 8, 3, 4, 4\)"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "wrong")))
-    common.save_dataset(tmp_path / "one_class", dict(data, label=torch.ones_like(data["label"])), meta)
+    dataset.save(tmp_path / "one_class", dict(data, label=torch.ones_like(data["label"])), meta)
     with pytest.raises(common.UserError, match="good and bad"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "one_class")))
     nan = data["latents"].clone()
     nan[7, 0, 0, 0, 0] = float("nan")
-    common.save_dataset(tmp_path / "nan", dict(data, latents=nan), meta)
-    with pytest.raises(ValueError, match="NaN"):
+    dataset.save(tmp_path / "nan", dict(data, latents=nan), meta)
+    with pytest.raises(common.UserError, match="NaN"):
         prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "nan")))
     with pytest.raises(common.UserError, match="rm-sigma-range"):
         prfl.main(small_args(tmp_path, toy_cache, rm_sigma_range=[0.9, 0.8]))

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import common
+import dataset
 import toy
 import prism
 
@@ -140,7 +141,7 @@ def test_head_paper_size_and_text_padding_is_ignored():
 # ---------------------------------------------------------------------------------------------- training
 def test_training_pairs_share_t_and_noise_and_backbone_stays_frozen(toy_cache, tmp_path, monkeypatch):
     """Spy on the training loop: in every batch z_b,t - z_a,t must be exactly (1 - sigma)(z_b - z_a)."""
-    data, meta = common.load_dataset(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
+    data, meta = dataset.load(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
     data["latents_b"] = data["latents_a"] + 1.0                   # a known clean difference of 1 everywhere
     pipe = common.load_backbone("tiny")
     seen, original = [], prism.pair_rewards
@@ -176,11 +177,11 @@ def brightness(latents):
 def learnable(toy_cache, tmp_path_factory):
     """Positive control: the toy latents and prompts, labelled by `brightness` (tie margin 0.05, ~25% ties),
     through the whole CLI path (--data folder, prompt-disjoint split, training, accuracy vs t)."""
-    data, meta = common.load_dataset(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
+    data, meta = dataset.load(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
     d = brightness(data["latents_a"]) - brightness(data["latents_b"])
     data["pref"] = torch.where(d > 0.05, 0, torch.where(d < -0.05, 1, 2))
     folder = tmp_path_factory.mktemp("prism_learnable")
-    common.save_dataset(folder / "data", data, dict(meta, source="synthetic"))
+    dataset.save(folder / "data", data, dict(meta, source="synthetic"))
     out = folder / "run"
     return prism.main(small_args(toy_cache, out, data=str(folder / "data"), stage="rm")), out
 
@@ -292,16 +293,16 @@ def test_bad_input_fails_early_with_a_message(toy_cache, tmp_path):
     with pytest.raises(common.UserError, match="bon-steps"):
         prism.main(small_args(toy_cache, tmp_path / "c", bon_steps=[60]))
     # a dataset whose latents do not fit the backbone, and one with an unknown label
-    data, meta = common.load_dataset(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
+    data, meta = dataset.load(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
     bad = dict(data, latents_a=data["latents_a"][:, :8], latents_b=data["latents_b"][:, :8])
-    common.save_dataset(tmp_path / "shape", bad, meta)
+    dataset.save(tmp_path / "shape", bad, meta)
     with pytest.raises(common.UserError, match="latents_a"):
         prism.main(small_args(toy_cache, tmp_path / "d", data=str(tmp_path / "shape")))
-    common.save_dataset(tmp_path / "label", dict(data, pref=data["pref"] + 1), meta)
+    dataset.save(tmp_path / "label", dict(data, pref=data["pref"] + 1), meta)
     with pytest.raises(common.UserError, match="pref"):
         prism.main(small_args(toy_cache, tmp_path / "e", data=str(tmp_path / "label")))
     data["latents_b"][3, 0, 0, 0, 0] = float("nan")
-    common.save_dataset(tmp_path / "nan", data, meta)
+    dataset.save(tmp_path / "nan", data, meta)
     with pytest.raises(common.UserError, match="latents_b"):
         prism.main(small_args(toy_cache, tmp_path / "f", data=str(tmp_path / "nan")))
     with pytest.raises(common.UserError, match="eval-samples"):
