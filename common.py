@@ -535,23 +535,3 @@ def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
 
-
-# TEMPORARY (until velr.py moves to dataset.py): the old names
-def load_dataset(folder, kind=None):
-    import dataset
-    return dataset.load(folder, kind)
-
-
-def save_dataset(folder, tensors, meta, shard=0):
-    import dataset
-    return dataset.save(folder, tensors, meta, shard)
-
-
-def check_latent_shape(latents, pipe, where):
-    import dataset
-    return dataset.check_latent_shape(latents, pipe, where)
-
-
-def split_indices(n, test_fraction, seed=0):
-    import dataset
-    return dataset.split_indices(n, test_fraction, seed)

@@ -36,9 +36,11 @@ missing physics/human key as "poor"; here an empty or unknown label is a bad row
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -70,19 +72,25 @@ class Args:
                                    "velr.py compares with its --teacher (it re-labels the latents when they differ)")
     skip_bad: bool = common.arg(False, "record bad rows in <out-dir>/bad_rows.json and keep the good ones "
                                 "(default: stop and name every bad row)")
-    overwrite: bool = common.arg(False, "delete the dataset files already in --out-dir (otherwise a run resumes, and "
-                                 "refuses an --out-dir made with other inputs or settings)")
+    overwrite: bool = common.arg(False, "replace the dataset in --out-dir (the new one is written beside it and swapped in "
+                                 "only when complete); otherwise a run resumes, and refuses an --out-dir made with "
+                                 "other inputs or settings")
+    on_duplicates: str = common.arg("fail", "rows with the same videos and prompt (duplicates, or contradicting labels) "
+                                    "and pairs of one video with a winner: fail naming them, or drop them (the first "
+                                    "of identical duplicates is kept; contradictions are dropped whole)",
+                                    choices=["fail", "drop"])
     # backbone and video geometry (unset = the backbone's own: tiny 32x32x9, Wan2.1-1.3B 480x832x81, 14B 720x1280x81)
     backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder / hub id")
     device: str = common.arg("auto", "where T5 and the VAE run (auto: cuda if available); the DiT is never moved there")
     height: int = common.arg(None, "video height in pixels, a multiple of 16 (default: the backbone's)", type=int)
     width: int = common.arg(None, "video width in pixels, a multiple of 16 (default: the backbone's)", type=int)
     num_frames: int = common.arg(None, "frames per clip, 4k+1 (default: the backbone's)", type=int)
-    fps: float = common.arg(16.0, "frame rate clips are resampled to (Wan2.1 and PRFL's preprocessing: 16)")
+    fps: float = common.arg(16.0, "frame rate clips are resampled to (Wan2.1 and PRFL's preprocessing: 16)", min=1e-3)
     max_sequence_length: int = common.arg(None, "T5 tokens per prompt (default: the backbone's; 512 for Wan)", type=int)
     # work
-    shard_size: int = common.arg(64, "rows per shard (a shard is the unit of resuming; Wan 480p pairs: ~17 MB a row)")
-    workers: int = common.arg(8, "threads probing and decoding videos ahead of the VAE")
+    shard_size: int = common.arg(64, "rows per shard (a shard is the unit of resuming; Wan 480p pairs: ~17 MB a row)",
+                                 min=1)
+    workers: int = common.arg(8, "threads probing and decoding videos ahead of the VAE", min=1)
 
 
 LABEL_VALUES = {"1": 1.0, "0": 0.0, "1.0": 1.0, "0.0": 0.0, "good": 1.0, "poor": 0.0, "bad": 0.0,
@@ -94,12 +102,24 @@ VIDEO_COLUMNS, PROMPT_COLUMNS = ("video", "video_path", "path"), ("prompt", "cap
 # ----------------------------------------------------------------------------------------------
 # Manifest: rows -> (kind, rows with parsed targets), every problem named with its row
 # ----------------------------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a .csv / .jsonl / .json manifest, each with `_row` (1-based data row) and `_line` (file line)."""
+def read_text(path: Path) -> str:
+    """A manifest's text: UTF-8, with or without the byte-order mark Excel writes; anything else is named with its line."""
     if not path.is_file():
         raise common.UserError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise common.UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the manifest as UTF-8, "
+                               f"e.g. iconv -f latin1 -t utf-8") from None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .csv / .jsonl / .json manifest, each with `_row` (1-based data row) and `_line` (file line)."""
+    text = read_text(path)
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 raise common.UserError(f"{path}: empty file")
@@ -107,14 +127,17 @@ def read_rows(path: Path) -> list[dict]:
             rows = [dict(r, _line=reader.line_num) for r in reader]
     elif path.suffix == ".jsonl":
         rows = []
-        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if text.strip():
+        for line, item in enumerate(text.splitlines(), start=1):
+            if item.strip():
                 try:
-                    rows.append(dict(json.loads(text), _line=line))
+                    rows.append(dict(json.loads(item), _line=line))
                 except (json.JSONDecodeError, TypeError) as e:
                     raise common.UserError(f"{path}:{line}: not a JSON object ({e})") from None
     elif path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise common.UserError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise common.UserError(f"{path}: a .json manifest is a list of objects (one per video or pair)")
         rows = [dict(r, _line=None) for r in rows]
@@ -134,7 +157,14 @@ def infer_kind(columns: set, path: Path) -> str:
     binary, score = "label" in columns or {"physics_quality", "human_quality"} <= columns, "score" in columns
     if binary and score:
         raise common.UserError(f"{path}: has both label and score columns; choose with --kind binary|score")
-    return "binary" if binary else "score" if score else "prompts"
+    kind = "binary" if binary else "score" if score else "prompts"
+    known = {"path_A", "path_B", "label", "score", "physics_quality", "human_quality", "VQ", "MQ", "TA", "Overall",
+             *VIDEO_COLUMNS, *PROMPT_COLUMNS}
+    if kind == "prompts" and columns - known:  # e.g. "lable": a labelled manifest must not become prompts-only
+        raise common.UserError(f"{path}: columns {sorted(columns - known)} are not recognised, so the manifest reads as "
+                               f"prompts only; rename the label column (label, score, path_A/path_B, ...) or pass "
+                               f"--kind prompts to ignore them", 2)
+    return kind
 
 
 def _first(row: dict, names) -> str:
@@ -168,8 +198,8 @@ def parse_target(row: dict, kind: str, pair_label: str):
             s = float(row.get("score"))
         except (TypeError, ValueError):
             raise ValueError(f"score '{row.get('score')}' is not a number") from None
-        if not math.isfinite(s):
-            raise ValueError(f"score is {s}")
+        if not math.isfinite(s) or abs(s) > torch.finfo(torch.float32).max:  # stored as float32
+            raise ValueError(f"score {row.get('score')} is not a finite float32")
         return s
     columns = ["VQ", "MQ", "TA"] if pair_label == "prism" else [pair_label]
     votes = []
@@ -219,7 +249,16 @@ def check_video(path: Path, fps: float, num_frames: int) -> str | None:
     if have < need:
         return (f"too few frames in {path}: {have} at {meta['fps']:g} fps ({meta['duration']:.2f} s), "
                 f"{num_frames} frames at {fps:g} fps need {need} ({(num_frames - 1) / fps:.2f} s)")
-    return None
+    import imageio_ffmpeg  # the header can be intact over cut or garbage data: decode the frames we will use
+    gen = imageio_ffmpeg.read_frames(str(path))
+    try:
+        next(gen)
+        decoded = sum(1 for _, _ in zip(range(need), gen))
+    except Exception as e:
+        return f"undecodable video {path} ({str(e).strip().splitlines()[0][:120]})"
+    finally:
+        gen.close()
+    return None if decoded >= need else f"too few decodable frames in {path}: {decoded} of the {need} needed"
 
 
 def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -283,7 +322,7 @@ def plan_rows(args, geo: dict) -> tuple[str, list[dict], list[dict], int]:
             raise common.UserError(f"{path}: no such file")
         if args.kind not in ("auto", "prompts"):
             raise common.UserError(f"{path}: a .txt file is a prompts list; it cannot make a '{args.kind}' dataset")
-        lines = [(n, p.strip()) for n, p in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if p.strip()]
+        lines = [(n, p.strip()) for n, p in enumerate(read_text(path).splitlines(), 1) if p.strip()]
         if not lines:
             raise common.UserError(f"{path}: no prompts")
         return "prompts", [dict(_row=i, _line=n, prompt=p, videos=[]) for i, (n, p) in enumerate(lines, 1)], [], 0
@@ -319,6 +358,12 @@ def plan_rows(args, geo: dict) -> tuple[str, list[dict], list[dict], int]:
             dropped += 1
             continue
         good.append(dict(_row=r["_row"], _line=r["_line"], prompt=prompt, videos=videos, target=target))
+    if with_videos:
+        good, repeated = check_duplicates(good, kind, args.on_duplicates, path)
+        bad += repeated
+        outside = [v for r in good for v in r["videos"] if not v.resolve().is_relative_to(root.resolve())]
+        if outside:
+            print(f"warning: {len(outside)} video path(s) lie outside {root} (e.g. {outside[0]}); check the manifest")
     # probe each distinct video once (a benchmark video is often in several pairs), in threads
     unique = sorted({v for r in good for v in r["videos"]})
     with ThreadPoolExecutor(max(1, args.workers)) as pool:
@@ -338,6 +383,28 @@ def plan_rows(args, geo: dict) -> tuple[str, list[dict], list[dict], int]:
             first.setdefault(r["prompt"], r)
         ok = list(first.values())
     return kind, ok, bad, dropped
+
+
+def check_duplicates(rows: list[dict], kind: str, policy: str, path) -> tuple[list[dict], list[dict]]:
+    """Rows with the same videos and prompt: with the same target they are duplicates (the first is kept), with
+    different targets they contradict each other (all dropped): either would also land in both train and test.
+    A pair of one video with a winner contradicts itself. policy fail: stop naming them; drop: bad rows."""
+    groups, why = {}, {}
+    for r in rows:
+        groups.setdefault((tuple(map(str, r["videos"])), r["prompt"]), []).append(r)
+        if kind == "pairs" and r["videos"][0] == r["videos"][1] and r["target"] != 2:
+            why[r["_row"]] = "path_A and path_B are the same video, yet one is labelled better"
+    for group in groups.values():
+        if len({r["target"] for r in group}) > 1:
+            for r in group:
+                why[r["_row"]] = f"contradicts row(s) {[o['_row'] for o in group if o is not r]} (same videos and prompt)"
+        else:
+            for r in group[1:]:
+                why[r["_row"]] = f"duplicate of row {group[0]['_row']}"
+    bad = [dict(row=r["_row"], line=r["_line"], reason=why[r["_row"]]) for r in rows if r["_row"] in why]
+    if bad and policy == "fail":
+        raise common.UserError(describe_bad(path, bad) + "\n(fix them, or pass --on-duplicates drop to leave them out)")
+    return [r for r in rows if r["_row"] not in why], bad
 
 
 def describe_bad(path, bad: list[dict], limit: int = 20) -> str:
@@ -371,11 +438,13 @@ def fingerprint(args, kind: str, geo: dict, rows: list[dict]) -> dict:
                 fps=args.fps, shard_size=args.shard_size, rows=len(rows), plan_sha256=plan, **geo)
 
 
-def open_output(out: Path, fp: dict, overwrite: bool) -> dict:
-    """progress.json of a run with the same fingerprint (resume), or a fresh one; refuses foreign folders."""
+def open_output(out: Path, fp: dict, replace: bool) -> dict:
+    """progress.json of a run with the same fingerprint (resume), or a fresh one. Another run's files are refused,
+    or with `replace` (the side folder of --overwrite) deleted."""
     files = [out / "meta.json", out / "prompts.safetensors", out / "bad_rows.json", *out.glob("shard-*.safetensors")]
     progress_file = out / "progress.json"
-    if overwrite:
+    same = progress_file.is_file() and json.loads(progress_file.read_text()).get("fingerprint") == fp
+    if replace and not same:
         for f in files + [progress_file]:
             f.unlink(missing_ok=True)
     elif progress_file.is_file():
@@ -444,14 +513,17 @@ def main(args: Args) -> dict:
                                "--out-dir data/name)", 2)
     if args.shard_size < 1:
         raise common.UserError(f"--shard-size must be >= 1, got {args.shard_size}", 2)
-    out = Path(args.out_dir)
+    final = Path(args.out_dir)
+    # --overwrite writes the new dataset beside the old one and swaps it in only when complete (step 6)
+    beside = args.overwrite and final.is_dir() and any(final.iterdir())
+    out = final.with_name(final.name + ".new") if beside else final
     geo = geometry(args)
     kind, rows, bad, dropped = plan_rows(args, geo)  # 1) validate every row before any heavy work
     if bad and not args.skip_bad:
         raise common.UserError(describe_bad(args.input, bad) + "\n(fix them, or pass --skip-bad to leave them out)")
     if not rows:
         raise common.UserError(f"{args.input}: no good rows left" + (f"\n{describe_bad(args.input, bad)}" if bad else ""))
-    progress = open_output(out, fingerprint(args, kind, geo, rows), args.overwrite)
+    progress = open_output(out, fingerprint(args, kind, geo, rows), replace=beside)
     with_videos = bool(rows[0]["videos"])
     # "prompts" datasets keep one prompt-table entry per row: dataset.load counts a prompts dataset's
     # rows by its prompt table. The labelled kinds store each distinct prompt once and point at it.
@@ -517,6 +589,13 @@ def main(args: Args) -> dict:
                 dropped_by_vote=dropped, **geo, **({"teacher": args.score_source} if args.score_source else {}))
     common.save_json(meta, out / "meta.json")
     data, _ = dataset.load(out, kind)  # what every method will read; fails loudly if anything is off
+    if beside:  # 6) the new dataset is complete and valid: only now does it replace the old one
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        out.rename(final)
+        shutil.rmtree(old)
+        out = final
     summary = dict(out=str(out), kind=kind, rows=len(kept_rows), prompts=len(table), bad_rows=n_bad,
                    shards_written=written, shards_skipped=skipped, seconds=round(time.time() - t0, 1),
                    **target_stats(kind, data))

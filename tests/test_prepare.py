@@ -307,14 +307,14 @@ def method_data(videos, tmp_path_factory):
     """12 rows of each kind over the clips above (toy prompts, so the tiny world can still score samples)."""
     d = tmp_path_factory.mktemp("method_data")
     clips = ["v0.mp4", "v1.mp4", "v2.mp4", "v3.mp4", "wide.mp4", "fast.mp4"]
-    prompts = toy.toy_prompts("train")[::6]                                   # 6 prompts
-    single = [(clips[i % 6], prompts[i % 6]) for i in range(12)]
+    prompts = toy.toy_prompts("train")[::3]                                   # 12 prompts: no repeated row
+    single = [(clips[i % 6], prompts[i]) for i in range(12)]
     _prepare(_csv(videos / "m_bin.csv", ["video", "prompt", "label"],
                   [(v, p, i % 2) for i, (v, p) in enumerate(single)]), d / "binary")
     _prepare(_csv(videos / "m_score.csv", ["video", "prompt", "score"],
                   [(v, p, (i * 7 % 5) / 2 - 1) for i, (v, p) in enumerate(single)]), d / "score", score_source="toy")
     _prepare(_csv(videos / "m_pairs.csv", ["path_A", "path_B", "prompt", "Overall"],
-                  [(clips[i % 6], clips[(i + 1) % 6], prompts[i % 6], "AB"[i % 2] if i % 6 else "same")
+                  [(clips[i % 6], clips[(i + 1) % 6], prompts[i], "AB"[i % 2] if i % 6 else "same")
                    for i in range(12)]), d / "pairs")
     _prepare(_csv(videos / "m_sft.csv", ["video", "prompt"], single[:4]), d / "sft")
     return d
@@ -351,7 +351,8 @@ def test_dina_lrm_trains_on_prepared_pairs(method_data, tmp_path):
 
 def test_velr_trains_on_prepared_scores(method_data, tmp_path, capsys):
     import velr
-    velr.main(velr.Args(stage="rm", data=str(method_data / "score"), out_dir=str(tmp_path / "run"),
-                        ensemble_size=2, lrm_epochs=1, compare=[]))
+    velr.main(common.parse_args(velr.Args, velr.TINY, [
+        "--stage", "rm", "--data", str(method_data / "score"), "--out-dir", str(tmp_path / "run"),
+        "--ensemble-size", "2", "--rm-epochs", "1", "--compare"]))
     assert "re-labelling" not in capsys.readouterr().out   # --score-source toy: VELR keeps the manifest's scores
     assert list((tmp_path / "run").glob("*.safetensors"))
