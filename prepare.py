@@ -163,7 +163,7 @@ def infer_kind(columns: set, path: Path) -> str:
     if kind == "prompts" and columns - known:  # e.g. "lable": a labelled manifest must not become prompts-only
         raise common.UserError(f"{path}: columns {sorted(columns - known)} are not recognised, so the manifest reads as "
                                f"prompts only; rename the label column (label, score, path_A/path_B, ...) or pass "
-                               f"--kind prompts to ignore them", 2)
+                               f"--kind prompts to ignore them")
     return kind
 
 
@@ -401,7 +401,7 @@ def check_duplicates(rows: list[dict], kind: str, policy: str, path) -> tuple[li
         else:
             for r in group[1:]:
                 why[r["_row"]] = f"duplicate of row {group[0]['_row']}"
-    bad = [dict(row=r["_row"], line=r["_line"], reason=why[r["_row"]]) for r in rows if r["_row"] in why]
+    bad = [dict(row=r["_row"], line=r["_line"], reason=why[r["_row"]], dropped=True) for r in rows if r["_row"] in why]
     if bad and policy == "fail":
         raise common.UserError(describe_bad(path, bad) + "\n(fix them, or pass --on-duplicates drop to leave them out)")
     return [r for r in rows if r["_row"] not in why], bad
@@ -519,8 +519,9 @@ def main(args: Args) -> dict:
     out = final.with_name(final.name + ".new") if beside else final
     geo = geometry(args)
     kind, rows, bad, dropped = plan_rows(args, geo)  # 1) validate every row before any heavy work
-    if bad and not args.skip_bad:
-        raise common.UserError(describe_bad(args.input, bad) + "\n(fix them, or pass --skip-bad to leave them out)")
+    fatal = [b for b in bad if not b.get("dropped")]  # rows left out by --on-duplicates drop are not errors
+    if fatal and not args.skip_bad:
+        raise common.UserError(describe_bad(args.input, fatal) + "\n(fix them, or pass --skip-bad to leave them out)")
     if not rows:
         raise common.UserError(f"{args.input}: no good rows left" + (f"\n{describe_bad(args.input, bad)}" if bad else ""))
     progress = open_output(out, fingerprint(args, kind, geo, rows), replace=beside)

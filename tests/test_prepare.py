@@ -356,3 +356,107 @@ def test_velr_trains_on_prepared_scores(method_data, tmp_path, capsys):
         "--ensemble-size", "2", "--rm-epochs", "1", "--compare"]))
     assert "re-labelling" not in capsys.readouterr().out   # --score-source toy: VELR keeps the manifest's scores
     assert list((tmp_path / "run").glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------- bad input through the CLI: named, nothing lost
+def _hashes(folder):
+    import hashlib
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _cut_video(videos):
+    """An mp4 whose index (at the front) is intact and whose frame data is cut: its header alone looks fine."""
+    path = videos / "cut.mp4"
+    if not path.exists():
+        rng = np.random.default_rng(1)
+        full = videos / "faststart.mp4"
+        imageio.mimwrite(full, [rng.integers(0, 256, (32, 32, 3)).astype(np.uint8) for _ in range(17)], fps=16,
+                         macro_block_size=16, ffmpeg_params=["-movflags", "+faststart"])
+        path.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    return path
+
+
+BAD_MANIFESTS = {  # name: (header, rows, extra flags, what the message must name)
+    "latin-1": (None, None, [], r"bad.csv:3: not UTF-8"),
+    "score overflows float32": (["video", "prompt", "score"], [("v0.mp4", "a red square moving left", "1e39")], [],
+                                r"row 1 \(line 2\): score 1e39 is not a finite float32"),
+    "misspelt label column": (["video", "prompt", "lable"], [("v0.mp4", "a red square moving left", "1")], [],
+                              r"columns \['lable'\] are not recognised"),
+    "duplicate rows": (["video", "prompt", "label"], [GOOD[0], GOOD[0]], [], r"row 2 \(line 3\): duplicate of row 1"),
+    "contradicting labels": (["video", "prompt", "label"], [GOOD[0], ("v0.mp4", GOOD[0][1], "0")], [],
+                             r"row 1 \(line 2\): contradicts row\(s\) \[2\]"),
+    "a pair of one video with a winner": (["path_A", "path_B", "prompt", "Overall"],
+                                          [("v0.mp4", "v0.mp4", "a red square moving left", "A")], [],
+                                          "same video, yet one is labelled better"),
+    "cut video behind an intact header": (["video", "prompt", "label"], [("cut.mp4", "a red square moving left", "1")],
+                                          [], r"row 1 \(line 2\): too few decodable frames in .*cut.mp4"),
+    "fps inf": (["video", "prompt", "label"], GOOD, ["--fps", "inf"], "argument --fps"),
+    "frames not 4k+1": (["video", "prompt", "label"], GOOD, ["--num-frames", "8"], "--num-frames must be 4k\\+1"),
+    "shard size 0": (["video", "prompt", "label"], GOOD, ["--shard-size", "0"], "argument --shard-size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MANIFESTS))
+def test_bad_input_is_named_and_the_old_dataset_is_kept(case, videos, binary_folder, tmp_path, monkeypatch, capsys):
+    import re
+    import shutil
+    header, rows, flags, message = BAD_MANIFESTS[case]
+    _cut_video(videos)
+    manifest = videos / "bad.csv"
+    if header is None:  # latin-1: an accented prompt on line 3
+        manifest.write_bytes("video,prompt,label\nv0.mp4,a red square,1\nv1.mp4,un carré bleu,0\n".encode("latin-1"))
+    else:
+        _csv(manifest, header, rows)
+    out = tmp_path / "data"
+    shutil.copytree(binary_folder, out)  # a user's earlier dataset, which --overwrite must not lose on an error
+    before = _hashes(out)
+    monkeypatch.setattr(sys, "argv", ["prepare.py", "--input", str(manifest), "--out-dir", str(out), "--overwrite",
+                                      *flags])
+    with pytest.raises(SystemExit) as e:
+        common.cli(prepare.main, prepare.Args, {})
+    err = capsys.readouterr().err
+    assert e.value.code == (2 if flags else 1), err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert _hashes(out) == before
+
+
+def test_a_bom_manifest_reads_like_a_plain_one(videos, tmp_path):
+    manifest = _csv(videos / "plain.csv", ["video", "prompt", "label"], GOOD[:2])
+    bom = videos / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())  # what Excel writes
+    a, b = _prepare(manifest, tmp_path / "a"), _prepare(bom, tmp_path / "b")
+    assert a["rows"] == b["rows"] == 2
+    assert torch.equal(dataset.load(tmp_path / "a")[0]["latents"], dataset.load(tmp_path / "b")[0]["latents"])
+
+
+def test_on_duplicates_drop_keeps_the_first_and_reports_the_rest(videos, tmp_path):
+    rows = [GOOD[0], GOOD[0], GOOD[1], ("v1.mp4", GOOD[1][1], "1"), GOOD[2]]  # a duplicate, a contradiction
+    s = _prepare(_csv(videos / "dup.csv", ["video", "prompt", "label"], rows), tmp_path / "d", on_duplicates="drop")
+    assert dataset.load(tmp_path / "d")[0]["row"].tolist() == [1, 5] and s["bad_rows"] == 3
+    assert [b["row"] for b in json.loads((tmp_path / "d" / "bad_rows.json").read_text())] == [2, 3, 4]
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(videos, binary_folder, tmp_path, monkeypatch):
+    import shutil
+    out = tmp_path / "data"
+    shutil.copytree(binary_folder, out)
+    before = _hashes(out)
+    manifest = _csv(videos / "new.csv", ["video", "prompt", "label"], GOOD[:4])
+    real = common.encode_video
+    calls = []
+    def fail_on_the_second_shard(pipe, video):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")  # an error that shows only while encoding
+        return real(pipe, video)
+    monkeypatch.setattr(common, "encode_video", fail_on_the_second_shard)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _prepare(manifest, out, overwrite=True, shard_size=2)
+    assert _hashes(out) == before  # the old dataset is whole and still loads
+    assert dataset.load(out, "binary")[0]["row"].tolist() == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(common, "encode_video", real)
+    s = _prepare(manifest, out, overwrite=True, shard_size=2)  # resumes the side folder, then swaps
+    assert s["shards_skipped"] == 1 and dataset.load(out, "binary")[0]["row"].tolist() == [1, 2, 3, 4]
+    assert not (tmp_path / "data.new").exists() and not (tmp_path / "data.old").exists()
