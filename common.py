@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -431,13 +432,21 @@ def parse_args(cls, tiny: dict, argv=None):
 def cli(main, cls, tiny: dict):
     """A script's entry point: main(parse_args(cls, tiny)). A UserError ends as `error: <cause>` with its exit
     code and no traceback (--debug shows it); programming errors keep their traceback."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # what a job scheduler sends: stop as for Ctrl-C
     try:
         return main(parse_args(cls, tiny, [a for a in sys.argv[1:] if a != "--debug"]))
-    except UserError as e:
+    except UserError as e:  # codes >= 128: a stage stopped by a signal after saving (rundir.Interrupted)
         if "--debug" in sys.argv:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{'error: ' if e.code < 128 else ''}{e}", file=sys.stderr)
         sys.exit(e.code)
+    except KeyboardInterrupt:
+        print("interrupted outside a training stage (nothing to resume from there)", file=sys.stderr)
+        sys.exit(130)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def seed_everything(seed: int):
