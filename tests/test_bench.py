@@ -30,14 +30,6 @@ SCRIPTS = {"prfl": (["--rm-blocks", "1", "--lora-rank", "8", "--num-steps", "10"
            "dina_lrm": (["--rm-blocks", "1", "--taps", "1", "--num-steps", "10"], 2)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_estimate_memory_of_each_script_at_a_small_size(name, monkeypatch, capsys):
     monkeypatch.setitem(common.WAN_CONFIGS, "small", SMALL)

@@ -14,15 +14,6 @@ from estimate import (StageEstimates, MemoryFlopMeter, build_wan_transformer, bu
 TINY2 = dict(common.WAN_CONFIGS["tiny"], transformer=dict(common.WAN_CONFIGS["tiny"]["transformer"], num_layers=2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Real CPU kernels with 2 OpenMP threads on a shared, loaded machine spin-wait: 20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_meter_counts_storages_once_frees_them_and_counts_matmul_flops():
     x = torch.randn(1000)                              # 4000 bytes, live before the meter
     meter = MemoryFlopMeter()
@@ -111,7 +102,6 @@ def test_wan_1_3b_forward_flops_match_hand_count_and_allocate_nothing():
     except OSError:
         pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
     rss0 = _peak_rss_kib()
-    cfg = common.WAN_CONFIGS["wan2.1-1.3b"]
     with fake_mode():
         tr = build_wan_transformer("wan2.1-1.3b", torch.bfloat16, gradient_checkpointing=False)
         x = torch.randn(1, *latent_shape("wan2.1-1.3b"))             # 480x832x81 -> [16, 21, 60, 104]
