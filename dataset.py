@@ -11,6 +11,7 @@ Every problem is reported as a common.UserError naming the folder, the file, the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,3 +100,54 @@ def split_indices(n: int, test_fraction: float, seed: int = 0) -> tuple[torch.Te
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = max(1, int(round(n * test_fraction)))
     return perm[k:], perm[:k]
+
+
+def video_size(meta: dict, where: str, height=None, width=None, num_frames=None) -> dict:
+    """The clip size recorded in a dataset's meta.json (prepare.py writes it), checked against the typed
+    --height / --width / --num-frames: a size that differs from the data's is an error naming the flag."""
+    size = {}
+    for key, typed in (("height", height), ("width", width), ("num_frames", num_frames)):
+        have = meta.get(key)
+        if typed is not None and have is not None and typed != have:
+            raise UserError(f"--{key.replace('_', '-')} {typed}: {where} was prepared at {meta.get('height')}x"
+                            f"{meta.get('width')}x{meta.get('num_frames')} (height x width x frames); leave the flag "
+                            f"out, or prepare the data again at the size you want", 2)
+        size[key] = typed if typed is not None else have
+    return size
+
+
+def drop_repeats(data: dict, kind: str, policy: str, where: str) -> dict:
+    """Rows that repeat or contradict others, by an exact hash of each row's latents and its prompt: the same row
+    twice (a duplicate: the first is kept), the same latents and prompt with another label / score / preference (a
+    contradiction: all of them go), and a pair of one latent with a winner. Either kind would also sit on both sides
+    of a held-out split. policy "fail": a UserError naming the rows; "drop": they are dropped, and it says so."""
+    if kind == "prompts" and "latents" not in data:
+        return data
+    digest = lambda x: hashlib.blake2b(x.contiguous().view(torch.uint8).numpy(), digest_size=16).digest()
+    target = {"binary": "label", "score": "score", "pairs": "pref"}.get(kind)
+    groups, why = {}, {}
+    for i in range(len(data["prompt_idx"])):
+        p, y = int(data["prompt_idx"][i]), data[target][i].item() if target else None
+        if kind == "pairs":
+            a, b = digest(data["latents_a"][i]), digest(data["latents_b"][i])
+            a, b, y = (b, a, (1, 0, 2)[int(y)]) if a > b else (a, b, y)  # (A, B, A wins) is (B, A, B wins)
+            if a == b and y != 2:
+                why[i] = "latents_a and latents_b are the same, yet one is labelled better"
+            key = (a, b, p)
+        else:
+            key = (digest(data["latents"][i]), p)
+        groups.setdefault(key, []).append((i, y))
+    for rows in groups.values():
+        if len({y for _, y in rows}) > 1:
+            why.update({i: f"contradicts row(s) {[j for j, _ in rows if j != i]} (same latents and prompt)" for i, _ in rows})
+        else:
+            for i, _ in rows[1:]:
+                why.setdefault(i, f"duplicate of row {rows[0][0]}")
+    if why and policy == "fail":
+        raise UserError(f"{where}: {len(why)} row(s) repeat or contradict others:\n" + "".join(
+            f"  row {i}: {r}\n" for i, r in sorted(why.items())[:10]) + "fix the data, or pass --on-duplicates drop")
+    if not why:
+        return data
+    print(f"{where}: {len(why)} duplicate or contradicting row(s) dropped (--on-duplicates drop)")
+    keep = torch.tensor(sorted(set(range(len(data["prompt_idx"]))) - set(why)), dtype=torch.long)
+    return {k: v if k in PROMPT_KEYS else v[keep] for k, v in data.items()}

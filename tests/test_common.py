@@ -469,3 +469,48 @@ def test_export_video(tmp_path):
     import imageio.v3 as iio
     frames = iio.imread(p)
     assert frames.shape[0] == 9 and frames.shape[-1] == 3
+
+
+# ---------------------------------------------------------------- repeated rows, recorded size
+def _pairs(n=4):
+    z = torch.randn(n + 1, 16, 1, 2, 2)
+    return dict(prompt_embeds=torch.randn(2, 5, 8), prompt_mask=torch.ones(2, 5, dtype=torch.bool),
+                prompt_idx=torch.zeros(n, dtype=torch.long), latents_a=z[:n].clone(), latents_b=z[1:].clone(),
+                pref=torch.zeros(n, dtype=torch.long))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("duplicate", "row 3: duplicate of row 0"), ("contradiction", r"row 0: contradicts row\(s\) \[3\]"),
+    ("swapped contradiction", r"contradicts row\(s\) \[3\]"), ("self pair", "row 1: latents_a and latents_b are the same")])
+def test_repeated_and_contradicting_rows_are_named_or_dropped(case, message):
+    d = _pairs()
+    if case != "self pair":
+        d["latents_a"][3], d["latents_b"][3] = d["latents_a"][0], d["latents_b"][0]
+    if case == "contradiction":
+        d["pref"][3] = 1
+    if case == "swapped contradiction":  # (B, A, B wins) says what (A, B, A wins) says: (A, B, B wins) contradicts it
+        d["latents_a"][3], d["latents_b"][3], d["pref"][3] = d["latents_b"][0], d["latents_a"][0], 0
+    if case == "self pair":
+        d["latents_b"][1] = d["latents_a"][1]
+    with pytest.raises(C.UserError, match=message):
+        dataset.drop_repeats(d, "pairs", "fail", "data/x")
+    kept = dataset.drop_repeats(d, "pairs", "drop", "data/x")
+    expected = {"duplicate": 3, "contradiction": 2, "swapped contradiction": 2, "self pair": 3}[case]
+    assert len(kept["pref"]) == len(kept["latents_a"]) == expected and len(kept["prompt_embeds"]) == 2
+
+
+def test_clean_rows_pass_unchanged_and_labels_count():
+    d = _toy_tensors()
+    assert dataset.drop_repeats(d, "binary", "fail", "x") is d
+    d["latents"][1], d["prompt_idx"][1] = d["latents"][0], d["prompt_idx"][0]
+    d["label"][1] = 0  # same latent and prompt, another label
+    with pytest.raises(C.UserError, match="contradicts"):
+        dataset.drop_repeats(d, "binary", "fail", "x")
+
+
+def test_a_typed_size_that_differs_from_the_data_names_the_flag():
+    meta = dict(height=48, width=64, num_frames=13)
+    assert dataset.video_size(meta, "d") == meta and dataset.video_size(meta, "d", height=48) == meta
+    with pytest.raises(C.UserError, match=r"--num-frames 9: d was prepared at 48x64x13") as e:
+        dataset.video_size(meta, "d", num_frames=9)
+    assert e.value.code == 2
