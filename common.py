@@ -148,17 +148,23 @@ def pick_dtype(name: str | None, device) -> torch.dtype:
 
 
 def backbone_geometry(pipe, height=None, width=None, num_frames=None) -> dict:
-    """Video size (default: the one load_backbone fixed) and the latent shape and token count it gives."""
-    cfg = getattr(pipe, "wan_config", None) or backbone_config(getattr(pipe, "backbone_name", "tiny"))
+    """geometry() of a loaded pipeline: the video size load_backbone fixed, unless given here."""
+    return geometry(getattr(pipe, "wan_config", None) or backbone_config(pipe.backbone_name), height, width, num_frames)
+
+
+def geometry(cfg: dict, height=None, width=None, num_frames=None) -> dict:
+    """A video size (default: the config's) checked against the backbone (Wan's VAE: 4x in time, 8x in space; the
+    DiT's 2x2 patches), with the latent shape, token count, flow shift and text length it gives. Needs no weights,
+    so scripts check sizes and data before loading."""
     h, w, f = height or cfg["height"], width or cfg["width"], num_frames or cfg["num_frames"]
-    st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-    if min(h, w, f) <= 0 or (f - 1) % st or h % (ss * 2) or w % (ss * 2):
+    st, ss = 2 ** sum(cfg["vae"]["temperal_downsample"]), 2 ** (len(cfg["vae"]["dim_mult"]) - 1)
+    p = cfg["transformer"]["patch_size"]
+    if min(h, w, f) <= 0 or (f - 1) % st or h % (ss * p[1]) or w % (ss * p[2]):
         raise UserError(f"video {h}x{w}x{f} (--height --width --num-frames): frames must be {st}k+1 and height/width "
-                        f"positive multiples of {ss * 2}", 2)
-    shape = (pipe.transformer.config.in_channels, (f - 1) // st + 1, h // ss, w // ss)
-    p = pipe.transformer.config.patch_size
-    tokens = shape[1] // p[0] * shape[2] // p[1] * shape[3] // p[2]
-    return dict(height=h, width=w, num_frames=f, latent_shape=shape, tokens=tokens, flow_shift=cfg["flow_shift"],
+                        f"positive multiples of {ss * p[1]}", 2)
+    shape = (cfg["transformer"]["in_channels"], (f - 1) // st + 1, h // ss, w // ss)
+    return dict(height=h, width=w, num_frames=f, latent_shape=shape, flow_shift=cfg["flow_shift"],
+                tokens=shape[1] // p[0] * shape[2] // p[1] * shape[3] // p[2],
                 max_sequence_length=cfg["max_sequence_length"])
 
 
@@ -422,7 +428,7 @@ def parse_args(cls, tiny: dict, argv=None):
     ns.pop("debug")
     for name, value in ns.items():  # every number finite, and within the field's min / max where it names them
         lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
-        for v in value if isinstance(value, (list, tuple)) else [value]:
+        for v in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
             if isinstance(v, float) and not math.isfinite(v) or lo is not None and v < lo or hi is not None and v > hi:
                 p.error(f"argument --{name.replace('_', '-')}: {v} is not a finite number in "
                         f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
@@ -447,6 +453,25 @@ def cli(main, cls, tiny: dict):
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def require(ok, why: str, code: int = 1):
+    """A user error unless ok: `error: <why>`, exit code 1 (data, files) or 2 (flags)."""
+    if not ok:
+        raise UserError(why, code)
+
+
+def check_writable(out_dir) -> None:
+    """An --out-dir that cannot be written fails before any model loads: a temp file in its nearest existing folder
+    (os.access is not enough: as root it calls /sys writable)."""
+    import tempfile
+    parent = Path(out_dir).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write in {parent} ({e.strerror})", 2) from None
 
 
 def seed_everything(seed: int):

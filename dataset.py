@@ -151,3 +151,20 @@ def drop_repeats(data: dict, kind: str, policy: str, where: str) -> dict:
     print(f"{where}: {len(why)} duplicate or contradicting row(s) dropped (--on-duplicates drop)")
     keep = torch.tensor(sorted(set(range(len(data["prompt_idx"]))) - set(why)), dtype=torch.long)
     return {k: v if k in PROMPT_KEYS else v[keep] for k, v in data.items()}
+
+
+def check_latents(data: dict, geo: dict, where: str, keys=("latents", "latents_a", "latents_b")):
+    """Each latent key holds latents of the shape common.geometry gives for the video size, of normalised-VAE scale
+    (|x| <= 1e4: a finite 1e30 would still train, to nothing)."""
+    for k in keys:
+        if k not in data:
+            continue
+        have = tuple(data[k].shape[1:])
+        if have != tuple(geo["latent_shape"]):
+            raise UserError(f"{where}: '{k}' holds latents {have}; this backbone makes {tuple(geo['latent_shape'])} "
+                            f"of a {geo['height']}x{geo['width']}x{geo['num_frames']} video: prepare the data with "
+                            f"this backbone, or pass the size it was made at")
+        big = (data[k][:].flatten(1).abs().amax(1) > 1e4).nonzero()[:5, 0].tolist()
+        if big:
+            raise UserError(f"{where}: '{k}' has values above 1e4 (rows {big}); normalised VAE latents are about unit "
+                            f"scale: prepare.py the videos with this --backbone")
