@@ -1,12 +1,10 @@
 """PRISM: "Through the PRISM: Preference Representation in Intermediate States of Video Diffusion Models"
 (Wu et al., arXiv 2606.20310).
 
-A frozen video DiT already encodes preference in its noisy latents. Its own first N_b = 12 blocks read (z_t,
-prompt, t) under no_grad; a small head (linear projection of [video tokens ; embedded text tokens], ONE learnable
-query with cross-attention over them, a 5-layer MLP) gives a scalar r(z_t, c, t), trained on A / B / tie pairs
-with the Rao-Kupper Bradley-Terry-with-ties likelihood (eta = 5), both videos at the same t with the same noise.
-Scoring noisy latents allows an early Best-of-N: N trajectories denoise together for k steps, the head picks one,
-only it finishes and is decoded.
+A frozen video DiT already encodes preference in its noisy latents: its first N_b = 12 blocks read (z_t, prompt, t)
+under no_grad; a small head (projected [video tokens ; text tokens], ONE learnable query attending to them, a 5-layer
+MLP) gives r(z_t, c, t), trained on A / B / tie pairs with the Rao-Kupper likelihood (eta = 5), both videos at the same
+t and noise. Early Best-of-N: N trajectories denoise together for k steps, the head keeps one, only it finishes.
 
 Equation -> code
     Eq. (1)   z_t = (1 - t/T) z_0 + (t/T) eps, same t and eps for A and B   noisy_pair (common.add_noise)
@@ -14,36 +12,28 @@ Equation -> code
     §3.2      F_uni = [F_vis; F_txt], 1-query cross-attention, 5-layer MLP  PRISMHead  (--pooling mean: Tab. 3)
     Eq. (3)   Rao-Kupper P(A>B), P(B>A), P(A=B)                             rao_kupper_probs, rao_kupper_log_probs
     Eq. (4)   L_BTT = -E_t log P_eta(y | z_t^A, z_t^B, c, t)                rao_kupper_nll, head_step, train_head
-    --loss    rao-kupper | bradley-terry (ablation), the one switch of the likelihood  preference_nll, loss_config
+    --loss    rao-kupper | bradley-terry (ablation), the one switch          preference_nll, loss_config
     Tab. 1    accuracy w/o ties and tie-calibrated accuracy vs t            accuracy_without_ties, accuracy_with_ties
     Fig. 3    early Best-of-N at step k                                     early_best_of_n, evaluate_bon
 
-Where this differs from the paper text (no official code exists; the notes are in shared/reference/prism.md):
-  * Eq. (3) as printed has P(A>B) = e^rA / (e^rB + eta e^rA), which does not normalise (the three terms sum
-    to 0.93 at rA=.3, rB=-.2); the standard Rao-Kupper term e^rA / (e^rA + eta e^rB) is used.
-  * Unreported head details follow the closest public code (PAVRM in Tencent-Hunyuan/HY-Video-PRFL): 8 attention
-    heads, xavier-initialised query; GELU MLP of width D; plus a LayerNorm on the tokens before the projection (our
-    choice: block-12 video tokens and embedded text tokens have different scales) and a key-padding mask on the text
-    pads (Wan itself attends to its zero pads). 21.2M trainable parameters at D = 1536 (paper: 21.8M).
-  * t ~ U{0..999}, sigma = t/1000 (Eq. 1, unshifted) in training; Best-of-N scores a latent at the shifted
-    sigma the sampler has reached. The sampler is common.rollout's Euler on the shifted schedule, not
-    diffusers' UniPC. Tie-calibrated accuracy is the VideoGen-RewardBench sweep ("Ties Matter", arXiv
-    2305.14324, Alg. 1), evaluated only at thresholds that split distinct |m| values.
-  * Best-of-N compute is counted, not timed: transformer forwards, N scoring passes (N_b blocks + head), VAE
-    decodes, each x the FLOPs of ONE pass at batch 1 (FlopCounterMode on meta-device copies; math SDPA, so
-    attention is counted). The oracle's pixel reward model is not (free in the toy world; VideoScore2 is 8B).
-  * Best-of-N draws --eval-samples (prompt, seed) rows, the held-out prompts cycled, each with its own N noises.
+Where this differs from the paper text (no official code; notes in shared/reference/prism.md):
+  * Printed Eq. (3) has P(A>B) = e^rA / (e^rB + eta e^rA), which does not normalise; standard Rao-Kupper is used.
+  * Unreported head details follow PAVRM (HY-Video-PRFL): 8 heads, xavier query, GELU MLP of width D; ours: LayerNorm
+    before the projection, text pads masked. 21.2M trainable parameters at D = 1536 (paper: 21.8M).
+  * Training: t ~ U{0..999}, sigma = t/1000 (unshifted); Best-of-N scores at the shifted sigma the sampler reached,
+    with common.rollout's Euler (not UniPC). Tie-calibrated accuracy: the "Ties Matter" sweep (arXiv 2305.14324).
+  * Best-of-N compute is counted (FLOPs of a forward / scoring pass / decode x their numbers; not the oracle's RM).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
@@ -54,53 +44,54 @@ import estimate
 import toy
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     # generic
-    stage: str = common.arg("all", "rm: train + evaluate the head; bon: early Best-of-N (needs --reward-ckpt); "
-                                   "all: both", choices=["rm", "bon", "all"])
+    stage: str = common.arg("all", "rm: train + test the head; bon: early Best-of-N; all", choices=["rm", "bon", "all"])
     out_dir: str = common.arg("", "run folder (default runs/prism-<backbone>-<time>)")
     seed: int = common.arg(0, "seed of training randomness (evaluation noise uses its own fixed seeds)")
     device: str = common.arg("auto", "auto | cpu | cuda")
+    dtype: str = common.arg(None, "DiT precision; None: bf16 on CUDA, fp32 on CPU", type=str, choices=["bf16", "fp32"])
+    max_steps: int = common.arg(None, "cap on the optimiser steps of every stage (here: the head's)", type=int)
     data: str = common.arg("", "'pairs' latent dataset folder (prepare.py); empty = the toy world (tiny only)")
-    toy_size: int = common.arg(2048, "toy world: number of labelled pairs (the DiNa-LRM demo's dataset: one cache)")
+    on_duplicates: str = common.arg("fail", "duplicate / contradicting rows in --data", choices=["fail", "drop"])
+    toy_size: int = common.arg(2048, "toy world: labelled pairs (the DiNa-LRM demo's dataset: one cache)", min=2)
     toy_cache: str = common.arg("runs/toy_data", "toy world: dataset cache folder")
-    test_fraction: float = common.arg(0.25, "share of PROMPTS held out for evaluation (prompt-disjoint, as VLRM-Bench)")
-    estimate_memory: bool = common.arg(False, "only print the estimated peak GPU memory and TFLOPs of one step of each "
-                                              "stage at --backbone's size (no weights, no data)")
-    # backbone (frozen; nothing of it trains)
+    test_fraction: float = common.arg(0.25, "share of PROMPTS held out (prompt-disjoint, as VLRM-Bench)", min=0, max=1)
+    estimate_memory: bool = common.arg(False, "only print each stage's peak GPU memory and TFLOPs (no weights, data)")
+    # backbone (frozen; nothing of it trains) and the size of what it samples
     backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
-    num_blocks: int = common.arg(12, "N_b: the head reads the tokens after this many DiT blocks (paper 12)")
+    num_blocks: int = common.arg(12, "N_b: the head reads the tokens after this many DiT blocks (paper 12)", min=1)
+    height: int = common.arg(None, "video height; None = the size --data records, else the backbone's", type=int)
+    width: int = common.arg(None, "video width; None = as --height", type=int)
+    num_frames: int = common.arg(None, "video frames (4k+1); None = as --height", type=int)
     # reward model (PRISM head)
     reward_ckpt: str = common.arg("", "head safetensors to reuse (skips training)")
-    head_dim: int = common.arg(1536, "D: projection / attention / MLP width (paper 1536 for every backbone)")
-    num_heads: int = common.arg(8, "attention heads (not reported; PAVRM code: 8)")
-    num_queries: int = common.arg(1, "N_q learnable queries, averaged after attention (paper 1; Tab. 4: 4, 8)")
-    mlp_layers: int = common.arg(5, "linear layers of the MLP to the scalar reward (paper 5)")
+    head_dim: int = common.arg(1536, "D: projection / attention / MLP width (paper 1536 for every backbone)", min=1)
+    num_heads: int = common.arg(8, "attention heads (not reported; PAVRM code: 8)", min=1)
+    num_queries: int = common.arg(1, "N_q learnable queries, averaged after attention (paper 1; Tab. 4: 4, 8)", min=1)
+    mlp_layers: int = common.arg(5, "linear layers of the MLP to the scalar reward (paper 5)", min=1)
     pooling: str = common.arg("query", "query: learnable-query cross-attention; mean: masked mean pooling (Tab. 3)",
                               choices=["query", "mean"])
-    loss: str = common.arg("rao-kupper", "likelihood of the labels: rao-kupper (Eq. 3-4) or bradley-terry (plain BT, "
-                                         "a tie = half a win each way)", choices=["rao-kupper", "bradley-terry"])
+    loss: str = common.arg("rao-kupper", "Eq. 3-4, or BT: a tie = half a win", choices=["rao-kupper", "bradley-terry"])
     eta: float = common.arg(5.0, "Rao-Kupper tie parameter eta > 1 (paper 5.0; Tab. 4: 3, 8); rao-kupper only")
-    rm_lr: float = common.arg(1e-4, "AdamW lr of the head, constant (paper)")
-    weight_decay: float = common.arg(0.01, "AdamW weight decay (not reported)")
-    rm_batch: int = common.arg(16, "pairs per micro-batch (not reported)")
-    grad_accum: int = common.arg(1, "micro-batches per optimiser step (not reported)")
-    rm_steps: int = common.arg(5000, "optimiser steps (not reported; ~3 epochs of 26k pairs at 16)")
-    eval_timesteps: list = common.arg(None, "t in [0, 1000) where accuracy is measured (Tab. 1)",
+    rm_lr: float = common.arg(1e-4, "AdamW lr of the head, constant (paper)", min=0)
+    weight_decay: float = common.arg(0.01, "AdamW weight decay (not reported)", min=0)
+    rm_batch: int = common.arg(16, "pairs per micro-batch (not reported)", min=1)
+    grad_accum: int = common.arg(1, "micro-batches per optimiser step (not reported)", min=1)
+    rm_steps: int = common.arg(5000, "optimiser steps (not reported; ~3 epochs of 26k pairs at 16)", min=1)
+    eval_timesteps: list = common.arg(None, "t in [0, 1000) where accuracy is measured (Tab. 1)", min=0, max=999,
                                       factory=lambda: [989, 949, 899, 699, 499, 299, 99, 0])
     # early Best-of-N (Fig. 3, Tab. 2)
-    bon_n: int = common.arg(5, "N candidates per draw (paper 5)")
+    bon_n: int = common.arg(5, "N candidates per draw (paper 5)", min=1)
     bon_steps: list = common.arg(None, "k: pick after this many sampler steps (k = --num-steps: the clean latent)",
-                                 factory=lambda: [1, 5, 10, 25, 50])
-    num_steps: int = common.arg(50, "sampler steps (paper 50)")
-    flow_shift: float = common.arg(None, "schedule shift of sampling; None = the backbone scheduler's (3.0 for "
-                                         "Wan2.1-1.3B at 480p, 5.0 for 14B; diffusers)", type=float)
-    guidance_scale: float = common.arg(5.0, "CFG with the empty prompt as negative (diffusers default)")
-    eval_samples: int = common.arg(None, "Best-of-N draws (prompt, seed) in total, each with N fresh noises, the "
-                                         "held-out prompts cycled (toy: 21); None = each once", type=int)
-    bon_batch: int = common.arg(1, "draws denoised at once (each with its N candidates)")
-    save_videos: int = common.arg(2, "mp4s of the picks at each k, for the first draws (into <run>/videos/)")
+                                 min=1, factory=lambda: [1, 5, 10, 25, 50])
+    num_steps: int = common.arg(50, "sampler steps (paper 50)", min=1)
+    flow_shift: float = common.arg(None, "sampling shift; None = the checkpoint scheduler's", type=float)
+    guidance_scale: float = common.arg(5.0, "CFG with the empty prompt as negative (diffusers default)", min=0)
+    eval_samples: int = common.arg(None, "Best-of-N draws, held-out prompts cycled; None: each once", type=int)
+    bon_batch: int = common.arg(1, "draws denoised at once (each with its N candidates)", min=1)
+    save_videos: int = common.arg(2, "mp4s of the picks at each k, for the first draws (into <run>/videos/)", min=0)
 
 
 # The parser's defaults on --backbone tiny (a typed value always wins). 1000 steps: on the toy world's 2048 pairs 300
@@ -131,7 +122,6 @@ class PRISMHead(nn.Module):
         super().__init__()
         self.config = dict(in_dim=in_dim, dim=dim, num_heads=num_heads, num_queries=num_queries,
                            mlp_layers=mlp_layers, pooling=pooling)
-        self.pooling = pooling
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, dim)
         self.queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(num_queries, dim)))
@@ -142,7 +132,7 @@ class PRISMHead(nn.Module):
     def forward(self, f_vis, f_txt, txt_mask):
         tokens = self.proj(self.norm(torch.cat([f_vis, f_txt], 1)))                 # F_uni projected, [B, N+L, D]
         keep = torch.cat([torch.ones_like(f_vis[..., 0], dtype=torch.bool), txt_mask.bool()], 1)
-        if self.pooling == "mean":                                                   # Tab. 3 "Pool Agg + MLP"
+        if self.config["pooling"] == "mean":                                                   # Tab. 3 "Pool Agg + MLP"
             agg = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
         else:
             q = self.queries.expand(len(tokens), -1, -1)
@@ -212,12 +202,7 @@ def loss_config(args) -> dict:
     return dict(loss=args.loss, eta=args.eta) if args.loss == "rao-kupper" else dict(loss=args.loss)
 
 
-# ==== Accuracy metrics (Tab. 1; VideoGen-RewardBench protocol)
-def human_sign(pref):
-    """pref {0: A, 1: B, 2: tie} -> h {+1, -1, 0}, the sign convention of m = r_A - r_B."""
-    return torch.tensor([1.0, -1.0, 0.0])[pref.long().cpu()]
-
-
+# ==== Accuracy metrics (Tab. 1; VideoGen-RewardBench protocol): human label h in {+1: A, -1: B, 0: tie}, m = r_A - r_B
 def accuracy_without_ties(h, m) -> float:
     """C / (C + D) over the pairs humans did not call a tie."""
     keep = h != 0
@@ -264,12 +249,14 @@ def head_step(args, transformer, head, x_a, x_b, embeds, mask, pref, sigma, eps)
 
 
 def train_head(args, pipe, head, data, train_idx, run, device):
-    """AdamW at a constant lr; each step: --grad-accum micro-batches of --rm-batch pairs drawn with replacement."""
+    """AdamW at a constant lr; each of --rm-steps (at most --max-steps) steps: --grad-accum micro-batches of
+    --rm-batch pairs drawn with replacement."""
     opt = torch.optim.AdamW(head.parameters(), lr=args.rm_lr, weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(args.seed)
     timer, losses, pairs = common.StepTimer(device), [], 0
+    steps = min(args.rm_steps, args.max_steps or args.rm_steps)
     head.train()
-    for step in (bar := tqdm(range(args.rm_steps), desc="PRISM head")):
+    for step in (bar := tqdm(range(steps), desc="PRISM head")):
         with timer:
             opt.zero_grad(set_to_none=True)
             loss = 0.0
@@ -280,14 +267,13 @@ def train_head(args, pipe, head, data, train_idx, run, device):
                 loss += head_step(args, pipe.transformer, head, *batch_pairs(data, idx, device), sigma.to(device),
                                   eps.to(device)).item() / args.grad_accum
                 pairs += len(idx)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"PRISM head: loss is {loss} at step {step}")
+            common.require(math.isfinite(loss), f"PRISM head: the loss is {loss} at step {step}: lower --rm-lr ({args.rm_lr})")
             opt.step()
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}")
         run.log(step, "rm", loss=loss)
     head.eval()
-    return dict(steps=args.rm_steps, pairs=pairs, final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+    return dict(steps=steps, pairs=pairs, final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
                 sec_per_step=timer.seconds_per_step, peak_mem_gib=timer.peak_memory_gib())
 
 
@@ -297,7 +283,7 @@ def evaluate_accuracy(args, pipe, head, data, test_idx, device, batch: int = 64)
     test NLL of --loss."""
     g = torch.Generator().manual_seed(12345)
     eps_all = torch.randn(data["latents_a"][test_idx].shape, generator=g)
-    h = human_sign(data["pref"][test_idx])
+    h = torch.tensor([1.0, -1.0, 0.0])[data["pref"][test_idx]]  # pref {0: A, 1: B, 2: tie} -> the sign of r_A - r_B
     rows = []
     for t in tqdm(args.eval_timesteps, desc="accuracy vs t", leave=False):
         m, nll = [], 0.0
@@ -337,15 +323,12 @@ def early_best_of_n(pipe, head, noise, embeds, txt_mask, sigmas, k: int, num_blo
 
 
 def count_flops(pipe, head, latent_shape, text_len: int, num_blocks: int, device: str = "meta") -> dict:
-    """FLOPs of ONE transformer forward, ONE scoring pass (N_b blocks + head) and ONE VAE decode at batch 1
-    and this latent size, on fresh copies made on `device`: "meta" = shapes only, no memory (real sizes);
-    "cpu" is faster for tiny (meta ops dispatch through Python). Math attention, so that it is counted."""
-    with torch.device(device):
-        tr = type(pipe.transformer).from_config(pipe.transformer.config)
-        vae = type(pipe.vae).from_config(pipe.vae.config)
-        hd = PRISMHead(**head.config)
-    for module in (tr, vae, hd):  # the flop counter's module hooks want no autograd on these copies
-        module.requires_grad_(False)
+    """FLOPs of ONE transformer forward, ONE scoring pass (N_b blocks + head) and ONE VAE decode at batch 1 and this
+    latent size, on fresh copies made on `device` ("meta": shapes only, no memory). Math attention: it is counted."""
+    with torch.device(device):  # (the flop counter's module hooks want no autograd on these copies)
+        tr = type(pipe.transformer).from_config(pipe.transformer.config).requires_grad_(False)
+        vae = type(pipe.vae).from_config(pipe.vae.config).requires_grad_(False)
+        hd = PRISMHead(**head.config).requires_grad_(False)
     x = torch.zeros(1, *latent_shape, device=device)
     e = torch.zeros(1, text_len, pipe.transformer.config.text_dim, device=device)
     mask, t = torch.ones(1, text_len, dtype=torch.bool, device=device), torch.full((1,), 0.5, device=device)
@@ -364,12 +347,8 @@ def count_flops(pipe, head, latent_shape, text_len: int, num_blocks: int, device
 def bon_compute(n: int, k: int | None, steps: int, cfg: int, flops: dict) -> dict:
     """Per-prompt cost. k None: finish all n, decode all n (oracle / pixel-RM Best-of-N); n = 1: one sample;
     else the early Best-of-N: n*k + (steps - k) steps, n scoring passes, one decode."""
-    if k is None:
-        fwd, score, dec = n * steps * cfg, 0, n
-    elif n == 1:
-        fwd, score, dec = steps * cfg, 0, 1
-    else:
-        fwd, score, dec = (n * k + steps - k) * cfg, n, 1
+    fwd, score, dec = (n * steps, 0, n) if k is None else (steps, 0, 1) if n == 1 else (n * k + steps - k, n, 1)
+    fwd *= cfg
     total = fwd * flops["forward"] + score * flops["score"] + dec * flops["decode"]
     return dict(forwards=fwd, score_passes=score, decodes=dec, gflop=total / 1e9)
 
@@ -380,15 +359,14 @@ def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device
     (all N finished and decoded, best reward), same seeds throughout; compute per draw. reward_fn(pipe, latents,
     prompts): the toy world's true_reward; None (real data): the picks are only saved for an external benchmark."""
     P, N, S = len(prompts), args.bon_n, args.num_steps
-    sigmas = common.sigma_schedule(S, sampler_shift(args)).to(device)
+    sigmas = common.sigma_schedule(S, sampler_shift(args, pipe)).to(device)
     shape = common.backbone_geometry(pipe)["latent_shape"]
     seed = lambda p, j: 10_000 * (args.seed + 1) + p * N + j              # candidate j of prompt p, every method
     noise = torch.stack([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed(p, j)))
                                       for j in range(N)]) for p in range(P)])
     cfg = args.guidance_scale > 1  # CFG needs `negative`, the empty prompt's embedding (encoded in main)
     neg = negative.to(device) if cfg else None
-    flops = count_flops(pipe, head, shape, embeds.shape[1], args.num_blocks,
-                        "cpu" if args.backbone == "tiny" else "meta")
+    flops = count_flops(pipe, head, shape, embeds.shape[1], args.num_blocks)
     rows = [dict(method=f"random pick (1 of {N})", **bon_compute(1, 0, S, 1 + cfg, flops)),
             dict(method=f"oracle best-of-{N} (pixel reward)", **bon_compute(N, None, S, 1 + cfg, flops))]
     chunks = [slice(i, i + args.bon_batch) for i in range(0, P, args.bon_batch)]
@@ -414,38 +392,34 @@ def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device
             s = common.paired_summary(dict(r=r_all.mean(1)), dict(r=reward_fn(pipe, x, prompts)))[0]  # same seeds
             rows[-1].update(zip(("reward", "se", "gain_vs_random", "gain_se"), s["r_after"] + s["r_gain"]))
         for i in range(min(args.save_videos, P)):
-            video = common.decode_latents(pipe, x[i:i + 1])[0]
-            common.export_video(video, run.dir / "videos" / f"step{k:02d}_p{i}.mp4")
+            common.export_video(common.decode_latents(pipe, x[i:i + 1])[0], run.dir / f"videos/step{k:02d}_p{i}.mp4")
     common.save_safetensors(picks, run.dir / "bon_picks.safetensors", metadata=dict(prompts=prompts, n=N, steps=S))
-    oracle = rows[1]["gflop"]
     for r in rows:
-        r["rel_flops"] = r["gflop"] / oracle
+        r["rel_flops"] = r["gflop"] / rows[1]["gflop"]  # vs the oracle
     return rows
 
 
-# ==== Data, checkpoints, flags
-def load_pairs(args, pipe):
-    """A 'pairs' dataset (--data folder or the cached toy world), checked against the backbone."""
-    where = args.data or f"{args.toy_cache}/pairs-{args.toy_size}-0"
-    try:  # common's dataset checks (missing folder, NaN, ragged rows) end as `error:` too
-        if args.data:
-            data, meta = dataset.load(args.data, "pairs")
-        else:
-            data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=0, cache_dir=args.toy_cache)
-        for k in ("latents_a", "latents_b"):
-            dataset.check_latent_shape(data[k], pipe, f"{where}: '{k}'")
-    except (ValueError, FileNotFoundError) as e:
-        raise common.UserError(str(e)) from None
-    if data["latents_a"].shape != data["latents_b"].shape:
-        raise common.UserError(f"{where}: latents_a {tuple(data['latents_a'].shape)} != "
-                               f"latents_b {tuple(data['latents_b'].shape)}")
-    if not ((data["pref"] >= 0) & (data["pref"] <= 2)).all():
-        raise common.UserError(f"{where}: 'pref' must be 0 (A), 1 (B) or 2 (tie), "
-                               f"found {data['pref'].unique().tolist()}")
-    if data["prompt_embeds"].shape[-1] != pipe.transformer.config.text_dim:
-        raise common.UserError(f"{where}: prompt_embeds {tuple(data['prompt_embeds'].shape)}, the backbone's text "
-                               f"dim is {pipe.transformer.config.text_dim}")
-    return data, meta
+# ==== Data, checkpoints, flags: all checked before any weight loads (a failed start leaves no run folder)
+SIZE, HEAD_KEYS = ("height", "width", "num_frames"), ("in_dim", "dim", "num_heads", "num_queries", "mlp_layers",
+                                                     "pooling")
+
+
+def read_data(args, cfg):
+    """--data: dataset.load checks files, keys, rows, NaN, prompt indices; here the size (meta.json's is the default, a
+    typed one must agree), latent shape, O(1) values, labels, text width, duplicates, a winner. (data, meta, size)."""
+    size, where = {k: getattr(args, k) for k in SIZE}, args.data
+    if not where:  # the toy world, made by tiny once loaded
+        return None, None, size
+    data, meta = dataset.load(where, "pairs")
+    size = dataset.video_size(meta, where, **size)  # meta.json's size is the default; a typed one must agree
+    dataset.check_latents(data, common.geometry(cfg, **size), where)
+    rows = (data["pref"].reshape(-1, 1) != torch.tensor([0, 1, 2])).all(1).nonzero()[:5, 0].tolist()
+    common.require(not rows, f"{where}: 'pref' must be 0 (A wins), 1 (B), 2 (tie); rows {rows}: {data['pref'][rows].tolist()}")
+    common.require(data["prompt_embeds"].shape[-1] == cfg["transformer"]["text_dim"], f"{where}: prompt_embeds "
+            f"{tuple(data['prompt_embeds'].shape)}, the backbone's text width is {cfg['transformer']['text_dim']}")
+    data = dataset.drop_repeats(dict(data, pref=data["pref"].long()), "pairs", args.on_duplicates, where)
+    common.require((data["pref"] != 2).any(), f"{where}: no pair has a winner ({len(data['pref'])} ties): nothing to learn")
+    return data, meta, size
 
 
 def split_by_prompt(data, test_fraction: float, seed: int = 0):
@@ -453,9 +427,8 @@ def split_by_prompt(data, test_fraction: float, seed: int = 0):
     train_p, test_p = dataset.split_indices(len(data["prompt_embeds"]), test_fraction, seed)
     is_test = torch.isin(data["prompt_idx"], test_p)
     train, test = (~is_test).nonzero()[:, 0], is_test.nonzero()[:, 0]
-    if len(train) == 0 or len(test) == 0:
-        raise common.UserError(f"the prompt split left {len(train)} train / {len(test)} test pairs: change "
-                               f"--test-fraction", 2)
+    common.require(len(train) and len(test), f"the prompt split of {len(train_p) + len(test_p)} prompts left {len(train)} "
+            f"train / {len(test)} test pairs: change --test-fraction (or add prompts)", 2)
     return train, test, test_p
 
 
@@ -472,60 +445,65 @@ def bon_prompt_table(args, pipe, data, meta, test_p):
     return [prompts[i] for i in rows], embeds[rows], mask[rows]
 
 
-def sampler_shift(args) -> float:
-    """--flow-shift, or the backbone scheduler's."""
-    return common.backbone_config(args.backbone)["flow_shift"] if args.flow_shift is None else args.flow_shift
+def sampler_shift(args, pipe) -> float:  # --flow-shift, or the loaded checkpoint's own scheduler shift
+    return common.backbone_geometry(pipe)["flow_shift"] if args.flow_shift is None else args.flow_shift
 
 
-def save_head(head, path, args):
-    common.save_safetensors(head.state_dict(), path, metadata=dict(**head.config, num_blocks=args.num_blocks,
-                                                                   **loss_config(args), backbone=args.backbone))
-
-
-def load_head(path, pipe, num_blocks: int) -> PRISMHead:
-    with safe_open(str(path), "pt") as f:
-        meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    if "in_dim" not in meta:
-        raise common.UserError(f"--reward-ckpt {path}: not a PRISM head checkpoint (no head config in its metadata)")
-    cfg = {k: (meta[k] if k == "pooling" else int(meta[k])) for k in
-           ("in_dim", "dim", "num_heads", "num_queries", "mlp_layers", "pooling")}
-    inner = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
-    if cfg["in_dim"] != inner or int(meta.get("num_blocks", num_blocks)) != num_blocks:
-        raise common.UserError(f"--reward-ckpt {path}: head made for width {cfg['in_dim']} after block "
-                               f"{meta.get('num_blocks')}, this backbone gives width {inner} after block {num_blocks}")
-    head = PRISMHead(**cfg)
-    head.load_state_dict(state)
+def load_head(path, transformer_config, num_blocks: int) -> PRISMHead:
+    """--reward-ckpt: a PRISM head (its config: the file's metadata) for this backbone's width after block N_b."""
+    common.require(Path(path).is_file(), f"--reward-ckpt {path}: no such file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        head = PRISMHead(**{k: meta[k] if k == "pooling" else int(meta[k]) for k in HEAD_KEYS})
+        head.load_state_dict(state)
+        made_for = (head.config["in_dim"], int(meta["num_blocks"]))
+    except (SafetensorError, OSError, KeyError, ValueError, AssertionError, RuntimeError) as e:
+        raise common.UserError(f"--reward-ckpt {path}: not a PRISM head checkpoint ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:160]}); train one with --stage rm") from None
+    width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    common.require(made_for == (width, num_blocks), f"--reward-ckpt {path}: a head of width {made_for[0]} after block "
+            f"{made_for[1]}; this backbone gives {width} after block {num_blocks} (--num-blocks)")
     return head
 
 
-def check_args(args: Args):
-    """Flag checks, before any model loads."""
-    def bad(msg, code=2):
-        raise common.UserError(msg, code)
-    if args.stage == "bon" and not args.reward_ckpt:
-        bad("--stage bon needs a trained head: --reward-ckpt <run>/prism_head.safetensors")
-    if not args.data and args.backbone != "tiny" and not args.estimate_memory:
-        bad("the toy world exists for --backbone tiny only; pass --data <pairs folder> (prepare.py)")
-    if args.reward_ckpt and not Path(args.reward_ckpt).is_file():
-        bad(f"--reward-ckpt {args.reward_ckpt}: no such file", 1)
-    if args.stage != "rm" and not args.estimate_memory and not all(1 <= k <= args.num_steps for k in args.bon_steps):
-        bad(f"--bon-steps {args.bon_steps} must lie in 1..--num-steps {args.num_steps}")
-    for name in ("num_blocks", "rm_batch", "grad_accum", "rm_steps", "bon_n", "num_steps", "eval_samples", "bon_batch"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.flow_shift is not None and args.flow_shift <= 0:
-        bad(f"--flow-shift must be > 0, got {args.flow_shift}")
+def check_args(args: Args) -> dict:
+    """Flag checks beyond parse_args' ranges, --out-dir (its nearest existing folder writable) and --reward-ckpt, before
+    anything loads. Returns the backbone's config (common.backbone_config: a folder's own config files)."""
+    cfg, run = common.backbone_config(args.backbone), not args.estimate_memory
+    size = {k: getattr(args, k) for k in SIZE}
+    common.require(args.stage != "bon" or args.reward_ckpt, "--stage bon needs --reward-ckpt <run>/prism_head.safetensors", 2)
+    common.require(args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(), f"--device "
+            f"{args.device}: auto, cpu or cuda[:n] (CUDA available here: {torch.cuda.is_available()})", 2)
+    common.require(not run or args.data or args.backbone == "tiny" and all(v in (None, cfg[k]) for k, v in size.items()),
+            "the toy world exists for --backbone tiny at its own size only; pass --data <pairs folder> (prepare.py)", 2)
+    common.require(not run or args.stage == "rm" or max(args.bon_steps, default=0) <= args.num_steps,
+            f"--bon-steps {args.bon_steps} must lie in 1..--num-steps {args.num_steps}", 2)
+    common.require(args.head_dim % args.num_heads == 0, f"--head-dim {args.head_dim}: not a multiple of --num-heads "
+            f"{args.num_heads}", 2)
+    common.require(args.rm_lr > 0 and (args.flow_shift is None or args.flow_shift > 0),
+            f"--rm-lr {args.rm_lr}, --flow-shift {args.flow_shift}: must be > 0", 2)
+    common.require(all(getattr(args, k) is None or getattr(args, k) >= 1 for k in (*SIZE, "max_steps", "eval_samples")),
+            "--height, --width, --num-frames, --max-steps and --eval-samples must be >= 1", 2)
+    common.require(args.num_blocks <= cfg["transformer"]["num_layers"], f"--num-blocks {args.num_blocks}: {args.backbone} has "
+            f"{cfg['transformer']['num_layers']} blocks", 2)
+    if run:  # the run folder is made after loading, but it must take a file now
+        common.check_writable(args.out_dir or "runs")
     try:  # the loss checks its own parameters (Rao-Kupper: eta > 1)
         preference_nll(args, torch.zeros(1), torch.zeros(1), torch.zeros(1))
     except ValueError as e:
-        bad(f"--loss {args.loss}: {e}")
+        raise common.UserError(f"--loss {args.loss}: {e}", 2) from None
+    common.geometry(cfg, **size)
+    if args.reward_ckpt:
+        load_head(args.reward_ckpt, cfg["transformer"], args.num_blocks)
+    return cfg
 
 
 def estimate_memory(args: Args) -> dict:
-    """--estimate-memory: head_step on one pair, one scoring pass, one early Best-of-N for one prompt (k = 5: its
-    first step runs on a 2-step schedule, the other no-grad steps are counted), fake tensors at the backbone's size."""
-    with estimate.StageEstimates("PRISM", args.backbone) as est:
-        x0, emb, mask = est.inputs()
+    """--estimate-memory: the load phase, head_step on one pair, one scoring pass, one early Best-of-N for one prompt
+    (k = 5: its first step on a 2-step schedule, the other no-grad steps counted), fake tensors at the video size."""
+    with estimate.StageEstimates("PRISM", args.backbone, args.height, args.width, args.num_frames) as est:
+        (x0, emb, mask), _ = est.inputs(), est.load_phase()
         pipe, head = est.build(lambda: (est.pipeline(), new_head(args, est.cfg["transformer"])))
         est.step("head step (pair)", head_step, args, pipe.transformer, head, x0, x0, emb, mask,
                  torch.zeros(1, dtype=torch.long), torch.rand(1), torch.randn_like(x0))  # A = B: only shapes matter
@@ -533,7 +511,7 @@ def estimate_memory(args: Args) -> dict:
                  args.num_blocks, train=False)
         k, n, cfg = min(5, args.num_steps), args.bon_n, args.guidance_scale > 1
         est.step(f"early Best-of-{n} (k={k} of {args.num_steps})", early_best_of_n, pipe, head,
-                 torch.randn(1, n, *x0.shape[1:]), emb, mask, common.sigma_schedule(2, sampler_shift(args)), 1,
+                 torch.randn(1, n, *x0.shape[1:]), emb, mask, common.sigma_schedule(2, sampler_shift(args, pipe)), 1,
                  args.num_blocks, args.guidance_scale, torch.zeros_like(emb) if cfg else None, train=False,
                  rollout_forwards=(n * (k - 1) + args.num_steps - k - 1) * (1 + cfg))
     return est.results
@@ -541,22 +519,26 @@ def estimate_memory(args: Args) -> dict:
 
 # ==== main
 def main(args: Args) -> dict:
-    check_args(args)
+    cfg = check_args(args)  # flags, the backbone's config files, --reward-ckpt, --out-dir
     if args.estimate_memory:
         return estimate_memory(args)
+    data, meta, size = read_data(args, cfg)  # --data, checked against the backbone and the size; None: the toy world
+    split = split_by_prompt(data, args.test_fraction) if data else None  # (a bad split fails before loading too)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
+    pipe = common.load_backbone(args.backbone, device, common.pick_dtype(args.dtype, device), **size)
+    if data is None:  # the toy world, generated by tiny itself (cached)
+        data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=0, cache_dir=args.toy_cache)
+    train_idx, test_idx, test_p = split or split_by_prompt(data, args.test_fraction)
+    args = dataclasses.replace(args, **{k: common.backbone_geometry(pipe)[k] for k in SIZE})  # args.json: the size
     run = common.Run("prism", args, args.out_dir or None)
-    pipe = common.load_backbone(args.backbone, device)
-    data, meta = load_pairs(args, pipe)
-    train_idx, test_idx, test_p = split_by_prompt(data, args.test_fraction)
     # every prompt still needed is encoded now; then the text encoder (11 GB for Wan) leaves the device
     prompts, embeds, mask = bon_prompt_table(args, pipe, data, meta, test_p)
     negative = common.encode_prompts(pipe, [""], max_sequence_length=data["prompt_embeds"].shape[1])[0]
     common.drop_text_encoder(pipe)
-    head = (load_head(args.reward_ckpt, pipe, args.num_blocks) if args.reward_ckpt
+    head = (load_head(args.reward_ckpt, pipe.transformer.config, args.num_blocks) if args.reward_ckpt
             else new_head(args, pipe.transformer.config)).to(device)
-    ties = (data["pref"][test_idx] == 2).float().mean().item()
+    ties, head_file = (data["pref"][test_idx] == 2).float().mean().item(), run.dir / "prism_head.safetensors"
     summary = dict(method="prism", backbone=args.backbone, run_dir=str(run.dir), train_pairs=len(train_idx),
                    test_pairs=len(test_idx), test_ties=ties, head_params=sum(p.numel() for p in head.parameters()),
                    **loss_config(args))
@@ -565,7 +547,8 @@ def main(args: Args) -> dict:
     if args.stage in ("rm", "all"):
         if not args.reward_ckpt:
             summary["train"] = train_head(args, pipe, head, data, train_idx, run, device)
-            save_head(head, run.dir / "prism_head.safetensors", args)
+            common.save_safetensors(head.state_dict(), head_file, metadata=dict(
+                **head.config, num_blocks=args.num_blocks, **loss_config(args), backbone=args.backbone))
         rows = summary["accuracy"] = evaluate_accuracy(args, pipe, head, data, test_idx, device)
         summary.update({f"acc_t{r['t']}": r["acc"] for r in rows})  # flat headline numbers
         print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs, {ties:.0%} ties; 'always tie' scores "
@@ -579,15 +562,19 @@ def main(args: Args) -> dict:
         rows = summary["bon"] = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
         summary.update({f"bon_gain_step{r['method'].split()[-1]}": [r["gain_vs_random"], r["gain_se"]]
                         for r in rows if "gain_vs_random" in r})
-        print(f"\nEarly Best-of-{args.bon_n}: true toy reward of the pick, {len(prompts)} draws over "
-              f"{len(set(prompts))} prompts, {args.num_steps} steps (per-draw compute; rel_flops vs the oracle)")
+        what = "true toy reward of the pick" if reward_fn else "no ground truth on --data (picks saved)"
+        print(f"\nEarly Best-of-{args.bon_n}: {what}, {len(prompts)} draws over {len(set(prompts))} prompts, "
+              f"{args.num_steps} steps (per-draw compute; rel_flops vs the oracle)")
         print(common.format_table(rows, ["method", "reward", "se", "gain_vs_random", "gain_se", "forwards",
                                          "score_passes", "decodes", "gflop", "rel_flops"]))
 
     if before is not None:  # the backbone is frozen: nothing of it may have moved
         summary["backbone_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, pipe.transformer.parameters()))
     run.summary(summary)
-    print(f"\nrun folder: {run.dir}")
+    head_file = args.reward_ckpt or head_file
+    print(f"\nrun folder: {run.dir}\nPRISM head: {head_file} (--reward-ckpt {head_file}; in Python: prism.load_head("
+          f"path, pipe.transformer.config, {args.num_blocks}))" + (f"\nBest-of-N picks (latents per k; videos: "
+          f"common.decode_latents): {run.dir / 'bon_picks.safetensors'}" if "bon" in summary else ""))
     return summary
 
 

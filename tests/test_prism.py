@@ -2,10 +2,12 @@
 the toy-world behaviour (accuracy vs t, early Best-of-N), the CLI and bad input. CPU, offline."""
 import ast
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -202,7 +204,7 @@ def test_early_best_of_n_beats_random_pick_on_a_visible_reward(learnable, toy_ca
     """k = 5 of 20 steps, 16 prompts x 5 seeds: the pick's reward, paired with the random pick on the same seeds."""
     _, out = learnable
     pipe = common.load_backbone("tiny")
-    head = prism.load_head(out / "prism_head.safetensors", pipe, 12)
+    head = prism.load_head(out / "prism_head.safetensors", pipe.transformer.config, 12)
     args = small_args(toy_cache, tmp_path, bon_steps=[5], num_steps=20)
     prompts = toy.toy_prompts("eval") + toy.toy_prompts("train")[:4]
     embeds, mask = common.encode_prompts(pipe, prompts)
@@ -246,7 +248,7 @@ def test_pruned_winner_finishes_exactly_like_its_full_trajectory(toy_trained):
     """Pruning at step k must keep the winner's trajectory: same endpoint as finishing all N together."""
     pipe = common.load_backbone("tiny")
     _, out = toy_trained
-    head = prism.load_head(out / "prism_head.safetensors", pipe, 12)
+    head = prism.load_head(out / "prism_head.safetensors", pipe.transformer.config, 12)
     embeds, mask = common.encode_prompts(pipe, toy.toy_prompts("eval")[:3])
     sigmas = common.sigma_schedule(8, 3.0)
     noise = torch.randn(3, 4, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -268,11 +270,14 @@ def test_flops_are_counted_per_pass():
 
 # ---------------------------------------------------------------------------------------------- CLI, bad input
 def test_cli_smoke(toy_cache, tmp_path):
-    res = run_cli("--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--rm-steps", "3", "--eval-timesteps",
-                  "499", "--num-steps", "4", "--bon-steps", "1", "4", "--bon-n", "2", "--eval-samples", "22",
-                  "--save-videos", "1", "--out-dir", str(tmp_path / "run"))
+    res = run_cli("--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--rm-steps", "3", "--max-steps", "2",
+                  "--eval-timesteps", "499", "--num-steps", "4", "--bon-steps", "1", "4", "--bon-n", "2",
+                  "--eval-samples", "22", "--save-videos", "1", "--out-dir", str(tmp_path / "run"))
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train"]["steps"] == 2  # --max-steps caps --rm-steps
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (args["height"], args["width"], args["num_frames"]) == (32, 32, 9)  # the size that ran, not None
     assert [r["t"] for r in summary["accuracy"]] == [499]
     assert [r["method"] for r in summary["bon"]][-2:] == ["PRISM step 1", "PRISM step 4"]
     assert (tmp_path / "run" / "prism_head.safetensors").is_file()
@@ -307,6 +312,135 @@ def test_bad_input_fails_early_with_a_message(toy_cache, tmp_path):
         prism.main(small_args(toy_cache, tmp_path / "f", data=str(tmp_path / "nan")))
     with pytest.raises(common.UserError, match="eval-samples"):
         prism.main(small_args(toy_cache, tmp_path / "g", eval_samples=0))
+
+
+def test_duplicates_contradictions_and_self_pairs_are_found_by_exact_hashes():
+    """Row 3 copies row 0; row 4 is row 1 with A and B swapped and the winner swapped too (the same statement: a
+    duplicate); row 5 is row 2 swapped with the SAME winner (a contradiction: both rows go); row 6 has A == B and a
+    winner; row 7 has A == B and a tie (consistent, kept)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 16, 3, 4, 4), torch.randn(8, 16, 3, 4, 4)
+    pref, idx = torch.tensor([0, 1, 0, 0, 0, 0, 1, 2]), torch.zeros(8, dtype=torch.long)
+    a[3], b[3] = a[0], b[0]
+    a[4], b[4] = b[1], a[1]
+    a[5], b[5] = b[2], a[2]
+    b[6], b[7] = a[6], a[7]
+    data = dict(latents_a=a, latents_b=b, pref=pref, prompt_idx=idx, prompt_embeds=torch.zeros(1, 4, 32),
+                prompt_mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(common.UserError) as e:
+        dataset.drop_repeats(data, "pairs", "fail", "DATA")
+    msg = str(e.value)
+    assert "row 3: duplicate of row 0" in msg and "row 4: duplicate of row 1" in msg, msg
+    assert "row 2: contradicts row(s) [5]" in msg and "row 5: contradicts row(s) [2]" in msg, msg
+    assert "row 6: latents_a and latents_b are the same" in msg and "--on-duplicates drop" in msg, msg
+    kept = dataset.drop_repeats(data, "pairs", "drop", "DATA")
+    assert kept["pref"].tolist() == [0, 1, 2] and torch.equal(kept["latents_a"][2], a[7])
+    assert kept["prompt_embeds"] is data["prompt_embeds"]                   # the prompt table is not per row
+    idx[3] = 1  # the same latents under another prompt are another statement
+    assert "row 3:" not in str(pytest.raises(common.UserError, dataset.drop_repeats, data, "pairs", "fail", "DATA").value)
+
+
+def tree_hash(folder) -> dict:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+
+
+def bad_dataset(data, meta, fault: str) -> tuple[dict, dict]:
+    """A copy of a good small 'pairs' dataset with one fault."""
+    d, m = {k: v.clone() for k, v in data.items()}, dict(meta)
+    win = int((d["pref"] != 2).nonzero()[0, 0])                             # a row with a winner
+    if fault == "nan":
+        d["latents_b"][3, 0, 0, 0, 0] = float("nan")
+    elif fault == "shape":                                                   # made at another size
+        d["latents_a"], d["latents_b"] = d["latents_a"][..., :2], d["latents_b"][..., :2]
+    elif fault == "empty":
+        d = {k: v if k in dataset.PROMPT_KEYS else v[:0] for k, v in d.items()}
+    elif fault == "kind":
+        m["kind"] = "binary"
+    elif fault == "huge":
+        d["latents_a"][5] *= 1e30
+    elif fault == "label":
+        d["pref"][2] = 3
+    elif fault == "all-ties":
+        d["pref"][:] = 2
+    elif fault == "prompt-index":
+        d["prompt_idx"][6] = 99
+    elif fault == "duplicate":
+        for k in ("latents_a", "latents_b", "pref", "prompt_idx"):
+            d[k][7] = d[k][win]
+    elif fault == "contradiction":                                           # the same pair swapped, same winner
+        d["latents_a"][7], d["latents_b"][7] = d["latents_b"][win], d["latents_a"][win]
+        d["pref"][7], d["prompt_idx"][7] = d["pref"][win], d["prompt_idx"][win]
+    elif fault == "self-pair":
+        d["latents_b"][win] = d["latents_a"][win]
+    return d, m
+
+
+# (case, extra CLI arguments ({data}: the broken dataset, {good}: the good one, {dir}: a scratch folder), exit code,
+# what the message must name). Every case also passes the good dataset / an earlier run as --out-dir unless it
+# replaces them, and neither may change.
+BAD_INPUTS = [
+    ("data-missing", ["--data", "{dir}/nope"], 1, ["nope", "no meta.json"]),
+    ("data-is-a-file", ["--data", "{dir}/file.txt"], 1, ["file.txt", "meta.json"]),
+    ("meta-not-json", ["--data", "{data}"], 1, ["meta.json", "not valid JSON"]),
+    ("kind", ["--data", "{data}"], 1, ["kind is 'binary'", "'pairs'"]),
+    ("nan", ["--data", "{data}"], 1, ["'latents_b'", "NaN", "rows [3]"]),
+    ("shape", ["--data", "{data}"], 1, ["'latents_a'", "(16, 3, 4, 2)", "(16, 3, 4, 4)"]),
+    ("empty", ["--data", "{data}"], 1, ["empty"]),
+    ("huge", ["--data", "{data}"], 1, ["'latents_a'", "1e4", "rows [5]"]),
+    ("label", ["--data", "{data}"], 1, ["'pref'", "rows [2]", "[3]"]),
+    ("all-ties", ["--data", "{data}"], 1, ["no pair has a winner"]),
+    ("prompt-index", ["--data", "{data}"], 1, ["prompt_idx", "rows [6]"]),
+    ("duplicate", ["--data", "{data}"], 1, ["row 7: duplicate of row", "--on-duplicates drop"]),
+    ("contradiction", ["--data", "{data}"], 1, ["row 7: contradicts row(s) [", "--on-duplicates drop"]),
+    ("self-pair", ["--data", "{data}"], 1, ["latents_a and latents_b are the same", "--on-duplicates drop"]),
+    ("size-conflict", ["--height", "48"], 2, ["--height 48", "32x32x9"]),
+    ("batch-0", ["--rm-batch", "0"], 2, ["--rm-batch"]),
+    ("eval-samples-0", ["--eval-samples", "0"], 2, ["--eval-samples"]),
+    ("test-fraction", ["--test-fraction", "1.5"], 2, ["--test-fraction"]),
+    ("num-blocks", ["--num-blocks", "13"], 2, ["--num-blocks 13", "12 blocks"]),
+    ("head-dim", ["--head-dim", "60", "--num-heads", "8"], 2, ["--head-dim 60", "--num-heads 8"]),
+    ("ckpt-not-safetensors", ["--reward-ckpt", "{dir}/file.txt"], 1, ["--reward-ckpt", "file.txt"]),
+    ("ckpt-not-a-head", ["--reward-ckpt", "{good}/prompts.safetensors"], 1, ["prompts.safetensors",
+                                                                            "not a PRISM head checkpoint"]),
+    ("ckpt-other-width", ["--reward-ckpt", "{dir}/wide_head.safetensors"], 1, ["width 48", "gives 32"]),
+    ("out-dir-under-a-file", ["--out-dir", "{dir}/file.txt/run"], 2, ["--out-dir", "file.txt"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_world(toy_cache, toy_trained, tmp_path_factory):
+    """A good 16-row dataset, scratch files (a text file, a head of another width) and an earlier run folder."""
+    d = tmp_path_factory.mktemp("prism_bad")
+    data, meta = dataset.load(next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*")))
+    dataset.save(d / "good", {k: v if k in dataset.PROMPT_KEYS else v[:16] for k, v in data.items()}, meta)
+    (d / "file.txt").write_text("not a checkpoint\n")
+    wide = prism.PRISMHead(48, 16, 8)  # saved as main saves a head, for a backbone 48 wide
+    common.save_safetensors(wide.state_dict(), d / "wide_head.safetensors", metadata=dict(**wide.config, num_blocks=12))
+    return d, toy_trained[1]
+
+
+@pytest.mark.parametrize("case, argv, code, names", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_ends_in_one_error_line_and_touches_nothing(bad_world, tmp_path, case, argv, code, names):
+    """Through the CLI: exit 2 for a bad flag, 1 for bad data or files; `error:` naming the cause; no traceback; the
+    earlier run folder given as --out-dir and the dataset unchanged byte for byte (the failure is before loading)."""
+    scratch, earlier = bad_world
+    data = scratch / "good"
+    if argv[1] == "{data}":
+        data = tmp_path / "bad"
+        if case == "meta-not-json":
+            shutil.copytree(scratch / "good", data)
+            (data / "meta.json").write_text("{not json")
+        else:
+            dataset.save(data, *bad_dataset(*dataset.load(scratch / "good"), case))
+    before = tree_hash(earlier), tree_hash(data)
+    argv = [a.format(data=data, good=scratch / "good", dir=scratch) for a in argv]
+    defaults = {"--data": str(scratch / "good"), "--out-dir": str(earlier)}
+    res = run_cli(*argv, *[x for k, v in defaults.items() if k not in argv for x in (k, v)])
+    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
+    assert "error:" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert all(n in res.stderr for n in names), res.stderr[-2000:]
+    assert (tree_hash(earlier), tree_hash(data)) == before
 
 
 def test_cli_user_error_is_one_line_before_any_model_loads(tmp_path):
@@ -347,9 +481,12 @@ def test_help_shows_the_effective_tiny_value_and_the_papers():
     assert "(default: 5000)" in flag(real, "--rm-steps") and "(default: None)" in flag(real, "--eval-samples")
 
 
-def test_flow_shift_none_is_the_backbones_and_a_typed_one_wins(toy_cache, tmp_path):
-    assert prism.sampler_shift(small_args(toy_cache, tmp_path)) == common.backbone_config("tiny")["flow_shift"]
-    assert prism.sampler_shift(small_args(toy_cache, tmp_path, flow_shift=1.5)) == 1.5
+def test_flow_shift_none_is_the_loaded_checkpoints_and_a_typed_one_wins(toy_cache, tmp_path):
+    pipe = common.load_backbone("tiny")
+    assert prism.sampler_shift(small_args(toy_cache, tmp_path), pipe) == common.backbone_config("tiny")["flow_shift"]
+    pipe.wan_config = dict(pipe.wan_config, flow_shift=7.0)  # a folder whose scheduler says 7: the pipe's, not tiny's
+    assert prism.sampler_shift(small_args(toy_cache, tmp_path), pipe) == 7.0
+    assert prism.sampler_shift(small_args(toy_cache, tmp_path, flow_shift=1.5), pipe) == 1.5
 
 
 # ---------------------------------------------------------------------------------------------- the loss in one place
