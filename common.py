@@ -390,7 +390,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 # ==== Plumbing: args, errors, seeding, run folder, logging, timing, statistics
 def arg(default, help: str, **kw):
     """A dataclass field with its --help text (every Args field uses this); kw: choices, type (for a None default),
-    min / max (parse_args refuses a value outside them, and any non-finite float)."""
+    min / max / gt (parse_args refuses a value outside them, and any non-finite float), nonempty (a list flag)."""
     factory = kw.pop("factory", None)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=dict(help=help, **kw))
@@ -419,19 +419,22 @@ def parse_args(cls, tiny: dict, argv=None):
         flag = "--" + name.replace("_", "-")
         if isinstance(paper, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(paper, (list, tuple)):
-            p.add_argument(flag, nargs="*", type=type(default[0]) if default else str, **kw)
+        elif isinstance(paper, (list, tuple)):  # nonempty=True: at least one value
+            p.add_argument(flag, nargs="+" if f.metadata.get("nonempty") else "*",
+                           type=type(default[0]) if default else str, **kw)
         else:  # a None default (a value read from the checkpoint or data) names its type: arg(None, ..., type=float)
             p.add_argument(flag, type=f.metadata.get("type") or type(paper), **kw)
     p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     ns = vars(p.parse_args(argv))
     ns.pop("debug")
-    for name, value in ns.items():  # every number finite, and within the field's min / max where it names them
-        lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
+    for name, value in ns.items():  # every number finite and within the field's min / max (gt: strictly above)
+        lo, hi, gt = (fields[name].metadata.get(k) for k in ("min", "max", "gt"))
         for v in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
-            if isinstance(v, float) and not math.isfinite(v) or lo is not None and v < lo or hi is not None and v > hi:
+            if (isinstance(v, float) and not math.isfinite(v) or lo is not None and v < lo or hi is not None and v > hi
+                    or gt is not None and v <= gt):
                 p.error(f"argument --{name.replace('_', '-')}: {v} is not a finite number in "
-                        f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+                        f"{'(' if gt is not None else '['}{gt if gt is not None else '-inf' if lo is None else lo}, "
+                        f"{'inf' if hi is None else hi}]")
     return cls(**ns)
 
 

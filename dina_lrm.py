@@ -37,17 +37,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import common
 import dataset
 import estimate
 import toy
-from common import arg
+from common import UserError, arg
 
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # two adapters: the point here
 LOSSES = ["thurstone", "thurstone-constant", "bt"]  # preference_loss's modes
 SHAPE_KEYS = ("rm_blocks", "taps", "rm_lora_rank", "rm_lora_alpha", "num_queries", "num_heads")  # fix the tensors
+SIZE = ("height", "width", "num_frames")
 
 
 @dataclasses.dataclass
@@ -55,53 +58,65 @@ class Args:
     # generic
     stage: str = arg("all", "rm: reward model; tune: ReFL (needs --reward-ckpt); all", choices=["rm", "tune", "all"])
     out_dir: str = arg("", "run directory (default runs/dina_lrm-<backbone>-<time>)")
-    seed: int = arg(0, "seed of everything (data split, sigmas, noise, rollouts)")
+    seed: int = arg(0, "seed of everything (data split, sigmas, noise, rollouts)", min=0, max=2**32 - 1)
     device: str = arg("auto", "cuda | cpu | auto")
-    data: str = arg("", "a prepared 'pairs' dataset folder (dataset.load); empty = the toy world")
-    toy_size: int = arg(2048, "pairs in the toy dataset (without --data); ~30% are strict, the rest ties")
+    data: str = arg("", "a prepared 'pairs' dataset folder (prepare.py); empty = the toy world (tiny only)")
+    on_duplicates: str = arg("fail", "repeated or contradicting pairs in --data: fail | drop", choices=["fail", "drop"])
+    toy_size: int = arg(2048, "pairs in the toy dataset (without --data); ~30% are strict, the rest ties", min=2)
     toy_cache: str = arg("runs/toy_data", "cache folder of the toy dataset")
     reward_ckpt: str = arg("", "reward_model.safetensors of an earlier run: skip stage 1 and use it")
     estimate_memory: bool = arg(False, "only print the estimated peak GPU memory and TFLOPs of each stage's step")
+    max_steps: int = arg(None, "cap on the optimiser steps of every stage (with --eval-samples 2: a smoke run)",
+                         type=int, min=1)
     # backbone
-    backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder")
+    backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder | a hub id")
+    dtype: str = arg(None, "DiT dtype (default bf16 on CUDA, fp32 on CPU); LoRA, head, VAE: fp32", type=str,
+                     choices=["bf16", "fp32"])
+    height: int = arg(None, "video height (default: the size --data was prepared at, else the backbone's)",
+                      type=int, min=1)
+    width: int = arg(None, "video width (default as --height)", type=int, min=1)
+    num_frames: int = arg(None, "video frames, 4k+1 (default as --height)", type=int, min=1)
     gradient_checkpointing: bool = arg(True, "block gradient checkpointing in both stages (memory for compute)")
     # reward model (Sec. 3; official config sd3m/thurstone-12layer.yaml)
-    rm_blocks: int = arg(12, "first DiT blocks the reward model keeps (and puts its LoRA on)")
-    taps: list = arg(None, "1-based blocks whose hidden states the head reads", factory=lambda: [4, 8, 12])
-    rm_lora_rank: int = arg(64, "reward LoRA rank")
-    rm_lora_alpha: float = arg(128.0, "reward LoRA alpha")
-    num_queries: int = arg(4, "learnable queries of the head")
-    num_heads: int = arg(8, "attention heads of the head")
+    rm_blocks: int = arg(12, "first DiT blocks the reward model keeps (and puts its LoRA on)", min=1)
+    taps: list = arg(None, "1-based blocks whose hidden states the head reads", factory=lambda: [4, 8, 12], min=1,
+                     nonempty=True)
+    rm_lora_rank: int = arg(64, "reward LoRA rank", min=1)
+    rm_lora_alpha: float = arg(128.0, "reward LoRA alpha", gt=0)
+    num_queries: int = arg(4, "learnable queries of the head", min=1)
+    num_heads: int = arg(8, "attention heads of the head", min=1)
     loss: str = arg("thurstone", "Eq. 1-3 | fixed-variance ablation | Bradley-Terry", choices=LOSSES)
-    k: float = arg(2.0, "Eq. (1): slope k of the noise-dependent comparison variance")
-    clean_var: float = arg(0.05, "Eq. (1): comparison variance sigma_u^2 at sigma = 0 (official; paper text 0.1^2)")
-    constant_var: float = arg(0.5, "variance of the thurstone-constant ablation (official code)")
+    k: float = arg(2.0, "Eq. (1): slope k of the noise-dependent comparison variance", min=0)
+    clean_var: float = arg(0.05, "Eq. (1): comparison variance at sigma = 0 (official; paper text 0.1^2)", min=0)
+    constant_var: float = arg(0.5, "variance of the thurstone-constant ablation (official code)", min=0)
     ties: str = arg("drop", "tied pairs: drop (none officially) | half (FRank target 1/2)", choices=["drop", "half"])
-    rm_lr: float = arg(5e-5, "AdamW lr, constant (paper)")
-    rm_weight_decay: float = arg(0.01, "AdamW weight decay (official)")
-    rm_batch: int = arg(32, "pairs per micro-batch (official: 4 per GPU x 8 GPUs)")
-    rm_grad_accum: int = arg(1, "micro-batches per optimiser step (official: none)")
-    rm_steps: int = arg(25_000, "optimiser steps (paper: one epoch of ~0.8M HPDv3 pairs at 32 pairs per step)")
-    grad_clip: float = arg(1.0, "gradient-norm clip of both stages (official)")
-    test_fraction: float = arg(0.2, "held-out share of the pairs for the accuracy table")
-    score_sigma: float = arg(0.4, "sigma of a single-draw score (official default for generated latents)")
-    eval_sigmas: list = arg(None, "sigmas of the single-draw accuracy sweep", factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8])
-    ensemble_sigmas: list = arg(None, "noise-ensemble levels (tokens concatenated)", factory=lambda: [0.2, 0.5, 0.7])
+    rm_lr: float = arg(5e-5, "AdamW lr, constant (paper)", gt=0)
+    rm_weight_decay: float = arg(0.01, "AdamW weight decay (official)", min=0)
+    rm_batch: int = arg(32, "pairs per micro-batch (official: 4 per GPU x 8 GPUs)", min=1)
+    rm_grad_accum: int = arg(1, "micro-batches per optimiser step (official: none)", min=1)
+    rm_steps: int = arg(25_000, "optimiser steps (paper: one epoch of ~0.8M HPDv3 pairs at 32 pairs per step)", min=1)
+    grad_clip: float = arg(1.0, "gradient-norm clip of both stages (official)", gt=0)
+    test_fraction: float = arg(0.2, "held-out share of the pairs for the accuracy table", gt=0, max=0.99)
+    score_sigma: float = arg(0.4, "sigma of a single-draw score (official default for generated latents)", min=0, max=1)
+    eval_sigmas: list = arg(None, "single-draw accuracy sweep", factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8], min=0,
+                            max=1, nonempty=True)
+    ensemble_sigmas: list = arg(None, "noise-ensemble levels", factory=lambda: [0.2, 0.5, 0.7], min=0, max=1,
+                                nonempty=True)
     ablation: bool = arg(False, "also train the fixed-variance ablation (thurstone-constant) for the accuracy table")
     # fine-tuning: ReFL with the learned reward (flow-grpo-rm config/refl.py)
-    tune_steps: int = arg(150, "ReFL optimiser steps (paper)")
-    batch_size: int = arg(16, "prompts per ReFL micro-batch (official: 2 per GPU x 8 GPUs)")
-    grad_accum: int = arg(4, "ReFL micro-batches per optimiser step (official)")
-    lr: float = arg(1e-4, "policy AdamW lr (official)")
-    policy_rank: int = arg(32, "policy LoRA rank (official)")
-    policy_alpha: float = arg(64.0, "policy LoRA alpha (official)")
-    num_steps: int = arg(40, "sampling steps of rollout and evaluation (official)")
-    late_fraction: float = arg(0.75, "the grad step is drawn from [late_fraction * num_steps, num_steps - 1]")
-    guidance_scale: float = arg(4.5, "CFG of the no-grad rollout and the evaluation samples (official; 1 = off)")
+    tune_steps: int = arg(150, "ReFL optimiser steps (paper)", min=1)
+    batch_size: int = arg(16, "prompts per ReFL micro-batch (official: 2 per GPU x 8 GPUs)", min=1)
+    grad_accum: int = arg(4, "ReFL micro-batches per optimiser step (official)", min=1)
+    lr: float = arg(1e-4, "policy AdamW lr (official)", gt=0)
+    policy_rank: int = arg(32, "policy LoRA rank (official)", min=1)
+    policy_alpha: float = arg(64.0, "policy LoRA alpha (official)", gt=0)
+    num_steps: int = arg(40, "sampling steps of rollout and evaluation (official)", min=1)
+    late_fraction: float = arg(0.75, "grad step drawn from [late_fraction * num_steps, num_steps - 1]", min=0, max=1)
+    guidance_scale: float = arg(4.5, "CFG of the no-grad rollout and the evaluation samples (official; 1 = off)", min=1)
     reward_offset: float = arg(12.0, "ReFL reward R = (r + offset) / scale, loss = mean(2 - R) (official)")
-    reward_scale: float = arg(10.0, "see --reward-offset")
-    eval_samples: int = arg(64, "fresh before/after evaluation samples in all, held-out prompts in blocks (our value)")
-    save_videos: int = arg(2, "mp4 samples to write before and after ReFL (into <run>/videos/)")
+    reward_scale: float = arg(10.0, "see --reward-offset", gt=0)
+    eval_samples: int = arg(64, "fresh before/after evaluation samples, held-out prompts in blocks (ours)", min=1)
+    save_videos: int = arg(2, "mp4 samples to write before and after ReFL (into <run>/videos/)", min=0)
 
 
 # --backbone tiny: a CPU-sized demo (python dina_lrm.py). ReFL: 80 or 160 steps, or lr 1e-3, game its reward model.
@@ -272,22 +287,16 @@ def save_reward_model(path, transformer, head, args: Args, name: str = "reward")
 def load_reward_model(path, pipe, args: Args):
     """Rebuild the reward adapter and head from save_reward_model's file (frozen, for ReFL)."""
     from peft.utils import set_peft_model_state_dict
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta, sd = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    for k in SHAPE_KEYS:
-        if k in meta and meta[k] != str(getattr(args, k)):
-            raise common.UserError(f"{path}: trained with --{k.replace('_', '-')} {meta[k]}, this run has "
-                                   f"{getattr(args, k)} (pass the checkpoint's value)")
+    sd = load_file(str(path))  # its header was checked by check_reward_ckpt before any model loaded
     head, params = add_reward_model(pipe, args)
     try:
         head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")})
     except RuntimeError as e:
-        raise common.UserError(f"{path}: head weights do not fit this backbone ({str(e).splitlines()[1].strip()})")
+        raise UserError(f"{path}: head weights do not fit this backbone ({str(e).splitlines()[1].strip()})")
     lora = {k[5:]: v for k, v in sd.items() if k.startswith("lora.")}
     result = set_peft_model_state_dict(pipe.transformer, lora, adapter_name="reward")
     if not lora or getattr(result, "unexpected_keys", None):
-        raise common.UserError(f"{path}: reward LoRA keys missing or unexpected (lora.* tensors: {len(lora)})")
+        raise UserError(f"{path}: reward LoRA keys missing or unexpected (lora.* tensors: {len(lora)})")
     return head, params
 
 
@@ -299,7 +308,7 @@ def optimiser_step(opt, params, micro_step, grad_accum: int, grad_clip: float, w
     for _ in range(grad_accum):
         loss, extra = micro_step()
         if not torch.isfinite(loss):
-            raise common.UserError(f"{where}: loss is {loss.item()} (lower the learning rate)")
+            raise UserError(f"{where}: loss is {loss.item()} (lower the learning rate)")
         (loss / grad_accum).backward()
         out.append((loss.detach(), extra))
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -308,21 +317,6 @@ def optimiser_step(opt, params, micro_step, grad_accum: int, grad_clip: float, w
 
 
 # ==== Stage 1: train the reward model on preference pairs
-def load_pairs(pipe, args: Args):
-    """The 'pairs' dataset (a folder, or the toy world) as tensors, validated against the backbone."""
-    where = args.data or f"toy pairs-{args.toy_size}"
-    try:
-        data, meta = (dataset.load(args.data, "pairs") if args.data else
-                      toy.toy_dataset(pipe, "pairs", args.toy_size, seed=args.seed, cache_dir=args.toy_cache))
-        for k in ("latents_a", "latents_b"):
-            dataset.check_latent_shape(data[k], pipe, f"{where} '{k}'")
-    except (ValueError, FileNotFoundError) as e:  # common's data errors name the file and key: a user error here
-        raise common.UserError(str(e)) from None
-    if not ((data["pref"] >= 0) & (data["pref"] <= 2)).all() or not (data["pref"] < 2).any():
-        raise common.UserError(f"{where}: 'pref' must be 0 (A), 1 (B) or 2 (tie), with a strict pair (not all ties)")
-    return data, meta
-
-
 def chosen_first(data, idx, device):
     """Batch of pairs ordered (preferred, other) with the target y: 1 for strict pairs, 1/2 for ties."""
     pref, a, b, p = data["pref"][idx], data["latents_a"][idx], data["latents_b"][idx], data["prompt_idx"][idx]
@@ -357,7 +351,8 @@ def train_reward_model(pipe, data, train_idx, args: Args, run, name: str = "rewa
         loss, r_win, r_lose = rm_step(tr, head, win, lose, emb, mask, target, args, g)
         return loss, (r_win > r_lose).float()[target == 1]  # train accuracy on the strict pairs
 
-    timer, bar = common.StepTimer(dev), tqdm(range(args.rm_steps), desc=f"stage 1 ({name}, {args.loss})")
+    steps = min(args.rm_steps, args.max_steps or args.rm_steps)
+    timer, bar = common.StepTimer(dev), tqdm(range(steps), desc=f"stage 1 ({name}, {args.loss})")
     for step in bar:
         with timer:
             loss, hits = optimiser_step(opt, params, micro_step, args.rm_grad_accum, args.grad_clip,
@@ -453,7 +448,7 @@ def refl_step(pipe, head, embeds, mask, args: Args, gen: torch.Generator, negati
     """No-grad rollout to a random late step, one step with grad, x0-hat re-noised at sigma 0.4, scored.
     Returns (loss, r, the step with grad)."""
     tr, dev = pipe.transformer, pipe.transformer.device
-    sigmas = common.sigma_schedule(args.num_steps, common.backbone_config(args.backbone)["flow_shift"])
+    sigmas = common.sigma_schedule(args.num_steps, common.backbone_geometry(pipe)["flow_shift"])  # the checkpoint's
     mid = int(torch.randint(late_steps(args).start, args.num_steps, (1,), generator=gen))
     shape = (len(embeds), *common.backbone_geometry(pipe)["latent_shape"])
     noise = torch.randn(shape, generator=gen).to(dev)
@@ -512,7 +507,8 @@ def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
     z_before, before = evaluate()
     opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    timer, bar = common.StepTimer(dev), tqdm(range(args.tune_steps), desc="stage 2 (ReFL)")
+    steps = min(args.tune_steps, args.max_steps or args.tune_steps)
+    timer, bar = common.StepTimer(dev), tqdm(range(steps), desc="stage 2 (ReFL)")
     for step in bar:
         with timer:
             loss, out = optimiser_step(opt, policy, micro_step, args.grad_accum, args.grad_clip,
@@ -526,20 +522,23 @@ def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
         for i in range(min(args.save_videos, len(z))):
             common.export_video(common.decode_latents(pipe, z[i:i + 1].to(dev))[0], run.dir / f"videos/{tag}_{i}.mp4")
     paired, table = common.paired_summary(before, after)
-    summary.update(paired, tune_steps=args.tune_steps, tune_seconds_per_step=timer.seconds_per_step,
+    summary.update(paired, tune_steps=steps, tune_seconds_per_step=timer.seconds_per_step,
                    eval_samples=len(rows))
     return table
 
 
 def estimate_memory(args: Args) -> dict:
     """--estimate-memory: rm_step on one pair and refl_step (batch 1; num_steps 1: its no-grad rollout to the late
-    step is skipped, and counted as E[mid] forwards, x2 with CFG) on fake tensors at the backbone's size."""
+    step is skipped, and counted as E[mid] forwards, x2 with CFG) on fake tensors at the run's size (no data)."""
     def build(refl: bool):  # as main and run_refl set them up
         pipe = est.pipeline(gradient_checkpointing=args.gradient_checkpointing)
         head = add_reward_model(pipe, args)[0]
         return pipe, head, refl and add_policy(pipe, head, args)
 
-    with estimate.StageEstimates("DiNa-LRM", args.backbone) as est:
+    size = {k: getattr(args, k) for k in SIZE}
+    check_fit(args, common.backbone_config(args.backbone), size)  # the size, --rm-blocks, --num-heads (no weights)
+    with estimate.StageEstimates("DiNa-LRM", args.backbone, **size) as est:
+        est.load_phase()
         x0, emb, mask = est.inputs()
         pipe, head, _ = est.build(lambda: build(False))
         est.step("reward-model step (pair)", lambda *a: rm_step(*a, args, torch.Generator())[0].backward(),
@@ -551,39 +550,110 @@ def estimate_memory(args: Args) -> dict:
     return est.results
 
 
+# ==== Input checks (issue #19): a user's mistake fails here, before any model loads or a run folder exists
 def check_args(args: Args):
-    """Flag mistakes (exit code 2) and a missing --reward-ckpt (1), before any model loads."""
-    sizes = ("rm_batch", "rm_grad_accum", "batch_size", "grad_accum", "num_steps", "eval_samples")
-    for bad, msg in [*((getattr(args, k) < 1, f"--{k.replace('_', '-')}: must be at least 1") for k in sizes),
+    """What arg(min=, gt=, ...) cannot say; exit code 2."""
+    for bad, msg in [(max(args.taps) > args.rm_blocks, f"--taps {args.taps}: the reward model keeps --rm-blocks {args.rm_blocks}"),
                      (args.stage == "tune" and not args.reward_ckpt, "--stage tune needs --reward-ckpt (--stage rm)"),
-                     (max(args.taps) > args.rm_blocks, f"--taps {args.taps}: only --rm-blocks {args.rm_blocks} kept"),
-                     (not 0 < args.test_fraction < 1, f"--test-fraction {args.test_fraction}: must be in (0, 1)"),
-                     (not 0 <= args.late_fraction <= 1, f"--late-fraction {args.late_fraction}: must be in [0, 1]")]:
+                     (args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and
+                      torch.cuda.is_available()), f"--device {args.device}: auto, cpu or (with a GPU here) cuda[:n]"),
+                     (not (args.data or args.estimate_memory or args.backbone == "tiny"),
+                      f"--backbone {args.backbone}: the toy world is tiny's; pass --data (from prepare.py)")]:
+        common.require(not bad, msg, 2)
+
+
+def read_pairs(args: Args):
+    """--data: dataset.load (files, keys, rows, NaN/inf, prompt indices), 'pref' values, then dataset.drop_repeats
+    (repeated rows, the same clips and prompt judged twice differently, a clip against itself with a winner)."""
+    data, meta = dataset.load(args.data, "pairs")
+    pref = data["pref"]
+    bad = ((pref != 0) & (pref != 1) & (pref != 2)).nonzero()[:5, 0].tolist()
+    common.require(not bad, f"{args.data}: 'pref' must be 0 (A better), 1 (B) or 2 (tie); rows {bad}: {pref[bad].tolist()}")
+    data = dataset.drop_repeats(dict(data, pref=pref.long()), "pairs", args.on_duplicates, args.data)
+    common.require(args.reward_ckpt or (data["pref"] < 2).any(), f"{args.data}: no strict pair (pref 0 or 1): every "
+                   f"pair is a tie, and the reward model learns from strict pairs")
+    return data, meta
+
+
+def check_fit(args: Args, cfg: dict, size: dict, data=None, width=None, where=""):
+    """Flags, data and a --reward-ckpt head's width against the backbone's config (no weights needed): the size
+    (common.geometry: exit code 2 if the VAE and the patching cannot make it), the latents' shape and scale."""
+    geo, tr = common.geometry(cfg, **size), cfg["transformer"]
+    dim = tr["num_attention_heads"] * tr["attention_head_dim"]
+    common.require(args.rm_blocks <= tr["num_layers"], f"--rm-blocks {args.rm_blocks}: the backbone has {tr['num_layers']}", 2)
+    common.require(dim % args.num_heads == 0, f"--num-heads {args.num_heads}: must divide the backbone's width {dim}", 2)
+    common.require(width in (None, dim), f"--reward-ckpt {args.reward_ckpt}: a head of width {width}, made for another "
+                   f"backbone (this one: {dim})")
+    if data is not None:
+        dataset.check_latents(data, geo, where)
+    return geo
+
+
+def check_reward_ckpt(args: Args):
+    """--reward-ckpt: a save_reward_model file (its header only) with this run's shape flags; returns its width."""
+    path = args.reward_ckpt
+    try:
+        with safe_open(path, "pt") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+            width = f.get_slice("head.queries").get_shape()[-1] if "head.queries" in keys else None
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"--reward-ckpt {path}: " + ("no such file (write one with --stage rm)" if not
+                        Path(path).is_file() else f"not a safetensors file ({e})")) from None
+    if any(k not in meta for k in SHAPE_KEYS) or width is None or not any(k.startswith("lora.") for k in keys):
+        raise UserError(f"--reward-ckpt {path}: not a DiNa-LRM reward model (head/LoRA tensors or the metadata "
+                        f"{list(SHAPE_KEYS)} missing); dina_lrm.py --stage rm writes one")
+    for k in (k for k in SHAPE_KEYS if meta[k] != str(getattr(args, k))):
+        raise UserError(f"{path}: trained with --{k.replace('_', '-')} {meta[k]}, this run has {getattr(args, k)} "
+                        f"(pass the checkpoint's value)")
+    return width
+
+
+def check_split(data, meta, args: Args, where: str):
+    """The fixed train / held-out split has what the stages need."""
+    train, test = dataset.split_indices(len(data["pref"]), args.test_fraction, args.seed)
+    strict = lambda idx: int((data["pref"][idx] < 2).sum())
+    for bad, msg in [(not args.reward_ckpt and (strict(train) == 0 and args.ties == "drop" or len(train) == 0),
+                      f"no strict pair among the {len(train)} training pairs (lower --test-fraction)"),
+                     (not args.reward_ckpt and strict(test) == 0,
+                      f"no strict pair among the {len(test)} held-out pairs (raise --test-fraction)"),
+                     (args.stage != "rm" and not str(meta.get("source")).startswith("toy") and
+                      len(data["prompt_embeds"]) < 2, "ReFL needs 2 prompts or more (a tenth is held out)")]:
         if bad:
-            raise common.UserError(msg, 2)
-    if args.reward_ckpt and not Path(args.reward_ckpt).is_file():
-        raise common.UserError(f"--reward-ckpt {args.reward_ckpt}: no such file (write one with --stage rm)")
+            raise UserError(f"{where}: {msg}")
+    return train, test
 
 
 def main(args: Args) -> dict:
     check_args(args)
     if args.estimate_memory:
         return estimate_memory(args)
+    # data, checkpoint, size and --out-dir first: a failed start costs seconds and leaves no run folder behind
+    data, meta = read_pairs(args) if args.data else (None, {})
+    size = dataset.video_size(meta, args.data, **{k: getattr(args, k) for k in SIZE})  # typed, else the data's
+    width = check_reward_ckpt(args) if args.reward_ckpt else None
+    hub_id = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
+    cfg = None if hub_id else common.backbone_config(args.backbone)  # a folder's own config files, no weights
+    if cfg:
+        check_fit(args, cfg, size, data, width, args.data)
+    split = data is not None and check_split(data, meta, args, args.data)
+    common.check_writable(args.out_dir or "runs")
     common.seed_everything(args.seed)
     dev = common.pick_device(args.device)
     memory = common.StepTimer(dev)  # resets the CUDA peak-memory counter
-    pipe = common.load_backbone(args.backbone, dev)
+    pipe = common.load_backbone(args.backbone, dev, common.pick_dtype(args.dtype, dev), **size)
+    if data is None:  # the toy world, made by the plain tiny generator (before any adapter)
+        data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=args.seed, cache_dir=args.toy_cache)
+    where = args.data or f"{args.toy_cache} (toy pairs)"
+    geo = check_fit(args, pipe.wan_config, size, data, width, where)  # a hub id's config and a toy cache: only now
+    train_idx, test_idx = split or check_split(data, meta, args, where)
+    args = dataclasses.replace(args, **{k: geo[k] for k in SIZE})  # args.json records the size that runs
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     run = common.Run("dina_lrm", args, args.out_dir or None)
-    data, meta = load_pairs(pipe, args)  # before any adapter: the toy world samples the plain generator
-    train_idx, test_idx = dataset.split_indices(len(data["pref"]), args.test_fraction, args.seed)
     summary = dict(backbone=args.backbone, pairs=len(data["pref"]),
                    test_strict_pairs=int((data["pref"][test_idx] < 2).sum()), run_dir=str(run.dir))
-    if not args.reward_ckpt and summary["test_strict_pairs"] == 0:
-        raise common.UserError(f"{args.data or 'toy data'}: no strict pair held out (raise --test-fraction)")
     prompts = encode_eval_prompts(pipe, data, meta, args) if args.stage != "rm" else None
-    common.drop_text_encoder(pipe)  # every prompt is encoded: UMT5-XXL (5.7B, fp32) leaves before training
+    common.drop_text_encoder(pipe)  # every prompt is encoded: UMT5-XXL leaves before training
     if args.reward_ckpt:
         head, rows = load_reward_model(args.reward_ckpt, pipe, args)[0], []
     else:
@@ -593,7 +663,10 @@ def main(args: Args) -> dict:
         print(common.format_table(run_refl(pipe, head, data, args, run, prompts, summary)))
     summary.update(peak_memory_gib=memory.peak_memory_gib(), accuracy_table=rows)
     run.summary(summary)
-    print(f"summary: {run.dir / 'summary.json'}")
+    base = f"WanPipeline.from_pretrained('{pipe.wan_config['repo']}')" if pipe.wan_config["repo"] else "pipe"
+    print(f"summary: {run.dir / 'summary.json'}" + (not args.reward_ckpt) * f"\nreward model (--stage tune "
+          f"--reward-ckpt): {run.dir / 'reward_model.safetensors'}" + (args.stage != "rm") * f"\npolicy LoRA: "
+          f"{run.dir / 'policy_lora'} (load: {base}.load_lora_weights('{run.dir / 'policy_lora'}'))")
     return summary
 
 

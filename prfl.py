@@ -19,125 +19,115 @@ Equation -> code
     Tab. 5    accuracy per noise interval (+ AUC, not in the paper) evaluate_pavrm, auc
     Tab. 3    early / middle / late / full range of m              sample_cutoff (--m-range)
 
-Follows the official code (Tencent-Hunyuan/HY-Video-PRFL) where it and the paper differ:
-  * PAVRM's 8 blocks are fine-tuned (the paper's text also calls the features "frozen"); embeddings frozen.
-  * The aggregation is torch MultiheadAttention with 8 heads and q/k/v/out projections (Eq. 5: one head).
-  * PAVRM and SFT timesteps are sigma = 5s/(1+4s), s uniform (high-noise heavy); --rm-sigma-shift 1 gives
-    the paper's uniform t. lambda = 0.1 and target 2 on the probability r (the paper gives no lambda).
-  * m ~ U{0..N-2} of a 40-step shift-5 schedule, reward at t_{m+1} (never at x0); conditional prediction only
-    (no CFG) in training; the same 10%-empty-prompt text batch for the SFT and the reward step.
-  * PAVRM gradients are clipped to norm 1.0 over the DiT blocks only (the head is not clipped).
-Deliberate differences from the official code:
-  * z = attn.squeeze(1) + q: the official [B,D] + [B,1,D] broadcasts to [B,B,D] when B > 1.
-  * Euler steps (the paper's Alg. 1, common.rollout) instead of the code's UniPC predictor-corrector.
-  * One optimiser step per iteration on L_SFT + L_PRFL; the code steps twice per accumulation cycle.
-  * LoRA (alpha = rank) on q/k/v/o by default (the code fully fine-tunes; --full-finetune); the PAVRM is
-    frozen with requires_grad False (the code leaves it True, wasting memory).
-  * On --backbone tiny the paper's learning rates and run lengths are replaced by TINY (see below): at lr 1e-6
-    a 40k-parameter model does not move in a few-minute demo.
+As the official code (Tencent-Hunyuan/HY-Video-PRFL) where it and the paper differ: PAVRM's blocks are fine-tuned
+(the paper's text also says "frozen"), embeddings frozen, gradients clipped over the blocks only; 8-head torch
+MultiheadAttention with q/k/v/out projections (Eq. 5: one head); PAVRM and SFT sigma = 5s/(1+4s), s uniform
+(--rm-sigma-shift 1: the paper's U(0,1)); lambda 0.1, target 2 on the probability r; m ~ U{0..N-2} of a 40-step
+shift-5 schedule, reward at t_{m+1}, never at x0; no CFG in training; one 10%-empty-prompt text batch for both
+losses; the DiT in bf16 (--dtype; CUDA's default), PAVRM / LoRA / a full fine-tune fp32 under bf16 autocast.
+Unlike the official code: z = attn.squeeze(1) + q (its [B,D] + [B,1,D] broadcasts to [B,B,D]); Euler steps (the
+paper's Alg. 1) for UniPC; one optimiser step per iteration (it steps twice per accumulation cycle); a LoRA
+(alpha = rank) at --lr 1e-4 (ours) by default, --full-finetune at the paper's 5e-6 (--full-finetune-lr); PAVRM
+copies only the embeddings and first blocks and is frozen in PRFL with requires_grad False. On --backbone tiny,
+TINY (below) replaces the paper's rates and lengths: at lr 1e-6 a 40k-parameter model does not move in minutes.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import common
 import dataset
 import estimate
 import toy
-
+from common import UserError, arg
 
 TAB5_EDGES = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # Tab. 5's noise intervals [0,.2], (.2,.4], ..., (.8,1]
+SIZE = ("height", "width", "num_frames")
 
 
 @dataclass
 class Args:
     # generic
-    stage: str = common.arg("all", "rm: train PAVRM; tune: PRFL (needs a PAVRM); all: both",
-                            choices=["rm", "tune", "all"])
-    out_dir: str = common.arg("", "run folder (default runs/prfl-<backbone>-<time>)")
-    seed: int = common.arg(0, "seed of training randomness (evaluation uses its own fixed seeds)")
-    device: str = common.arg("auto", "auto | cpu | cuda")
-    data: str = common.arg("", "binary latent dataset folder (prepare.py); empty = the toy world (tiny only)")
-    sft_data: str = common.arg("", "dataset folder of real-video latents for L_SFT; empty = rows of --data "
-                                   "labelled 1 (in the toy world the good clips stand in for real videos)")
-    toy_size: int = common.arg(1024, "toy world: number of labelled latents")
-    toy_cache: str = common.arg("runs/toy_data", "toy world: dataset cache folder")
-    test_fraction: float = common.arg(0.2, "held-out share of --data for PAVRM accuracy")
-    estimate_memory: bool = common.arg(False, "only print the estimated peak GPU memory and TFLOPs of one PAVRM step and "
-                                              "one PRFL step at --backbone's size (fake tensors: no weights, no data)")
+    stage: str = arg("all", "rm: train PAVRM; tune: PRFL (needs a PAVRM); all: both", choices=["rm", "tune", "all"])
+    out_dir: str = arg("", "run folder (default runs/prfl-<backbone>-<time>)")
+    seed: int = arg(0, "seed of training randomness (evaluation uses its own fixed seeds)")
+    device: str = arg("auto", "auto | cpu | cuda")
+    dtype: str = arg(None, "DiT dtype (default: bf16 on CUDA, fp32 on CPU)", type=str, choices=["bf16", "fp32"])
+    data: str = arg("", "binary latent dataset folder (prepare.py); empty = the toy world (tiny only)")
+    sft_data: str = arg("", "latent dataset folder of real videos for L_SFT; empty = rows of --data labelled 1")
+    on_duplicates: str = arg("fail", "repeated or contradicting rows in the data", choices=["fail", "drop"])
+    height: int = arg(None, "video height of all sampling (default: --data's, else the backbone's)", type=int, min=1)
+    width: int = arg(None, "video width (default: --data's, else the backbone's)", type=int, min=1)
+    num_frames: int = arg(None, "video frames, 4k+1 (default: --data's, else the backbone's)", type=int, min=1)
+    max_steps: int = arg(None, "cap on the optimiser steps of every stage (smoke runs; default: none)", type=int, min=1)
+    toy_size: int = arg(1024, "toy world: number of labelled latents", min=16)
+    toy_cache: str = arg("runs/toy_data", "toy world: dataset cache folder")
+    test_fraction: float = arg(0.2, "held-out share of --data for PAVRM accuracy", min=0, max=1)
+    estimate_memory: bool = arg(False, "only print peak GPU memory and TFLOPs of each stage (no weights, no data)")
     # backbone
-    backbone: str = common.arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
-    gradient_checkpointing: bool = common.arg(True, "block checkpointing in generator and PAVRM")
+    backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
+    gradient_checkpointing: bool = arg(True, "block checkpointing in generator and PAVRM")
     # reward model (PAVRM)
-    reward_ckpt: str = common.arg("", "PAVRM safetensors to reuse (skips PAVRM training); a pavrm.safetensors "
-                                      "already in --out-dir is reused as well (resume)")
-    rm_blocks: int = common.arg(8, "DiT blocks copied into PAVRM; features after the last one (Eq. 4, Tab. 8)")
-    rm_heads: int = common.arg(8, "heads of the query attention (Eq. 5; official 8)")
-    rm_pooling: str = common.arg("query", "query: attention + query (Eq. 5); attn: without the query residual; "
-                                          "mean / max pooling (Tab. 5 ablations)", choices=["query", "attn", "mean", "max"])
-    rm_loss: str = common.arg("bce", "bce (Eq. 6) | bt: Bradley-Terry over (good, bad) pairs in a batch (Tab. 7)",
-                              choices=["bce", "bt"])
-    rm_sigma_shift: float = common.arg(5.0, "training sigma = shift(s), s uniform: 5 = official code, 1 = paper's U(0,1)")
-    rm_sigma_range: list = common.arg(None, "training sigma mapped into [lo, hi] (lo + (hi - lo) * shift(s)); "
-                                            "0.8 1 trains a high-noise specialist (ours, an analysis aid)",
-                                      factory=lambda: [0.0, 1.0])
-    rm_lr_blocks: float = common.arg(1e-6, "AdamW lr of the 8 DiT blocks (paper)")
-    rm_lr_head: float = common.arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6)")
-    rm_weight_decay: float = common.arg(0.01, "AdamW weight decay")
-    rm_batch: int = common.arg(2, "PAVRM batch (official: 1 per 4-GPU sequence-parallel group)")
-    rm_steps: int = common.arg(3000, "PAVRM steps (the paper gives none)")
+    reward_ckpt: str = arg("", "PAVRM safetensors to reuse (no PAVRM training); one in --out-dir is reused (resume)")
+    rm_blocks: int = arg(8, "DiT blocks copied into PAVRM; features after the last one (Eq. 4, Tab. 8)", min=1)
+    rm_heads: int = arg(8, "heads of the query attention (Eq. 5; official 8)", min=1)
+    rm_pooling: str = arg("query", "query: Eq. 5; attn: no residual (Tab. 5)", choices=["query", "attn", "mean", "max"])
+    rm_loss: str = arg("bce", "Eq. 6, or Bradley-Terry on a batch's (good, bad) pairs (Tab. 7)", choices=["bce", "bt"])
+    rm_sigma_shift: float = arg(5.0, "training sigma = shift(s), s uniform: 5 = official, 1 = paper's U(0,1)", min=0)
+    rm_sigma_range: list = arg(None, "training sigma lo + (hi - lo) shift(s) (ours)", factory=lambda: [0.0, 1.0])
+    rm_lr_blocks: float = arg(1e-6, "AdamW lr of the 8 DiT blocks (paper)", min=0)
+    rm_lr_head: float = arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6)", min=0)
+    rm_weight_decay: float = arg(0.01, "AdamW weight decay", min=0)
+    rm_batch: int = arg(2, "PAVRM batch (official: 1 per 4-GPU sequence-parallel group)", min=1)
+    rm_steps: int = arg(3000, "PAVRM steps (the paper gives none)", min=1)
     # fine-tuning (PRFL)
-    full_finetune: bool = common.arg(False, "train every generator weight (official) instead of LoRA")
-    lora_rank: int = common.arg(128, "LoRA rank on q/k/v/o, alpha = rank (the official optional LoRA)")
-    lr: float = common.arg(5e-6, "AdamW lr, constant (paper, for full fine-tuning; LoRA usually wants ~1e-4)")
-    weight_decay: float = common.arg(0.01, "AdamW weight decay")
-    grad_clip: float = common.arg(1.0, "gradient-norm clip")
-    tune_steps: int = common.arg(1000, "optimiser steps (paper: 1 epoch of ~30k pairs at batch 30)")
-    batch_size: int = common.arg(1, "per-step batch of the fine-tuning (official per GPU)")
-    grad_accum: int = common.arg(5, "gradient accumulation (official)")
-    num_steps: int = common.arg(40, "sampler steps N, training rollout and evaluation (paper)")
-    flow_shift: float = common.arg(5.0, "schedule shift of the rollout and evaluation sampling (official 5.0, "
-                                        "PRFL's own schedule, whatever the backbone's scheduler says)")
-    m_range: str = common.arg("full", "cut-off step m: full range, or the early / middle / late third (Tab. 3)",
-                              choices=["full", "early", "middle", "late"])
-    reward_weight: float = common.arg(0.1, "lambda of Eq. 9 (official code)")
-    reward_target: float = common.arg(2.0, "L_PRFL = lambda * relu(target - r) (official code)")
-    sft_weight: float = common.arg(1.0, "weight of L_SFT (Eq. 10); 0 turns the SFT step off")
-    sft_sigma_shift: float = common.arg(5.0, "L_SFT sigma = shift(s), s uniform (official code)")
-    null_prompt_prob: float = common.arg(0.1, "probability of the empty prompt in a training batch (official)")
+    full_finetune: bool = arg(False, "train every generator weight (official) at --full-finetune-lr, not a LoRA")
+    full_finetune_lr: float = arg(5e-6, "AdamW lr of --full-finetune, constant (paper)", min=0)
+    lora_rank: int = arg(128, "LoRA rank on q/k/v/o, alpha = rank (the official optional LoRA)", min=1)
+    lr: float = arg(1e-4, "AdamW lr of the LoRA, constant (ours; the paper's 5e-6 is --full-finetune-lr)", min=0)
+    weight_decay: float = arg(0.01, "AdamW weight decay", min=0)
+    grad_clip: float = arg(1.0, "gradient-norm clip", min=0)
+    tune_steps: int = arg(1000, "optimiser steps (paper: 1 epoch of ~30k pairs at batch 30)", min=1)
+    batch_size: int = arg(1, "per-step batch of the fine-tuning (official per GPU)", min=1)
+    grad_accum: int = arg(5, "gradient accumulation (official)", min=1)
+    num_steps: int = arg(40, "sampler steps N, training rollout and evaluation (paper)", min=2)
+    flow_shift: float = arg(5.0, "shift of the rollout / evaluation schedule (official; not the checkpoint's)", min=0)
+    m_range: str = arg("full", "cut-off step m: all, or a third (Tab. 3)", choices=["full", "early", "middle", "late"])
+    reward_weight: float = arg(0.1, "lambda of Eq. 9 (official code)", min=0)
+    reward_target: float = arg(2.0, "L_PRFL = lambda * relu(target - r) (official code)")
+    sft_weight: float = arg(1.0, "weight of L_SFT (Eq. 10); 0 turns the SFT step off", min=0)
+    sft_sigma_shift: float = arg(5.0, "L_SFT sigma = shift(s), s uniform (official code)", min=0)
+    null_prompt_prob: float = arg(0.1, "probability of the empty prompt in a training batch (official)", min=0, max=1)
     # evaluation
-    eval_prompts: list = common.arg(None, "held-out prompts (empty: the toy world's held-out ones; with --data "
-                                          "its first 16 prompts, which are not held out)", factory=list)
-    eval_samples: int = common.arg(16, "fresh samples before/after PRFL, prompts cycled, fixed seeds")
-    guidance_scale: float = common.arg(5.0, "CFG of evaluation sampling with the empty prompt as negative "
-                                            "(README of the code)")
-    save_videos: int = common.arg(4, "before/after mp4s saved under <run>/videos/ (the first eval samples)")
-    eval_sigma_edges: list = common.arg(None, "edges of the sigma intervals of PAVRM's held-out accuracy (Tab. 5: "
-                                              "0 .2 .4 .6 .8 1); finer ones show where accuracy falls off",
-                                        factory=lambda: list(TAB5_EDGES))
+    eval_prompts: list = arg(None, "held-out prompts (default: the toy world's; --data: its first 16)", factory=list)
+    eval_samples: int = arg(16, "fresh samples before/after PRFL, prompts cycled, fixed seeds", min=1)
+    guidance_scale: float = arg(5.0, "evaluation CFG, the empty prompt as negative (README of the code)", min=0)
+    save_videos: int = arg(4, "before/after mp4s saved under <run>/videos/ (the first eval samples)", min=0)
+    eval_sigma_edges: list = arg(None, "sigma intervals of held-out accuracy (Tab. 5)", factory=lambda: list(TAB5_EDGES))
 
 
 # The parser's defaults on --backbone tiny (common.parse_args; a typed value always wins): CPU-sized learning
 # rates and lengths for the 40k-parameter tiny backbone. Real backbones keep the paper's values above.
 TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_rank=16, lr=1e-3,
-            tune_steps=200, batch_size=16, grad_accum=1, num_steps=10, eval_samples=96, guidance_scale=1.0,
-            gradient_checkpointing=False,
+            full_finetune_lr=1e-3, tune_steps=200, batch_size=16, grad_accum=1, num_steps=10, eval_samples=96,
+            guidance_scale=1.0, gradient_checkpointing=False,
             # the paper's U(0,1) training sigma: the toy world's 12-token latents carry little above sigma 0.8,
             # and the official shift 5 spends most steps there (measured: 0.70 vs 0.51 mean accuracy)
             rm_sigma_shift=1.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# PAVRM: Eqs. (4)-(6)
-# ----------------------------------------------------------------------------------------------
+# ==== PAVRM: Eqs. (4)-(6)
 class QueryAttention(nn.Module):
     """Eq. (5): one learnable query attends over all N tokens; z = attention + query (residual optional)."""
 
@@ -163,13 +153,14 @@ class PAVRM(nn.Module):
                  gradient_checkpointing: bool = False):
         super().__init__()
         if blocks > len(transformer.blocks):
-            raise common.UserError(f"--rm-blocks {blocks} > the backbone's {len(transformer.blocks)} blocks", 2)
+            raise UserError(f"--rm-blocks {blocks} > the backbone's {len(transformer.blocks)} blocks", 2)
         self.blocks, self.heads, self.pooling, self.loss = blocks, heads, pooling, loss
-        # Eq. (4): a copy of the generator truncated to its first blocks; the generator itself is untouched.
-        self.dit = copy.deepcopy(transformer).float()  # fp32 master weights, bf16 autocast on CUDA
+        # Eq. (4): a copy of the generator's embeddings and first blocks, never of the rest (a full fp32 copy of 14B
+        # is 56 GB); the generator is untouched. fp32 master weights, bf16 autocast with --dtype bf16.
+        every, transformer.blocks = transformer.blocks, transformer.blocks[:blocks]
+        self.dit, transformer.blocks = copy.deepcopy(transformer).float(), every
         if getattr(self.dit, "peft_config", None):  # a generator with LoRA attached: keep the base weights only
             self.dit.unload_lora()
-        self.dit.blocks = self.dit.blocks[:blocks]
         self.dit.requires_grad_(False)       # patch / text / time embeddings stay frozen ...
         self.dit.blocks.requires_grad_(True)  # ... the blocks are fine-tuned (paper Sec. 4.2, official code)
         if gradient_checkpointing:  # also in PRFL: the reward's backward runs through the 8 blocks
@@ -193,12 +184,7 @@ class PAVRM(nn.Module):
 
     def forward(self, x, sigma, embeds):
         h = self.features(x, sigma, embeds)
-        if self.pooling == "mean":
-            z = h.mean(1)
-        elif self.pooling == "max":
-            z = h.amax(1)
-        else:
-            z = self.pool(h)
+        z = h.mean(1) if self.pooling == "mean" else h.amax(1) if self.pooling == "max" else self.pool(h)
         return self.mlp(z.to(self.mlp[0].weight.dtype)).squeeze(-1).float()  # [B] logits
 
 
@@ -220,36 +206,40 @@ RM_LOSSES = dict(bce=bce_loss, bt=bradley_terry_loss)  # --rm-loss -> function; 
 
 def build_pavrm(args, transformer, ckpt: str = "") -> PAVRM:
     """The run's PAVRM: from a checkpoint (its own architecture and loss) or new from the flags."""
-    if ckpt:
-        return load_pavrm(ckpt, transformer, args.gradient_checkpointing)
-    return PAVRM(transformer, args.rm_blocks, args.rm_heads, args.rm_pooling, args.rm_loss, args.gradient_checkpointing)
+    return load_pavrm(ckpt, transformer, args.gradient_checkpointing) if ckpt else \
+        PAVRM(transformer, args.rm_blocks, args.rm_heads, args.rm_pooling, args.rm_loss, args.gradient_checkpointing)
 
 
 def save_pavrm(pavrm: PAVRM, path, backbone: str):
     common.save_safetensors(pavrm.state_dict(), path, metadata=dict(pavrm.config(), backbone=backbone))
 
 
+def read_pavrm_meta(path) -> dict:
+    """A PAVRM checkpoint's metadata (no tensor loaded); anything else is a UserError naming the file."""
+    try:
+        if not Path(path).is_file():
+            raise FileNotFoundError("no such file")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    common.require({"blocks", "heads", "pooling"} <= set(meta), f"{path}: no PAVRM metadata (blocks/heads/pooling)")
+    return meta
+
+
 def load_pavrm(path, transformer, gradient_checkpointing: bool = False) -> PAVRM:
     """Rebuild the architecture named in the checkpoint's metadata and load it strictly."""
-    with safe_open(str(path), "pt") as f:
-        meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    if "blocks" not in meta:
-        raise common.UserError(f"{path}: no PAVRM metadata (blocks/heads/pooling); was it written by prfl.py?")
+    meta = read_pavrm_meta(path)
     pavrm = PAVRM(transformer, int(meta["blocks"]), int(meta["heads"]) or 8, meta["pooling"], meta.get("loss", "bce"),
                   gradient_checkpointing)
-    own = pavrm.state_dict()
-    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if bad or missing or extra:
-        raise common.UserError(f"{path} does not fit this backbone: shapes {bad[:3]}, missing {missing[:3]}, "
-                               f"unexpected {extra[:3]}")
-    pavrm.load_state_dict(state)
+    try:
+        pavrm.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:  # missing / unexpected keys, shapes of another backbone
+        raise UserError(f"{path} does not fit this backbone: {str(e)[:600]}") from None
     return pavrm
 
 
-# ----------------------------------------------------------------------------------------------
-# PRFL: Alg. 1, Eqs. (7)-(10)
-# ----------------------------------------------------------------------------------------------
+# ==== PRFL: Alg. 1, Eqs. (7)-(10)
 def sample_cutoff(num_steps: int, m_range: str = "full") -> int:
     """m ~ U{0..N-2} (official randint(0, 38) for N = 40), so t_{m+1} > 0; Tab. 3 restricts it to a third."""
     third = num_steps // 3
@@ -286,13 +276,11 @@ def drop_prompts(embeds, null_embed, p: float):
     return torch.where(drop[:, None, None], null_embed.to(embeds), embeds)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training steps and stages
-# ----------------------------------------------------------------------------------------------
-def autocast(device, bf16: bool | None = None):
-    """bf16 autocast over fp32 master weights on CUDA; --estimate-memory turns it on for its fake CPU tensors."""
+# ==== Training steps and stages
+def autocast(device, dtype: str | None = None):
+    """bf16 autocast over fp32 PAVRM / LoRA / full fine-tune weights when the DiT is bf16 (--dtype), on any device."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=common.pick_dtype(dtype, device) == torch.bfloat16)
 
 
 def check_finite(loss, step: int, stage: str):
@@ -300,11 +288,11 @@ def check_finite(loss, step: int, stage: str):
         raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; lower the learning rate")
 
 
-def pavrm_step(args, pavrm, x0, y, embeds, bf16=None):
+def pavrm_step(args, pavrm, x0, y, embeds):
     """Forward + backward of one PAVRM step: Eq. (6) (or BT) on x_t = (1-sigma) x0 + sigma eps."""
     lo, hi = args.rm_sigma_range
     sigma = lo + (hi - lo) * common.sample_train_sigma(len(x0), args.rm_sigma_shift, device=x0.device)
-    with autocast(x0.device, bf16):
+    with autocast(x0.device, args.dtype):
         logits = pavrm(common.add_noise(x0, torch.randn_like(x0), sigma), sigma, embeds)
     loss = RM_LOSSES[pavrm.loss](logits, y)
     loss.backward()
@@ -317,7 +305,7 @@ def train_pavrm(args, pavrm, data, idx, device, run):
                              dict(params=pavrm.head_parameters(), lr=args.rm_lr_head)],
                             betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
     timer, pavrm = common.StepTimer(device), pavrm.train()
-    for step in (bar := tqdm(range(args.rm_steps), desc="PAVRM")):
+    for step in (bar := tqdm(range(min(args.rm_steps, args.max_steps or args.rm_steps)), desc="PAVRM")):
         with timer:
             b = idx[torch.randint(len(idx), (args.rm_batch,))]
             x0, y = data["latents"][b].to(device), data["label"][b].to(device)
@@ -345,7 +333,7 @@ def auc(scores, labels) -> float:
 
 
 @torch.no_grad()
-def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, batch: int = 64, seed: int = 1234) -> dict:
+def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, dtype=None, batch: int = 64, seed: int = 1234) -> dict:
     """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval
     (lo, hi] between consecutive `edges`; also the AUC of s per interval and the majority-class accuracy
     (accuracy's chance level)."""
@@ -360,7 +348,7 @@ def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, batch: int = 64, 
             x0 = data["latents"][b]
             sigma = hi - (hi - lo) * torch.rand(len(b), generator=g)  # (lo, hi]
             x_t = common.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
-            with autocast(device):
+            with autocast(device, dtype):
                 s = pavrm(x_t.to(device), sigma.to(device), data["prompt_embeds"][data["prompt_idx"][b]].to(device))
             logits.append(s.float().cpu())
         s, key = torch.cat(logits), f"({lo:g},{hi:g}]"
@@ -381,15 +369,15 @@ def prepare_prfl(args, transformer, pavrm) -> list:
     return params
 
 
-def prfl_step(args, transformer, pavrm, x0, embeds, sigmas, m: int | None = None, bf16=None):
+def prfl_step(args, transformer, pavrm, x0, embeds, sigmas, m: int | None = None):
     """Forward + backward of one PRFL micro-batch: L_SFT on real latents (Eq. 10), then (m drawn here unless
     given) L_PRFL of the one gradient step at m (Eqs. 7-9). Two backward passes: never both graphs at once."""
-    with autocast(x0.device, bf16):
+    with autocast(x0.device, args.dtype):
         l_sft = sft_loss(transformer, x0, embeds, args.sft_sigma_shift) if args.sft_weight else torch.zeros(())
     if args.sft_weight:
         (args.sft_weight * l_sft / args.grad_accum).backward()
     m = sample_cutoff(args.num_steps, args.m_range) if m is None else m  # Alg. 1 line 9 (--estimate-memory: m = 0)
-    with autocast(x0.device, bf16):  # real latents give only the shape (official)
+    with autocast(x0.device, args.dtype):  # real latents give only the shape (official)
         r = process_reward(transformer, pavrm, embeds, x0.shape, sigmas, m)
     l_prfl = prfl_loss(r, args.reward_weight, args.reward_target)
     (l_prfl / args.grad_accum).backward()
@@ -398,13 +386,13 @@ def prfl_step(args, transformer, pavrm, x0, embeds, sigmas, m: int | None = None
 
 def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
     """Stage 2: prfl_step on batches of the SFT set (the same text batch for both losses), AdamW, constant lr."""
-    tr = pipe.transformer
+    tr, lr = pipe.transformer, args.full_finetune_lr if args.full_finetune else args.lr
     params = prepare_prfl(args, tr, pavrm)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(device)
     timer = common.StepTimer(device)
     tr.train()
-    for step in (bar := tqdm(range(args.tune_steps), desc="PRFL")):
+    for step in (bar := tqdm(range(min(args.tune_steps, args.max_steps or args.tune_steps)), desc="PRFL")):
         with timer:
             for _ in range(args.grad_accum):
                 b = torch.randint(len(sft["latents"]), (args.batch_size,))
@@ -433,7 +421,7 @@ def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, on_toy: b
     g = torch.Generator().manual_seed(99)  # the paper's PAVRM score: one random t per sample
     sigma = torch.rand(n, generator=g)
     x_t = common.add_noise(lat, torch.randn(lat.shape, generator=g), sigma)
-    with autocast(dev):
+    with autocast(dev, args.dtype):
         r = torch.sigmoid(torch.cat([pavrm(x_t[i:i + 16].to(dev), sigma[i:i + 16].to(dev), embeds[rows[i:i + 16]].to(dev))
                                      for i in range(0, n, 16)])).cpu()
     out = dict(pavrm_reward=r, process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds))
@@ -457,119 +445,187 @@ def process_reward_eval(args, pipe, pavrm, embeds, seeds) -> torch.Tensor:
     for k in m.unique().tolist():
         idx = (m == k).nonzero()[:, 0]
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seeds[i])) for i in idx]).to(dev)
-        with autocast(dev):
+        with autocast(dev, args.dtype):
             x, _ = common.rollout(pipe.transformer, x, embeds[idx].to(dev), sigmas, 0, k + 1)
             r[idx] = torch.sigmoid(pavrm(x, sigmas[k + 1].expand(len(idx)), embeds[idx].to(dev))).float().cpu()
     return r
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-def load_data(args, pipe):
-    """The binary dataset (toy world by default) and the real latents for L_SFT, validated early."""
-    if args.data:
-        data, meta = dataset.load(args.data, "binary")
-    else:
+# ==== Flags, files and data, all checked before any model loads (issue #19); main
+def read_inputs(args) -> dict:
+    """The files and data of a run, checked before any model loads: the backbone's config (no weights; a hub id's
+    comes with them: load_data checks then), --out-dir writable, the PAVRM checkpoint (--reward-ckpt, or
+    <out-dir>/pavrm.safetensors: resume), the video size (typed, else --data's meta.json, else the backbone's),
+    --data and --sft-data (dataset.load, latents of that size, check_rows, both labels in the training split)."""
+    hub = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
+    cfg = None if hub and all(args.backbone != c["repo"] for c in common.WAN_CONFIGS.values()) else \
+        common.backbone_config(args.backbone)
+    common.check_writable(args.out_dir or "runs")
+    resume = Path(args.out_dir, "pavrm.safetensors")
+    ckpt = args.reward_ckpt or (str(resume) if args.out_dir and resume.is_file() else "")
+    common.require(args.stage != "tune" or ckpt, "--stage tune needs --reward-ckpt (a PAVRM from --stage rm)", 2)
+    if ckpt:
+        read_pavrm_meta(ckpt)
+    data, meta = dataset.load(args.data, "binary") if args.data else (None, {})
+    for k in SIZE:
+        if getattr(args, k) and meta.get(k) and getattr(args, k) != meta[k]:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} conflicts with --data {args.data}, made "
+                            f"at {'x'.join(str(meta.get(k)) for k in SIZE)} (height x width x frames): leave it out", 2)
+    size = [getattr(args, k) or meta.get(k) or (cfg or {}).get(k) for k in SIZE]
+    if not args.data and size != [cfg[k] for k in SIZE]:  # (cfg is None only for a hub id, which needs --data)
+        raise UserError(f"--height / --width / --num-frames need --data (the toy world is "
+                        f"{'x'.join(str(cfg[k]) for k in SIZE)})", 2)
+    sft = dataset.load(args.sft_data)[0] if args.sft_data else None
+    common.require(sft is None or {"latents", "prompt_idx"} <= set(sft), f"{args.sft_data}: no 'latents' / "
+                   "'prompt_idx'; L_SFT needs latents of real videos with their prompts (prepare.py: video, prompt)")
+    geo = cfg and common.geometry(cfg, *size)  # the size checked against the backbone, no weights
+    for where, d in ((args.data, data), (args.sft_data, sft)):
+        if d is not None and geo:
+            check_latents(d["latents"], geo, where)
+    data = data and check_rows(data, args.data, args.on_duplicates, labelled=True)
+    sft = sft and check_rows(sft, args.sft_data, args.on_duplicates, labelled=False)
+    split = data and dataset.split_indices(len(data["label"]), args.test_fraction, seed=0)
+    if data and data["label"][split[0]].unique().numel() < 2:
+        raise UserError(f"{args.data}: the training split ({len(split[0])} of {len(data['label'])} rows at "
+                        f"--test-fraction {args.test_fraction}) has labels {data['label'][split[0]].unique().tolist()}; "
+                        f"PAVRM needs good and bad examples")
+    return dict(data=data, meta=meta, sft=sft, split=split, size=size, ckpt=ckpt)
+
+
+def check_latents(latents, geo: dict, where: str):
+    """Latents [N, *latent_shape] of the video size in geo (common.geometry of a config, or of the loaded pipe)."""
+    if tuple(latents.shape[1:]) != tuple(geo["latent_shape"]):
+        raise UserError(f"{where}: latents of shape {tuple(latents.shape)}; a {geo['height']}x{geo['width']}x"
+                        f"{geo['num_frames']} video (height x width x frames) on this backbone needs [N, "
+                        f"{', '.join(map(str, geo['latent_shape']))}]")
+
+
+def check_rows(data: dict, where: str, policy: str, labelled: bool) -> dict:
+    """Labels in {0, 1}; rows of the same latent and prompt (an exact hash): with one label duplicates (the first
+    copy kept), with two a contradiction (all dropped); either would sit on both sides of the held-out split."""
+    y = data["label"] if labelled else None
+    if labelled and ((y != 0) & (y != 1)).any():
+        rows = ((y != 0) & (y != 1)).nonzero()[:5, 0]
+        raise UserError(f"{where}: 'label' must be 0 or 1; rows {rows.tolist()} hold {y[rows].tolist()}")
+    if (big := data["latents"].abs().amax(tuple(range(1, data["latents"].ndim)))).max() > 1e3:  # finite, not latents
+        raise UserError(f"{where}: latents of magnitude {big.max():.3g} (rows {(big > 1e3).nonzero()[:5, 0].tolist()}); "
+                        f"normalised VAE latents are about unit scale: prepare.py the videos with this --backbone")
+    groups, why = {}, {}
+    for i, (z, p) in enumerate(zip(data["latents"], data["prompt_idx"].tolist())):
+        groups.setdefault((hashlib.sha1(z.contiguous().view(torch.uint8).numpy()).digest(), p), []).append(i)
+    for rows in groups.values():
+        if labelled and len({y[i].item() for i in rows}) > 1:
+            why.update({i: f"contradicts row(s) {[j for j in rows if j != i]} (same latent and prompt)" for i in rows})
+        else:
+            why.update({i: f"duplicate of row {rows[0]}" for i in rows[1:]})
+    if why and policy == "fail":
+        raise UserError(f"{where}: {len(why)} row(s) repeat or contradict others:\n" + "".join(
+            f"  row {i}: {r}\n" for i, r in sorted(why.items())[:10]) + "fix them, or pass --on-duplicates drop")
+    if why:
+        print(f"{where}: {len(why)} duplicate or contradicting row(s) dropped (--on-duplicates drop)")
+    keep = torch.tensor(sorted(set(range(len(data["latents"]))) - set(why)), dtype=torch.long)
+    return {k: v if k in dataset.PROMPT_KEYS else v[keep] for k, v in data.items()} if why else data
+
+
+def load_data(args, pipe, inputs: dict | None = None):
+    """The dataset (or the toy world), its fixed split and the SFT set, checked against the loaded backbone."""
+    inputs = inputs or read_inputs(args)
+    data, meta, sft = inputs["data"], inputs["meta"], inputs["sft"]
+    if data is None:
         data, meta = toy.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
-    where = args.data or f"{args.toy_cache}/binary-{args.toy_size}-0"
-    dataset.check_latent_shape(data["latents"], pipe, where)
-    if not set(data["label"].unique().tolist()) <= {0.0, 1.0}:
-        raise common.UserError(f"{where}: 'label' must be 0/1, found {data['label'].unique()[:5].tolist()}")
-    if data["label"].min() == data["label"].max():
-        raise common.UserError(f"{where}: every label is {data['label'][0].item()}; PAVRM needs good and bad examples")
-    train_idx, test_idx = dataset.split_indices(len(data["latents"]), args.test_fraction, seed=0)
-    if args.sft_data:
-        sft, _ = dataset.load(args.sft_data)
-        if "latents" not in sft:
-            raise common.UserError(f"{args.sft_data}: no 'latents' (L_SFT needs real-video latents)")
-        dataset.check_latent_shape(sft["latents"], pipe, args.sft_data)
-    else:  # the good training rows: the paper's SFT set is real footage, qualified by construction
+    for where, d in ((args.data or args.toy_cache, data), (args.sft_data, sft or data)):
+        check_latents(d["latents"], common.backbone_geometry(pipe), where)
+    train_idx, test_idx = inputs["split"] or dataset.split_indices(len(data["latents"]), args.test_fraction, seed=0)
+    if sft is None:  # the good training rows: the paper's SFT set is real footage, qualified by construction
         keep = train_idx[data["label"][train_idx] > 0.5]
         sft = dict(latents=data["latents"][keep], prompt_idx=data["prompt_idx"][keep], prompt_embeds=data["prompt_embeds"])
     return data, meta, train_idx, test_idx, sft
 
 
 def estimate_memory(args) -> dict:
-    """--estimate-memory: pavrm_step and prfl_step (batch 1, m = 0; E[m] no-grad forwards counted) on fake tensors
-    at the backbone's size, bf16 autocast as on CUDA (estimate.StageEstimates); on tiny: run and measured on the CPU."""
+    """--estimate-memory: loading, pavrm_step and prfl_step (m = 0; E[m] no-grad forwards counted) on fake tensors
+    of the backbone's config (no weights, no data), bf16 as on CUDA (estimate.StageEstimates); tiny: measured, fp32."""
+    size = [getattr(args, k) for k in SIZE]
+    common.geometry(common.backbone_config(args.backbone), *size)  # a bad size is refused, not estimated
+
     def generator_and_pavrm(tune: bool):
         tr = est.pipeline(gradient_checkpointing=args.gradient_checkpointing).transformer
         pavrm = build_pavrm(args, tr)
         return tr, pavrm, prepare_prfl(args, tr, pavrm) if tune else None
 
-    with estimate.StageEstimates("PRFL", args.backbone) as est:
+    with estimate.StageEstimates("PRFL", args.backbone, *size) as est:
+        est.load_phase()
+        args = dataclasses.replace(args, dtype="fp32" if est.real else "bf16")
         x0, embeds, _ = est.inputs()
-        bf16, sigmas = not est.real, common.sigma_schedule(args.num_steps, args.flow_shift)
         _, pavrm, _ = est.build(lambda: generator_and_pavrm(False))
-        est.step("PAVRM step", pavrm_step, args, pavrm, x0, torch.ones(1), embeds, bf16=bf16)
+        est.step("PAVRM step", pavrm_step, args, pavrm, x0, torch.ones(1), embeds)
         tr, pavrm, _ = est.build(lambda: generator_and_pavrm(True))
-        est.step("PRFL step (SFT + 1 step with grad + PAVRM)", prfl_step, args, tr, pavrm, x0, embeds, sigmas, 0,
-                 bf16=bf16, rollout_forwards=(args.num_steps - 2) / 2)  # E[m], --m-range full
+        est.step("PRFL step (SFT + 1 step with grad + PAVRM)", prfl_step, args, tr, pavrm, x0, embeds,
+                 common.sigma_schedule(args.num_steps, args.flow_shift), 0, rollout_forwards=(args.num_steps - 2) / 2)
     return est.results
 
 
 def main(args: Args) -> dict:
-    e, lohi = args.eval_sigma_edges, args.rm_sigma_range
-    if len(e) < 2 or any(not 0 <= a < b <= 1 for a, b in zip(e, e[1:])):
-        raise common.UserError(f"--eval-sigma-edges {e}: need at least two increasing values in [0, 1]", 2)
-    if len(lohi) != 2 or not 0 <= lohi[0] < lohi[1] <= 1:
-        raise common.UserError(f"--rm-sigma-range {lohi}: need lo hi with 0 <= lo < hi <= 1", 2)
+    # flag errors (exit 2) that parse_args' ranges leave
+    e, r = args.eval_sigma_edges, args.rm_sigma_range
+    bad = [(k, "> 0") for k in ("rm_lr_blocks", "rm_lr_head", "lr", "full_finetune_lr", "grad_clip", "flow_shift",
+                                "rm_sigma_shift", "sft_sigma_shift") if getattr(args, k) == 0]
+    bad += [("eval_sigma_edges", "2+ increasing values in [0, 1]")] * (
+        len(e) < 2 or any(b <= a for a, b in zip(e, e[1:])) or not 0 <= e[0] <= e[-1] <= 1)
+    bad += [("rm_sigma_range", "lo hi, 0 <= lo < hi <= 1")] * (len(r) != 2 or not 0 <= r[0] < r[-1] <= 1)
+    if bad:
+        raise UserError(f"--{bad[0][0].replace('_', '-')} {getattr(args, bad[0][0])}: must be {bad[0][1]}", 2)
+    common.require(args.data or args.estimate_memory or args.backbone == "tiny", "the toy world exists only for "
+                   "--backbone tiny; pass --data <dataset folder> (prepare.py)", 2)
     if args.estimate_memory:
         return estimate_memory(args)
-    # resume at stage granularity: a run folder that already holds a PAVRM skips stage 1
-    resume = Path(args.out_dir) / "pavrm.safetensors"
-    ckpt = args.reward_ckpt or (str(resume) if args.out_dir and resume.is_file() else "")
-    if args.stage == "tune" and not ckpt:
-        raise common.UserError("--stage tune needs --reward-ckpt (a PAVRM safetensors from --stage rm)", 2)
-    if ckpt and not Path(ckpt).is_file():
-        raise common.UserError(f"--reward-ckpt {ckpt}: no such file")
-    if not args.data and args.backbone != "tiny":
-        raise common.UserError("the toy world exists only for --backbone tiny; pass --data <binary dataset folder> "
-                               "(prepare.py)", 2)
+    inputs = read_inputs(args)  # every file and dataset checked before any model loads
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    run = common.Run("prfl", args, args.out_dir or None)
-    pipe = common.load_backbone(args.backbone, device)
-    data, meta, train_idx, test_idx, sft = load_data(args, pipe)
-    on_toy = not args.data
+    pipe = common.load_backbone(args.backbone, device, common.pick_dtype(args.dtype, device), *inputs["size"])
+    data, meta, train_idx, test_idx, sft = load_data(args, pipe, inputs)
+    geo, ckpt, on_toy = common.backbone_geometry(pipe), inputs["ckpt"], not args.data
+    args.height, args.width, args.num_frames = (geo[k] for k in SIZE)  # args.json records what runs
+    args.dtype = "bf16" if pipe.transformer.dtype == torch.bfloat16 else "fp32"
     prompts = args.eval_prompts or (toy.toy_prompts("eval") if on_toy else meta["prompts"][:16])
     eval_embeds, _ = common.encode_prompts(pipe, prompts)
     null_embed = common.encode_prompts(pipe, [""])[0].to(device)
     common.drop_text_encoder(pipe)  # every prompt is cached; T5 never sits next to the training graph
-
     pavrm = build_pavrm(args, pipe.transformer, ckpt).to(device)
+    run = common.Run("prfl", args, args.out_dir or None)  # only now: a failed start leaves no run folder
     summary = dict(backbone=args.backbone, run_dir=str(run.dir), reward_ckpt=ckpt or None, pavrm=pavrm.config())
     if not ckpt:
         t = train_pavrm(args, pavrm, data, train_idx, device, run)
         save_pavrm(pavrm, run.dir / "pavrm.safetensors", args.backbone)
         summary.update(rm_seconds_per_step=t.seconds_per_step, rm_peak_memory_gib=t.peak_memory_gib())
-    ev = evaluate_pavrm(pavrm, data, test_idx, device, args.eval_sigma_edges)
-    summary.update(ev)
-    acc, area = ev["pavrm_accuracy"], ev["pavrm_auc"]
-    rows = [dict(noise_interval=k, pavrm_accuracy=acc[k], auc=area[k]) for k in acc]
-    rows.append(dict(noise_interval="mean", pavrm_accuracy=ev["pavrm_accuracy_mean"], auc=sum(area.values()) / len(area)))
+    summary.update(ev := evaluate_pavrm(pavrm, data, test_idx, device, args.eval_sigma_edges, args.dtype))
+    rows = [dict(noise_interval=k, pavrm_accuracy=a, auc=ev["pavrm_auc"][k]) for k, a in ev["pavrm_accuracy"].items()]
+    rows.append(dict(noise_interval="mean", pavrm_accuracy=ev["pavrm_accuracy_mean"],
+                     auc=sum(ev["pavrm_auc"].values()) / len(rows)))
     tables = [common.format_table(rows) + f"\nchance: accuracy {ev['pavrm_majority_class']:.3f} (majority class of "
               f"{len(test_idx)} held-out latents), AUC 0.5" + ("" if pavrm.loss == "bce" else
               f"; a {pavrm.loss}-trained logit has no fixed zero, so accuracy of s > 0 is arbitrary: read the AUC")]
-
+    saved = f"PAVRM: {ckpt or run.dir / 'pavrm.safetensors'} (--reward-ckpt it; in Python prfl.load_pavrm)"
     if args.stage != "rm":
         pavrm.to(pipe.transformer.dtype)  # frozen from here on: run it in the generator's precision
         evaluate = lambda tag: evaluate_generator(args, pipe, pavrm, eval_embeds, prompts, null_embed, on_toy, tag, run)
         before = evaluate("before")
         t = train_prfl(args, pipe, pavrm, sft, null_embed, device, run)
         after = evaluate("after")
-        if args.full_finetune:
-            pipe.transformer.save_pretrained(run.dir / "transformer")  # safetensors, diffusers format
+        out = run.dir / ("transformer" if args.full_finetune else "lora")
+        if args.full_finetune:  # diffusers format: WanPipeline.from_pretrained(backbone, transformer=<loaded>)
+            pipe.transformer.save_pretrained(out)
         else:
-            common.save_lora(pipe.transformer, run.dir / "lora", "prfl")
+            common.save_lora(pipe.transformer, out, "prfl")
+        saved += (f"\n  fine-tuned {out.name}: {out}/ -> WanPipeline.from_pretrained('{args.backbone}'" +
+                  (f", transformer=WanTransformer3DModel.from_pretrained('{out}'))" if args.full_finetune else
+                   f").load_lora_weights('{out}')"))
         paired, rows = common.paired_summary(before, after)
         summary.update(paired, tune_seconds_per_step=t.seconds_per_step, tune_peak_memory_gib=t.peak_memory_gib(),
                        eval_prompts=len(prompts), eval_samples=args.eval_samples)
         tables.append(common.format_table(rows))
     run.summary(summary)
-    print("\n\n".join(tables))
-    print(f"run folder: {run.dir}")
+    print("\n\n".join(tables) + f"\nrun folder: {run.dir}\n  {saved}")
     return summary
 
 

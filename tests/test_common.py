@@ -408,17 +408,17 @@ def test_tiny_dict_becomes_the_defaults_on_tiny_only_and_typed_values_win(capsys
 @dataclasses.dataclass
 class _RangeArgs:
     steps: int = C.arg(10, "steps", min=1)
-    lr: float = C.arg(1e-4, "lr", min=0)
-    edges: list = C.arg(None, "edges", factory=lambda: [0.0, 1.0], min=0, max=1)
+    lr: float = C.arg(1e-4, "lr", gt=0)
+    edges: list = C.arg(None, "edges", factory=lambda: [0.0, 1.0], min=0, max=1, nonempty=True)
 
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"], ["--lr", "nan"], ["--lr", "inf"],
-                                  ["--lr", "-1e-3"], ["--edges", "0", "1.5"]])
+                                  ["--lr", "-1e-3"], ["--lr", "0"], ["--edges", "0", "1.5"], ["--edges"]])
 def test_parse_args_refuses_out_of_range_and_non_finite_numbers(argv, capsys):
     with pytest.raises(SystemExit) as e:
         C.parse_args(_RangeArgs, {}, argv)
     assert e.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
-    assert C.parse_args(_RangeArgs, {}, ["--steps", "1", "--lr", "0", "--edges", "0", "1"]).steps == 1
+    assert C.parse_args(_RangeArgs, {}, ["--steps", "1", "--lr", "1e-9", "--edges", "0", "1"]).steps == 1
 
 
 def test_cli_prints_user_errors_without_traceback(tmp_path):

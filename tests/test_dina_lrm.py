@@ -1,5 +1,6 @@
 """Tests of dina_lrm.py: equations, head properties, adapter isolation, toy-world behaviour, CLI, bad input."""
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -414,43 +415,145 @@ def test_cli_tune_stage_and_lora_loads(trained, tmp_path, data):
 
 
 # ---------------------------------------------------------------- bad input
-def write_pairs(folder, n=4, shape=(16, 3, 4, 4), nan=False, pref=None):
-    lat = torch.randn(n, *shape)
-    if nan:
-        lat[1, 0, 0, 0, 0] = float("nan")
-    t = dict(latents_a=lat, latents_b=torch.randn(n, *shape), pref=pref if pref is not None else torch.zeros(n, dtype=torch.long),
+def write_pairs(folder, n=4, shape=(16, 3, 4, 4), nan=False, pref=None, meta=(), **rows):
+    """A small 'pairs' dataset (one prompt); `rows` replace its per-row tensors, `meta` adds to meta.json."""
+    g = torch.Generator().manual_seed(0)
+    t = dict(latents_a=torch.randn(n, *shape, generator=g), latents_b=torch.randn(n, *shape, generator=g),
+             pref=pref if pref is not None else torch.zeros(n, dtype=torch.long),
              prompt_idx=torch.zeros(n, dtype=torch.long), prompt_embeds=torch.randn(1, 32, 32),
              prompt_mask=torch.ones(1, 32, dtype=torch.bool))
-    dataset.save(folder, t, dict(kind="pairs", prompts=["a red square moving left"], source="test"))
+    if nan:
+        t["latents_a"][1, 0, 0, 0, 0] = float("nan")
+    t.update(rows)
+    dataset.save(folder, t, dict(kind="pairs", prompts=["a red square moving left"], source="test", **dict(meta)))
     return str(folder)
 
 
-def test_missing_reward_ckpt_is_named(tmp_path):
-    with pytest.raises(common.UserError, match="nope.safetensors"):
-        D.main(tiny_args(stage="tune", reward_ckpt=str(tmp_path / "nope.safetensors"), out_dir=str(tmp_path)))
-
-
 def test_bad_flags_fail_before_any_model_loads(tmp_path, monkeypatch):
+    # what parse_args's min/max cannot say is checked by main itself (ranges: test_bad_input_ends_as_one_error_line)
     monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("loaded a model"))
     for kw, match in [(dict(stage="tune"), "--stage tune needs --reward-ckpt"), (dict(taps=[4, 13]), "--taps"),
-                      (dict(grad_accum=0), "--grad-accum"), (dict(eval_samples=0), "--eval-samples"),
-                      (dict(test_fraction=1.0), "--test-fraction")]:
+                      (dict(test_fraction=1.0), "--test-fraction"), (dict(rm_lr=0.0), "--rm-lr"),
+                      (dict(ensemble_sigmas=[]), "--ensemble-sigmas"), (dict(max_steps=0), "--max-steps"),
+                      (dict(height=0), "--height"), (dict(backbone="wan2.1-1.3b"), "toy world"),
+                      (dict(rm_blocks=13, taps=[13]), "--rm-blocks 13"), (dict(num_frames=10), "--num-frames")]:
         with pytest.raises(common.UserError, match=match) as e:
-            D.main(tiny_args(out_dir=str(tmp_path), **kw))
-        assert e.value.code == 2
+            D.main(tiny_args(out_dir=str(tmp_path / "run"), **kw))
+        assert e.value.code == 2 and not (tmp_path / "run").exists()
 
 
-def test_bad_datasets_fail_early(tmp_path):
-    with pytest.raises(common.UserError, match="latents_a"):
-        D.main(tiny_args(data=write_pairs(tmp_path / "shape", shape=(8, 3, 4, 4)), out_dir=str(tmp_path / "o1")))
-    with pytest.raises(common.UserError, match="latents_a.*NaN"):
-        D.main(tiny_args(data=write_pairs(tmp_path / "nan", nan=True), out_dir=str(tmp_path / "o2")))
-    with pytest.raises(common.UserError, match="tie"):
-        D.main(tiny_args(data=write_pairs(tmp_path / "ties", pref=torch.full((4,), 2)), out_dir=str(tmp_path / "o3")))
-    with pytest.raises(common.UserError, match="empty"):
-        D.main(tiny_args(data=write_pairs(tmp_path / "empty", n=0), out_dir=str(tmp_path / "o4")))
-    with pytest.raises(common.UserError, match="no meta.json"):
-        D.main(tiny_args(data=str(tmp_path / "missing"), out_dir=str(tmp_path / "o5")))
+def test_duplicates_are_dropped_on_request(tmp_path):
+    a, b = torch.randn(8, 16, 3, 4, 4), torch.randn(8, 16, 3, 4, 4)
+    pref = torch.tensor([0, 1, 0, 0, 0, 1, 2, 0])
+    a[1], b[1] = b[0], a[0]  # row 0 swapped with the preference swapped: a repeat
+    a[2], b[2] = a[0], b[0]  # row 0 again, as is: a repeat
+    a[4], b[4] = a[3], b[3]  # row 3 with the other winner: both contradict
+    pref[4] = 1
+    b[5], b[6] = a[5], a[6]  # A = B: with a winner (contradicts), as a tie (fine)
+    folder = write_pairs(tmp_path / "d", 8, latents_a=a, latents_b=b, pref=pref)
+    with pytest.raises(common.UserError, match=r"2 rows repeating .*\[1, 2\].*3 contradicting rows \(rows \[3, 4, 5\]"):
+        D.read_pairs(tiny_args(data=folder))
+    data, _ = D.read_pairs(tiny_args(data=folder, on_duplicates="drop"))
+    assert data["pref"].tolist() == [0, 2, 0] and torch.equal(data["latents_a"][2], a[7])
+    assert len(data["prompt_embeds"]) == 1  # the prompt table is not per row
+
+
+def tree_hash(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+GOOD = dict(n=8, pref=torch.tensor([0, 1, 0, 1, 2, 0, 1, 0]), meta=dict(height=32, width=32, num_frames=9))
+
+
+def with_data(tmp, **kw):
+    """--data <a good small dataset with one thing broken>"""
+    return ["--data", write_pairs(tmp / "data", **{**GOOD, **kw})]
+
+
+def edit_meta(tmp, **kw):
+    folder = Path(with_data(tmp)[1])
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(kw.pop("text", None) or json.dumps({**meta, **kw}))
+    return ["--data", str(folder)]
+
+
+def text_file(tmp):
+    (tmp / "notes.txt").write_text("not a checkpoint\n")
+    return str(tmp / "notes.txt")
+
+
+def repeated_row(tmp):
+    a, b = torch.randn(8, 16, 3, 4, 4), torch.randn(8, 16, 3, 4, 4)
+    a[5], b[5] = a[2], b[2]  # row 5 = row 2 (same prompt, same 'pref')
+    return with_data(tmp, latents_a=a, latents_b=b)
+
+
+# (bad input, extra argv made in a tmp folder, exit code, what the error line must name)
+BAD_INPUTS = [
+    ("missing data folder", lambda tmp: ["--data", str(tmp / "nope")], 1, ["nope", "no meta.json"]),
+    ("data is a file", lambda tmp: ["--data", text_file(tmp)], 1, ["notes.txt", "no meta.json"]),
+    ("meta.json not JSON", lambda tmp: edit_meta(tmp, text="{kind: pairs"), 1, ["meta.json", "not valid JSON"]),
+    ("wrong kind", lambda tmp: edit_meta(tmp, kind="binary"), 1, ["kind is 'binary'", "'pairs'"]),
+    ("NaN in a shard", lambda tmp: with_data(tmp, nan=True), 1, ["'latents_a'", "NaN", "rows [1]"]),
+    ("latents of another size", lambda tmp: with_data(tmp, shape=(16, 3, 4, 6)), 1,
+     ["'latents_a'", "(16, 3, 4, 6)", "32x32x9"]),
+    ("empty dataset", lambda tmp: with_data(tmp, n=0, pref=torch.zeros(0, dtype=torch.long)), 1, ["data", "empty"]),
+    ("prompt index out of range", lambda tmp: with_data(tmp, prompt_idx=torch.tensor([0, 0, 0, 3, 0, 0, 0, 0])), 1,
+     ["prompt_idx", "[3]"]),
+    ("pref not 0/1/2", lambda tmp: with_data(tmp, pref=torch.tensor([0, 1, 3, 1, 2, 0, 1, 0])), 1,
+     ["'pref'", "rows [2]"]),
+    ("every pair a tie", lambda tmp: with_data(tmp, pref=torch.full((8,), 2)), 1, ["no strict pair", "tie"]),
+    ("repeated rows", repeated_row, 1, ["rows [5]", "--on-duplicates drop"]),
+    ("size that conflicts with the data", lambda tmp: with_data(tmp) + ["--height", "64"], 2, ["--height 64", "32"]),
+    ("size the VAE cannot make", lambda tmp: ["--num-frames", "10"], 2, ["--num-frames", "4k+1"]),
+    ("out-of-range flag", lambda tmp: ["--rm-batch", "0"], 2, ["--rm-batch"]),
+    ("negative seed", lambda tmp: ["--seed", "-1"], 2, ["--seed"]),
+    ("more blocks than the backbone", lambda tmp: ["--rm-blocks", "13"], 2, ["--rm-blocks 13", "12"]),
+    ("missing checkpoint", lambda tmp: ["--stage", "tune", "--reward-ckpt", str(tmp / "nope.safetensors")], 1,
+     ["nope.safetensors", "no such file"]),
+    ("checkpoint that is no safetensors", lambda tmp: ["--stage", "tune", "--reward-ckpt", text_file(tmp)], 1,
+     ["notes.txt", "not a safetensors file"]),
+    ("safetensors that is no reward model", lambda tmp: ["--stage", "tune", "--reward-ckpt", str(
+        Path(write_pairs(tmp / "other")) / "shard-00000.safetensors")], 1, ["shard-00000", "not a DiNa-LRM reward"]),
+    ("unwritable --out-dir", lambda tmp: ["--out-dir", text_file(tmp) + "/run"], 1, ["notes.txt/run", "cannot write"]),
+]
+
+
+@pytest.mark.parametrize("name, make, code, names", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_ends_as_one_error_line(name, make, code, names, tmp_path):
+    """Each bad input through the CLI: exit 2 (a flag) or 1 (data, files), `error:` naming the cause, no traceback,
+    nothing loaded, and the earlier run folder passed as --out-dir and the dataset unchanged byte for byte."""
+    earlier = tmp_path / "earlier-run"
+    write_pairs(earlier / "data")  # any files: args.json, metrics, a safetensors
+    (earlier / "args.json").write_text('{"seed": 0}\n')
+    (earlier / "metrics.jsonl").write_text('{"step": 0, "loss": 0.5}\n')
+    argv = make(tmp_path)
+    argv = ["--out-dir", str(earlier)] * ("--out-dir" not in argv) + argv
+    before = [tree_hash(earlier), tree_hash(tmp_path / "data") if (tmp_path / "data").exists() else None]
+    res = run_cli(*argv, cwd=tmp_path)
+    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(("error:", "dina_lrm.py: error:")) and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert all(n in last for n in names), last
+    assert [tree_hash(earlier), tree_hash(tmp_path / "data") if (tmp_path / "data").exists() else None] == before
+
+
+def test_max_steps_caps_every_stage(tmp_path, data):
+    s = D.main(small_args(tmp_path / "o", data, rm_steps=5, tune_steps=3, max_steps=2, eval_samples=2, ablation=True,
+                          eval_sigmas=[0.4]))
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    steps = [[r["step"] for r in rows if r["stage"] == stage] for stage in ("rm-reward", "rm-ablation", "refl")]
+    assert steps == [[0, 1]] * 3
+    assert s["tune_steps"] == 2 and s["eval_samples"] == 2
+
+
+def test_estimate_memory_of_a_folder_backbone_at_a_size(tmp_path, capsys):
+    toy.build_tiny_pipeline().save_pretrained(tmp_path / "wan")  # no data and no weights are read
+    res = D.main(tiny_args(backbone=str(tmp_path / "wan"), estimate_memory=True, height=48, width=64, num_frames=13))
+    assert list(res)[0].startswith("load phase") and len(res) == 3 and "48x64x13" in capsys.readouterr().out
+    with pytest.raises(common.UserError, match="--height --width --num-frames"):
+        D.main(tiny_args(backbone=str(tmp_path / "wan"), estimate_memory=True, height=40))
 
 
 def test_reward_ckpt_with_other_head_config_is_rejected(trained, tmp_path):

@@ -1,7 +1,9 @@
 """Tests of prfl.py (PAVRM + PRFL) on the tiny backbone and the toy world: CPU, offline."""
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +45,11 @@ def test_paper_defaults_for_real_backbones_and_the_tiny_rule():
     real = parse("--backbone", "wan2.1-1.3b")
     assert real == prfl.Args(backbone="wan2.1-1.3b")  # real backbones keep the paper's / official values
     assert (real.rm_blocks, real.rm_heads, real.num_steps, real.flow_shift, real.reward_weight,
-            real.lr, real.null_prompt_prob, real.sft_weight) == (8, 8, 40, 5.0, 0.1, 5e-6, 0.1, 1.0)
+            real.null_prompt_prob, real.sft_weight) == (8, 8, 40, 5.0, 0.1, 0.1, 1.0)
+    # two learning rates, each with its own real default (no sentinel): the paper's 5e-6 is its full fine-tuning
+    # rate; a LoRA (the default) trains at --lr 1e-4
+    assert (real.full_finetune, real.full_finetune_lr, real.lr) == (False, 5e-6, 1e-4)
+    assert (real.height, real.width, real.num_frames, real.dtype, real.max_steps) == (None,) * 5  # data / backbone
     tiny = parse()
     assert all(getattr(tiny, k) == v for k, v in prfl.TINY.items())
     assert {k: getattr(tiny, k) for k in ("gradient_checkpointing", "rm_sigma_shift", "flow_shift")} == dict(
@@ -100,6 +106,23 @@ def test_pavrm_is_a_truncated_copy_with_frozen_embeddings():
     assert rm.mlp[0].out_features == 1024 and rm.mlp[2].out_features == 512 and rm.mlp[4].out_features == 1
     with pytest.raises(common.UserError, match="--rm-blocks 13"):
         prfl.PAVRM(pipe.transformer, blocks=13)
+
+
+class NoCopy(torch.nn.Module):
+    def __deepcopy__(self, memo):
+        raise AssertionError("a block past the PAVRM prefix was copied")
+
+
+def test_pavrm_copies_only_the_prefix_in_fp32_from_a_bf16_generator():
+    """Issue #13: PAVRM never materialises a copy of the whole generator (at 14B a full fp32 copy is 56 GB): a block
+    past the prefix that cannot be copied does not stop it; from a bf16 DiT (--dtype bf16) its weights are fp32."""
+    pipe = common.load_backbone("tiny", dtype=torch.bfloat16)
+    pipe.transformer.blocks[8].poison = NoCopy()
+    rm = prfl.PAVRM(pipe.transformer, blocks=8)
+    assert len(rm.dit.blocks) == 8 and len(pipe.transformer.blocks) == 12 and hasattr(pipe.transformer.blocks[8], "poison")
+    assert {p.dtype for p in rm.parameters()} == {torch.float32} and pipe.transformer.dtype == torch.bfloat16
+    with torch.no_grad(), prfl.autocast("cpu", "bf16"):
+        assert rm(torch.randn(2, 16, 3, 4, 4), torch.tensor([0.3, 0.7]), torch.randn(2, 32, 32)).dtype == torch.float32
 
 
 # ---------------------------------------------------------------- Eqs. (6), (9), (10) ----
@@ -316,11 +339,12 @@ def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, toy_cache):
 
 def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
     """The CLI on tiny: typed values are the values used, also --eval-samples 16 (the paper's value; TINY's is
-    96); untyped fields take TINY. The chosen loss and pooling reach the checkpoint's metadata and the summary."""
+    96); untyped fields take TINY. The chosen loss and pooling reach the checkpoint's metadata and the summary.
+    --max-steps 2 caps both stages (3 PAVRM steps asked); args.json records the size and dtype that ran."""
     out = tmp_path / "cli"
     cmd = [sys.executable, "prfl.py", "--out-dir", str(out), "--toy-size", "256", "--toy-cache",
            str(toy_cache), "--rm-steps", "3", "--tune-steps", "2", "--batch-size", "2", "--eval-samples", "16",
-           "--save-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt"]
+           "--save-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt", "--max-steps", "2"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "pavrm_accuracy" in res.stdout and "true_reward" in res.stdout
@@ -330,7 +354,9 @@ def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
     assert (args["rm_steps"], args["tune_steps"], args["batch_size"], args["eval_samples"]) == (3, 2, 2, 16)
     assert (args["rm_batch"], args["num_steps"], args["grad_accum"]) == (32, 10, 1)  # untyped: TINY
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["rm"] * 3 + ["tune"] * 2
+    assert [r["stage"] for r in rows] == ["rm"] * 2 + ["tune"] * 2
+    assert (args["height"], args["width"], args["num_frames"], args["dtype"]) == (32, 32, 9, "fp32")
+    assert f"fine-tuned lora: {out / 'lora'}/ -> WanPipeline.from_pretrained('tiny').load_lora_weights(" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_samples"] == 16 and "gain (paired) (n=16)" in res.stdout
     assert summary["pavrm"] == dict(blocks=8, heads=8, pooling="mean", loss="bt")
@@ -349,34 +375,136 @@ def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys):
     assert "Traceback" not in res.stderr
 
 
-# ---------------------------------------------------------------- bad input ----
-def test_bad_inputs_fail_early_with_a_named_problem(tmp_path, toy_cache):
-    with pytest.raises(common.UserError, match="no_such_folder"):
-        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "no_such_folder")))
-    with pytest.raises(common.UserError, match="reward-ckpt") as e:
-        prfl.main(small_args(tmp_path, toy_cache, stage="tune"))
-    assert e.value.code == 2  # a bad flag, as argparse
-    with pytest.raises(common.UserError, match="toy world exists only for --backbone tiny"):  # before any download
-        prfl.main(small_args(tmp_path, toy_cache, backbone="wan2.1-1.3b"))
-    with pytest.raises(common.UserError, match="missing.safetensors"):
-        prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "missing.safetensors")))
+# ---------------------------------------------------------------- bad input (issue #19) ----
+def tree_hash(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_world(tmp_path_factory, toy_cache):
+    """A small good binary dataset (24 toy rows, both labels), an earlier run folder (with a PAVRM, so --out-dir
+    takes the resume path), and helpers that copy the good dataset with one thing broken."""
+    root = tmp_path_factory.mktemp("bad")
     data, meta = dataset.load(next(toy_cache.glob("binary-256-0-*")), "binary")
-    wrong = dict(data, latents=data["latents"][:, :8])  # 8 channels instead of 16
-    dataset.save(tmp_path / "wrong", wrong, meta)
-    with pytest.raises(common.UserError, match=r"\(256, 8, 3, 4, 4\)"):
-        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "wrong")))
-    dataset.save(tmp_path / "one_class", dict(data, label=torch.ones_like(data["label"])), meta)
-    with pytest.raises(common.UserError, match="good and bad"):
-        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "one_class")))
-    nan = data["latents"].clone()
-    nan[7, 0, 0, 0, 0] = float("nan")
-    dataset.save(tmp_path / "nan", dict(data, latents=nan), meta)
-    with pytest.raises(common.UserError, match="NaN"):
-        prfl.main(small_args(tmp_path, toy_cache, data=str(tmp_path / "nan")))
-    with pytest.raises(common.UserError, match="rm-sigma-range"):
-        prfl.main(small_args(tmp_path, toy_cache, rm_sigma_range=[0.9, 0.8]))
-    with pytest.raises(common.UserError, match="eval-sigma-edges"):
-        prfl.main(small_args(tmp_path, toy_cache, eval_sigma_edges=[0.0, 0.5, 0.4, 1.0]))
-    common.save_safetensors({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
-    with pytest.raises(common.UserError, match="metadata"):
-        prfl.main(small_args(tmp_path, toy_cache, reward_ckpt=str(tmp_path / "foreign.safetensors")))
+    good = {k: v if k in dataset.PROMPT_KEYS else v[:24].clone() for k, v in data.items()}
+    assert good["label"].unique().numel() == 2
+    dataset.save(root / "good", good, meta)
+    run = root / "earlier_run"
+    prfl.save_pavrm(prfl.PAVRM(common.load_backbone("tiny").transformer), run / "pavrm.safetensors", "tiny")
+    for name in ("args.json", "summary.json", "metrics.jsonl"):
+        (run / name).write_text('{"step": 0}\n')
+
+    def broken(name, meta_changes=None, **tensors):
+        dataset.save(root / name, dict(good, **tensors), dict(meta, **(meta_changes or {})))
+        return root / name
+
+    def rows(key, i, value):
+        t = good[key].clone()
+        t[i] = value
+        return t
+
+    (root / "not_a_ckpt.safetensors").write_text("hello")
+    common.save_safetensors({"w": torch.zeros(2)}, root / "foreign.safetensors")
+    (root / "a_file").write_text("x")
+    prompts_only = {k: good[k] for k in (*dataset.PROMPT_KEYS, "prompt_idx")}  # a fine-tuning prompt list, no video
+    dataset.save(root / "prompts_only", prompts_only, dict(meta, kind="prompts"))
+    return dict(root=root, run=run, good=good, broken=broken, rows=rows)
+
+
+def dup(good, i, j, flip=False):
+    """Row j becomes a copy of row i (same latent and prompt; the label flipped if asked)."""
+    out = {k: good[k].clone() for k in ("latents", "prompt_idx", "label")}
+    for k in out:
+        out[k][j] = out[k][i]
+    if flip:
+        out["label"][j] = 1 - out["label"][i]
+    return out
+
+
+# (id, argv from the bad world, exit code, what the message must name)
+BAD_INPUTS = [
+    ("data-missing", lambda w: ["--data", w["root"] / "nope"], 1, ["nope", "no meta.json"]),
+    ("data-is-a-file", lambda w: ["--data", w["root"] / "a_file"], 1, ["a_file", "not a dataset folder"]),
+    ("wrong-kind", lambda w: ["--data", w["broken"]("kind", dict(kind="score"), score=w["good"]["label"].clone())], 1,
+     ["kind is 'score'", "'binary'"]),
+    ("nan-in-a-shard", lambda w: ["--data", w["broken"]("nan", latents=w["rows"]("latents", 3, float("nan")))], 1,
+     ["nan", "'latents' has NaN/inf", "rows [3]"]),
+    ("latent-shape", lambda w: ["--data", w["broken"]("shape", latents=w["good"]["latents"][:, :8])], 1,
+     ["shape", "(24, 8, 3, 4, 4)", "[N, 16, 3, 4, 4]"]),
+    ("empty", lambda w: ["--data", w["broken"]("empty", **{k: v[:0] for k, v in w["good"].items()
+                                                          if k not in dataset.PROMPT_KEYS})], 1, ["empty"]),
+    ("label-not-binary", lambda w: ["--data", w["broken"]("label2", label=w["rows"]("label", 5, 2.0))], 1,
+     ["label2", "0 or 1", "rows [5]"]),
+    ("prompt-idx-out-of-range", lambda w: ["--data", w["broken"]("pidx", prompt_idx=w["rows"]("prompt_idx", 4, 999))],
+     1, ["pidx", "prompt_idx", "rows [4]"]),
+    ("one-class", lambda w: ["--data", w["broken"]("one_class", label=torch.ones(24))], 1,
+     ["one_class", "good and bad"]),
+    ("duplicate-rows", lambda w: ["--data", w["broken"]("dups", **dup(w["good"], 2, 7))], 1,
+     ["dups", "row 7: duplicate of row 2", "--on-duplicates drop"]),
+    ("contradicting-rows", lambda w: ["--data", w["broken"]("contra", **dup(w["good"], 2, 7, flip=True))], 1,
+     ["contra", "row 2: contradicts row(s) [7]", "--on-duplicates drop"]),
+    ("size-conflicts-with-data", lambda w: ["--data", w["root"] / "good", "--height", "48"], 2,
+     ["--height 48", "32x32x9"]),
+    ("size-without-data", lambda w: ["--num-frames", "13"], 2, ["--num-frames", "32x32x9"]),
+    ("sft-data-without-latents", lambda w: ["--data", w["root"] / "good", "--sft-data", w["root"] / "prompts_only"],
+     1, ["prompts_only", "no 'latents'"]),
+    ("reward-ckpt-not-safetensors", lambda w: ["--reward-ckpt", w["root"] / "not_a_ckpt.safetensors"], 1,
+     ["not_a_ckpt.safetensors", "not a readable safetensors"]),
+    ("reward-ckpt-not-a-pavrm", lambda w: ["--reward-ckpt", w["root"] / "foreign.safetensors"], 1,
+     ["foreign.safetensors", "no PAVRM metadata"]),
+    ("out-dir-unwritable", lambda w: ["--out-dir", w["root"] / "a_file" / "run"], 2, ["--out-dir", "a_file"]),
+    ("steps-zero", lambda w: ["--rm-steps", "0"], 2, ["--rm-steps", "0"]),
+    ("lr-zero", lambda w: ["--lr", "0"], 2, ["--lr 0.0", "> 0"]),
+    ("fraction-above-one", lambda w: ["--test-fraction", "1.5"], 2, ["--test-fraction", "1.5"]),
+    ("max-steps-negative", lambda w: ["--max-steps", "-1"], 2, ["--max-steps", "-1"]),
+    ("lr-nan", lambda w: ["--rm-lr-head", "nan"], 2, ["--rm-lr-head", "nan"]),
+    ("real-backbone-without-data", lambda w: ["--backbone", "wan2.1-1.3b"], 2, ["--data", "tiny"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_ends_in_one_named_error_and_changes_nothing(case, bad_world):
+    """Every user mistake (issue #19): exit 2 for a flag, 1 for data or files; `error: <cause>` naming the path, row
+    or flag; no traceback; the earlier run folder given as --out-dir and the datasets unchanged byte for byte. Each
+    case fails before the backbone loads (a few seconds: the interpreter's start)."""
+    _, argv, code, names = case
+    w = bad_world
+    argv = [str(a) for a in argv(w)]
+    before = tree_hash(w["root"])
+    out = [] if "--out-dir" in argv else ["--out-dir", str(w["run"])]
+    res = subprocess.run([sys.executable, "prfl.py", *argv, *out, "--toy-cache", str(w["root"] / "toy")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
+    assert "error: " in res.stderr and "Traceback" not in res.stderr + res.stdout, res.stderr[-2000:]
+    for name in names:
+        assert name in res.stderr, (name, res.stderr)
+    assert tree_hash(w["root"]) == before  # the earlier run folder, the datasets, the files: not a byte changed
+    assert not (w["root"] / "toy").exists()
+
+
+def test_duplicates_and_contradictions_are_dropped_on_request(bad_world, tmp_path):
+    """--on-duplicates drop: a duplicate keeps its first copy, a contradicting pair goes whole; the rest stays."""
+    good = bad_world["good"]
+    both = dup(good, 2, 7)
+    both = {k: torch.cat([both[k], dup(good, 3, 9, flip=True)[k][9:10]]) for k in both}  # row 24 contradicts row 3
+    folder = bad_world["broken"]("dups_and_contra", **both)
+    args = tiny_args(data=str(folder), out_dir=str(tmp_path / "run"), on_duplicates="drop")
+    data = prfl.read_inputs(args)["data"]
+    assert len(data["latents"]) == 25 - 3  # row 7 (copy of 2), rows 3 and 24 (contradiction) dropped
+    kept = [i for i in range(25) if i not in (3, 7, 24)]
+    torch.testing.assert_close(data["latents"], both["latents"][kept])
+    assert torch.equal(data["label"], both["label"][kept]) and not (tmp_path / "run").exists()
+
+
+def test_estimate_memory_on_a_folder_at_a_given_size(tmp_path, capsys):
+    """--estimate-memory on a diffusers folder (config only, no weights), at --height/--width/--num-frames; the load
+    phase row comes first."""
+    folder = tmp_path / "Wan-tiny"
+    toy.build_tiny_pipeline().save_pretrained(folder)
+    results = prfl.main(tiny_args(backbone=str(folder), estimate_memory=True, height=48, width=64, num_frames=13))
+    assert list(results)[0].startswith("load phase") and len(results) == 3
+    out = capsys.readouterr().out
+    assert out.index("load phase") < out.index("PAVRM step") < out.index("PRFL step") and "48x64x13" in out
+    with pytest.raises(common.UserError, match="--height --width --num-frames"):
+        prfl.main(tiny_args(backbone=str(folder), estimate_memory=True, height=50))
