@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -467,11 +466,8 @@ def read_inputs(args) -> dict:
     if ckpt:
         read_pavrm_meta(ckpt)
     data, meta = dataset.load(args.data, "binary") if args.data else (None, {})
-    for k in SIZE:
-        if getattr(args, k) and meta.get(k) and getattr(args, k) != meta[k]:
-            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} conflicts with --data {args.data}, made "
-                            f"at {'x'.join(str(meta.get(k)) for k in SIZE)} (height x width x frames): leave it out", 2)
-    size = [getattr(args, k) or meta.get(k) or (cfg or {}).get(k) for k in SIZE]
+    typed = dataset.video_size(meta, args.data, **{k: getattr(args, k) for k in SIZE})  # meta.json's is the default
+    size = [typed[k] or (cfg or {}).get(k) for k in SIZE]
     if not args.data and size != [cfg[k] for k in SIZE]:  # (cfg is None only for a hub id, which needs --data)
         raise UserError(f"--height / --width / --num-frames need --data (the toy world is "
                         f"{'x'.join(str(cfg[k]) for k in SIZE)})", 2)
@@ -481,50 +477,19 @@ def read_inputs(args) -> dict:
     geo = cfg and common.geometry(cfg, *size)  # the size checked against the backbone, no weights
     for where, d in ((args.data, data), (args.sft_data, sft)):
         if d is not None and geo:
-            check_latents(d["latents"], geo, where)
-    data = data and check_rows(data, args.data, args.on_duplicates, labelled=True)
-    sft = sft and check_rows(sft, args.sft_data, args.on_duplicates, labelled=False)
+            dataset.check_latents(d, geo, where)
+    if data is not None:
+        bad = ((data["label"] != 0) & (data["label"] != 1)).nonzero()[:5, 0]
+        common.require(not len(bad), f"{args.data}: 'label' must be 0 or 1; rows {bad.tolist()} hold "
+                       f"{data['label'][bad].tolist()}")
+    data = data and dataset.drop_repeats(data, "binary", args.on_duplicates, args.data)
+    sft = sft and dataset.drop_repeats(sft, "prompts", args.on_duplicates, args.sft_data)
     split = data and dataset.split_indices(len(data["label"]), args.test_fraction, seed=0)
     if data and data["label"][split[0]].unique().numel() < 2:
         raise UserError(f"{args.data}: the training split ({len(split[0])} of {len(data['label'])} rows at "
                         f"--test-fraction {args.test_fraction}) has labels {data['label'][split[0]].unique().tolist()}; "
                         f"PAVRM needs good and bad examples")
     return dict(data=data, meta=meta, sft=sft, split=split, size=size, ckpt=ckpt)
-
-
-def check_latents(latents, geo: dict, where: str):
-    """Latents [N, *latent_shape] of the video size in geo (common.geometry of a config, or of the loaded pipe)."""
-    if tuple(latents.shape[1:]) != tuple(geo["latent_shape"]):
-        raise UserError(f"{where}: latents of shape {tuple(latents.shape)}; a {geo['height']}x{geo['width']}x"
-                        f"{geo['num_frames']} video (height x width x frames) on this backbone needs [N, "
-                        f"{', '.join(map(str, geo['latent_shape']))}]")
-
-
-def check_rows(data: dict, where: str, policy: str, labelled: bool) -> dict:
-    """Labels in {0, 1}; rows of the same latent and prompt (an exact hash): with one label duplicates (the first
-    copy kept), with two a contradiction (all dropped); either would sit on both sides of the held-out split."""
-    y = data["label"] if labelled else None
-    if labelled and ((y != 0) & (y != 1)).any():
-        rows = ((y != 0) & (y != 1)).nonzero()[:5, 0]
-        raise UserError(f"{where}: 'label' must be 0 or 1; rows {rows.tolist()} hold {y[rows].tolist()}")
-    if (big := data["latents"].abs().amax(tuple(range(1, data["latents"].ndim)))).max() > 1e3:  # finite, not latents
-        raise UserError(f"{where}: latents of magnitude {big.max():.3g} (rows {(big > 1e3).nonzero()[:5, 0].tolist()}); "
-                        f"normalised VAE latents are about unit scale: prepare.py the videos with this --backbone")
-    groups, why = {}, {}
-    for i, (z, p) in enumerate(zip(data["latents"], data["prompt_idx"].tolist())):
-        groups.setdefault((hashlib.sha1(z.contiguous().view(torch.uint8).numpy()).digest(), p), []).append(i)
-    for rows in groups.values():
-        if labelled and len({y[i].item() for i in rows}) > 1:
-            why.update({i: f"contradicts row(s) {[j for j in rows if j != i]} (same latent and prompt)" for i in rows})
-        else:
-            why.update({i: f"duplicate of row {rows[0]}" for i in rows[1:]})
-    if why and policy == "fail":
-        raise UserError(f"{where}: {len(why)} row(s) repeat or contradict others:\n" + "".join(
-            f"  row {i}: {r}\n" for i, r in sorted(why.items())[:10]) + "fix them, or pass --on-duplicates drop")
-    if why:
-        print(f"{where}: {len(why)} duplicate or contradicting row(s) dropped (--on-duplicates drop)")
-    keep = torch.tensor(sorted(set(range(len(data["latents"]))) - set(why)), dtype=torch.long)
-    return {k: v if k in dataset.PROMPT_KEYS else v[keep] for k, v in data.items()} if why else data
 
 
 def load_data(args, pipe, inputs: dict | None = None):
@@ -534,7 +499,7 @@ def load_data(args, pipe, inputs: dict | None = None):
     if data is None:
         data, meta = toy.toy_dataset(pipe, "binary", args.toy_size, seed=0, cache_dir=args.toy_cache)
     for where, d in ((args.data or args.toy_cache, data), (args.sft_data, sft or data)):
-        check_latents(d["latents"], common.backbone_geometry(pipe), where)
+        dataset.check_latents(d, common.backbone_geometry(pipe), where, keys=("latents",))
     train_idx, test_idx = inputs["split"] or dataset.split_indices(len(data["latents"]), args.test_fraction, seed=0)
     if sft is None:  # the good training rows: the paper's SFT set is real footage, qualified by construction
         keep = train_idx[data["label"][train_idx] > 0.5]

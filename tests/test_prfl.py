@@ -431,7 +431,7 @@ BAD_INPUTS = [
     ("nan-in-a-shard", lambda w: ["--data", w["broken"]("nan", latents=w["rows"]("latents", 3, float("nan")))], 1,
      ["nan", "'latents' has NaN/inf", "rows [3]"]),
     ("latent-shape", lambda w: ["--data", w["broken"]("shape", latents=w["good"]["latents"][:, :8])], 1,
-     ["shape", "(24, 8, 3, 4, 4)", "[N, 16, 3, 4, 4]"]),
+     ["shape", "'latents' holds latents (8, 3, 4, 4)", "(16, 3, 4, 4) of a 32x32x9 video"]),
     ("empty", lambda w: ["--data", w["broken"]("empty", **{k: v[:0] for k, v in w["good"].items()
                                                           if k not in dataset.PROMPT_KEYS})], 1, ["empty"]),
     ("label-not-binary", lambda w: ["--data", w["broken"]("label2", label=w["rows"]("label", 5, 2.0))], 1,
