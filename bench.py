@@ -16,6 +16,7 @@ Usage: OMP_NUM_THREADS=1 python bench.py [--backbones wan2.1-1.3b wan2.1-14b] [-
 """
 import argparse
 import multiprocessing
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -100,5 +101,36 @@ def main():
           + f"; total {time.perf_counter() - t0:.0f} s")
 
 
+def random_wan_folder(out, backbone: str = "wan2.1-1.3b", text_layers: int | None = None):
+    """A diffusers Wan folder with the real config of `backbone` and random weights (bf16 DiT and text encoder, fp32
+    VAE; the byte-level tokenizer of the tiny backbone), for timing the real path where no weights can be downloaded.
+    text_layers shrinks UMT5-XXL's 24 layers (its 1B-parameter embedding stays) to fit a small machine.
+    Usage: python bench.py --random-folder DIR [--text-layers N]"""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    cfg = common.WAN_CONFIGS[backbone]
+    te_cfg = dict(cfg["text_encoder"], **({"num_layers": text_layers} if text_layers else {}))
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        parts = dict(transformer=WanTransformer3DModel(**cfg["transformer"]), text_encoder=UMT5EncoderModel(UMT5Config(**te_cfg)))
+    for name, dtype in (("transformer", torch.bfloat16), ("text_encoder", torch.bfloat16)):
+        m = estimate.cast_like_from_pretrained(parts[name].to_empty(device="cpu"), dtype)
+        for p in m.parameters():  # small random weights (the real init is irrelevant for timing and memory)
+            torch.nn.init.normal_(p.data, std=0.02)
+        parts[name] = m
+    parts["text_encoder"].encoder.embed_tokens.weight = parts["text_encoder"].shared.weight  # to_empty untied them
+    pipe = WanPipeline(tokenizer=ByT5Tokenizer(), vae=AutoencoderKLWan(**cfg["vae"]), scheduler=UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=cfg["flow_shift"]),
+        **parts)
+    pipe.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    if "--random-folder" in sys.argv:
+        i = sys.argv.index("--random-folder")
+        layers = int(sys.argv[sys.argv.index("--text-layers") + 1]) if "--text-layers" in sys.argv else None
+        print(random_wan_folder(sys.argv[i + 1], text_layers=layers))
+    else:
+        main()
