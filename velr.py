@@ -1,42 +1,32 @@
 """VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models (ensemble LRM + truncated ReFL).
 Anonymous ICLR submission: no arXiv id and no official code, so Sec. 4, Alg. 1 and App. C are the spec.
-
 1. N independent LRMs (3D res-convs, cross-attention to the prompt's last text token, transformer encoder) regress
    a pixel RM's score of the decoded video from the clean latent (Huber); aggregate = reward, variance = uncertainty.
 2. ReFL: no-grad rollout to a random mid step, K steps with gradient, z0 from the last velocity, loss -R_l(z0, c)
    + beta KL(current || initial); no VAE, no pixel RM in the graph (Sec. 4.3). `--reward pixel`: RGB ReFL.
-3. Online alignment: every --align-every updates the LRMs are re-fitted on a replay buffer of the highest-variance
-   samples with their pixel reward, drawn with probability ~ variance (Alg. 1).
-
+3. Online alignment (Alg. 1): every --align-every updates, a Huber re-fit on a variance-ranked buffer drawn ~ var.
 Equation -> code: Eq. (4) ResBlock3D; (5) LatentRewardModel.cross_attn; (6) huber_loss; (7) aggregate, the one
-place (training reward, Table 3, Delta R_l, checkpoint metadata, --estimate-memory), ensemble_var the uncertainty;
-(8) velr_loss, kl_velocity; Sec. 4.3 truncated_mid_step, ReplayBuffer, align_lrm; Alg. 1 lrm_step, fit_members,
-pretrain_lrm, then tune_step, finetune; Table 3 table3; App. C the Args defaults.
-
-Ours where the paper is silent ("(ours)" in the code): the Huber delta; the KL's form (squared velocity difference
-at the last gradient step: the KL of two Gaussian steps of equal variance, up to scale); mean pooling; one encoder
-layer; "downsampling" as stride 2 on every latent axis longer than 2; a standardised text token; the alignment
-round size; the cadence: App. C.2 aligns "after every 10 epochs of diffusion model training"; as 10 passes over the
-prompts it would never run in 1000 updates of batch 4 past 400 prompts, so --align-every counts updates (an epoch
-read as one update: 10). Tiny (TINY): CPU-scale sizes, rates, lengths; beta 1 (10 holds the toy LoRA still).
+place the ensemble becomes a reward, ensemble_var its uncertainty; (8) velr_loss, kl_velocity; Sec. 4.3
+truncated_mid_step, ReplayBuffer, align_lrm; Alg. 1 fit_members, pretrain_lrm, tune_step, finetune; Table 3 table3.
+Ours where the paper is silent ("(ours)" in the code): the Huber delta; the KL's form (squared velocity difference at
+the last gradient step: the KL of two equal-variance Gaussian steps, up to scale); mean pooling; one encoder layer;
+stride 2 on every latent axis longer than 2; a standardised text token; the alignment round size; the cadence: App.
+C.2's "every 10 epochs" as passes over the prompts would never run in 1000 updates past 400 prompts, so --align-every
+counts updates (10). TINY: CPU-scale sizes, rates, lengths; beta 1 (10 holds the toy LoRA still). --data: its scores
+are the LRMs' targets (--relabel: --teacher's), alignment and evaluation use --teacher; evaluation samples held-out
+prompts with Wan's CFG (the training rollout has none, as in Alg. 1).
 """
-import contextlib
-import importlib
-import json
-import math
-import time
+import contextlib, importlib, json, math, time  # noqa: E401
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-import common
-import dataset
-import toy
+import common, dataset, estimate, toy  # noqa: E401
 from common import UserError, arg
 
 
@@ -45,77 +35,65 @@ class Args:
     # generic
     stage: str = arg("all", "rm: train the LRMs; tune: fine-tune with them; all: both", choices=["rm", "tune", "all"])
     reward: str = arg("latent", "latent: VELR; pixel: RGB ReFL (decode + R in the graph)", choices=["latent", "pixel"])
-    compare: list = arg(None, "extra runs with the same draws: 'pixel' (RGB ReFL), 'no-align' (VELR without online "
-                        "alignment)", factory=list, choices=["pixel", "no-align"])
+    compare: list = arg(None, "extra runs, same draws: pixel (RGB ReFL), no-align (VELR without online alignment)",
+                        factory=list, choices=["pixel", "no-align"])
     reward_ckpt: str = arg("", "lrm.safetensors of an earlier --stage rm run (default: <out-dir>/lrm.safetensors)")
     out_dir: str = arg("", "run directory (default runs/velr-<backbone>-<time>)")
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "cuda / cpu / auto")
-    save_videos: int = arg(2, "mp4 samples written into <run>/videos/ before and after each fine-tuning run")
-    estimate_memory: bool = arg(False, "only print each stage step's peak GPU memory and TFLOPs at --backbone's size")
+    seed: int = arg(0, "random seed", min=0)
+    device: str = arg("auto", "cuda / cpu / auto", choices=["auto", "cpu", "cuda"])
+    dtype: str = arg(None, "DiT dtype (default: bf16 on CUDA, else fp32)", type=str, choices=["bf16", "fp32"])
+    max_steps: int = arg(None, "cap on the optimiser steps of every stage (a smoke run: 2)", type=int, min=1)
+    save_videos: int = arg(2, "mp4 samples written into <run>/videos/ before and after each fine-tuning run", min=0)
+    estimate_memory: bool = arg(False, "only print each stage step's peak GPU memory and TFLOPs at the video size")
     # backbone and data
     backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder")
+    height: int = arg(None, "video height (default: --data's meta.json, else the backbone's)", type=int, min=1)
+    width: int = arg(None, "video width (default: --data's meta.json, else the backbone's)", type=int, min=1)
+    num_frames: int = arg(None, "video frames, 4k+1 (default: --data's, else the backbone's)", type=int, min=1)
     data: str = arg("", "prepared 'score' dataset folder (prepare.py); default: the toy world")
-    toy_size: int = arg(4096, "toy-world dataset rows (at 1024 the LRMs overfit: test PCC 0.41 vs 0.73)")
+    relabel: bool = arg(False, "replace --data's scores by --teacher's (default: its scores are the targets)")
+    on_duplicates: str = arg("fail", "--data rows of one latent and prompt: fail, or drop", choices=["fail", "drop"])
+    toy_size: int = arg(4096, "toy-world dataset rows (at 1024 the LRMs overfit: test PCC 0.41 vs 0.73)", min=2)
     toy_cache: str = arg("runs/toy_data", "where the toy dataset is cached")
-    test_fraction: float = arg(0.2, "held-out fraction of the dataset for the LRM test metrics")
+    test_fraction: float = arg(0.2, "held-out share of rows (LRM test), of --data's prompts (evaluation)", min=0, max=1)
     prompts: str = arg("", "fine-tuning prompts, a .txt file with one per line (default: the dataset's prompts)")
-    eval_prompts: str = arg("", "evaluation prompts, .txt (default: 12 held-out toy prompts; --data: the first 12)")
+    eval_prompts: str = arg("", "evaluation prompts, .txt (default: 12 held-out toy ones; --data: see --test-fraction)")
     eval_samples: int = arg(24, "fresh samples per evaluation, in total, over the prompts in order (ours)", min=1)
-    teacher: str = arg("toy", "pixel reward model R: toy | pickscore (frame mean) | module:function, f(video "
-                       "[B,3,F,H,W] in [-1,1], prompts) -> [B]")
+    guidance_scale: float = arg(5.0, "CFG of evaluation sampling, negative: the empty prompt (Wan's; <= 1: off)", min=0)
+    teacher: str = arg("toy", "pixel RM R: toy | pickscore (frame mean) | module:function f(video, prompts) -> [B]")
     pickscore_model: str = arg("yuvalkirstain/PickScore_v1", "PickScore checkpoint (hub id or folder)")
-    pickscore_processor: str = arg("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore's tokenizer")
     # reward model (Sec. 4.1-4.2, App. C.1)
     ensemble_size: int = arg(10, "number of independently initialised LRMs (Sec. 4.2)", min=1)
     aggregate: str = arg("mean", "Eq. (7) aggregation of the ensemble", choices=["mean", "min", "max"])
-    lrm_dim: int = arg(512, "LRM feature width d_v (~0.02B params per LRM at Wan scale, App. C.9)")
-    lrm_heads: int = arg(8, "attention heads of the LRM's cross-attention and encoder")
-    lrm_layers: int = arg(1, "transformer-encoder layers after the cross-attention (ours)")
-    huber_delta: float = arg(1.0, "delta of the Huber loss, Eq. (6) (not given in the paper; ours)")
-    rm_lr: float = arg(2e-5, "LRM pretraining learning rate (App. C.1, Wan)")
+    lrm_dim: int = arg(512, "LRM feature width d_v (~0.02B params per LRM at Wan scale, App. C.9)", min=4)
+    lrm_heads: int = arg(8, "attention heads of the LRM's cross-attention and encoder", min=1)
+    lrm_layers: int = arg(1, "transformer-encoder layers after the cross-attention (ours)", min=1)
+    huber_delta: float = arg(1.0, "delta of the Huber loss, Eq. (6) (not given in the paper; ours)", gt=0)
+    rm_lr: float = arg(2e-5, "LRM pretraining learning rate (App. C.1, Wan)", gt=0)
     rm_batch: int = arg(4, "LRM batch size, pretraining and alignment (App. C.1)", min=1)
     rm_epochs: int = arg(3, "LRM pretraining epochs (App. C.1)", min=1)
     grad_accum: int = arg(1, "micro-batches per optimiser step, every stage (App. C.1 uses none)", min=1)
     # fine-tuning (Sec. 4.3, Alg. 1, App. C.2)
     tune_steps: int = arg(1000, "generator updates (not given in the paper; ours)", min=1)
     batch_size: int = arg(4, "prompts per update (App. C.2)", min=1)
-    lr: float = arg(1e-5, "LoRA learning rate (App. C.2, Wan)")
-    lora_rank: int = arg(256, "LoRA rank, alpha = rank (App. C.3)")
-    beta: float = arg(10.0, "weight of the KL term in Eq. (8) (App. C.2)")
+    lr: float = arg(1e-5, "LoRA learning rate (App. C.2, Wan)", gt=0)
+    lora_rank: int = arg(256, "LoRA rank, alpha = rank (App. C.3)", min=1)
+    beta: float = arg(10.0, "weight of the KL term in Eq. (8) (App. C.2)", min=0)
     num_steps: int = arg(50, "sampling steps, training rollout and evaluation (Sec. 5.6)", min=1)
     mid_step: list = arg(None, "range [a, b] of the step where gradients start (App. C.8)", factory=lambda: [15, 25])
     truncated_steps: int = arg(10, "K, denoising steps with gradient (App. C.2)", min=1)
-    grad_clip: float = arg(1.0, "gradient-norm clip of the LoRA update (ours)")
+    grad_clip: float = arg(1.0, "gradient-norm clip of the LoRA update (ours)", gt=0)
     gradient_checkpointing: bool = arg(True, "block gradient checkpointing in the DiT's K gradient steps (App. C.3)")
     # online alignment (Sec. 4.3, App. C.2)
     buffer_size: int = arg(256, "replay-buffer size (App. C.2)", min=1)
     align_every: int = arg(10, "re-align the LRMs every this many updates (App. C.2 '10 epochs', see docstring)", min=1)
-    align_rounds: int = arg(2, "alignment rounds each time (App. C.2); a round = buffer_size samples (ours)")
-    align_lr: float = arg(1e-5, "LRM learning rate during alignment (App. C.2)")
+    align_rounds: int = arg(2, "alignment rounds each time (App. C.2); a round = buffer_size samples (ours)", min=1)
+    align_lr: float = arg(1e-5, "LRM learning rate during alignment (App. C.2)", gt=0)
 
 
 TINY = dict(num_steps=10, mid_step=[3, 5], truncated_steps=2, lrm_dim=32, rm_lr=2e-3, rm_batch=32, rm_epochs=8,
             align_lr=1e-3, buffer_size=64, align_every=4, tune_steps=100, lr=2e-3, lora_rank=8, beta=1.0,
-            eval_samples=96, compare=["no-align", "pixel"])
-
-
-def check_args(args: Args):
-    """Flag and file errors before any model loads (parse_args checks each number against its field's min)."""
-    a, b = (list(args.mid_step) + [-1, -1])[:2]
-    if len(args.mid_step) != 2 or not 0 <= a <= b <= args.num_steps - args.truncated_steps:
-        raise UserError(f"--mid-step {' '.join(map(str, args.mid_step))} with K={args.truncated_steps} does not fit "
-                        f"{args.num_steps} steps: need two steps a <= b with b + K <= --num-steps", 2)
-    if args.data and not (Path(args.data) / "meta.json").is_file():
-        raise UserError(f"--data {args.data}: not a dataset folder (no meta.json); make one with prepare.py")
-    if not (args.data or args.estimate_memory) and args.backbone != "tiny":
-        raise UserError(f"--backbone {args.backbone}: the toy world exists only for tiny; pass --data (prepare.py)", 2)
-    [read_prompts(path) for path in (args.prompts, args.eval_prompts) if path]
-    ckpt = args.reward_ckpt or (args.stage == "tune" and (args.reward == "latent" or "no-align" in args.compare)
-                                and str(Path(args.out_dir or "<a new run folder>") / "lrm.safetensors"))
-    if ckpt and not Path(ckpt).is_file():
-        raise UserError(f"{ckpt}: no trained ensemble there; pass --reward-ckpt <run>/lrm.safetensors, or the "
-                        f"--out-dir of a --stage rm run")
+            eval_samples=96, guidance_scale=1.0, compare=["no-align", "pixel"])
 
 
 # ==== Latent reward model (Sec. 4.1) and the ensemble (Sec. 4.2)
@@ -208,14 +186,17 @@ def last_text_token(embeds, mask):
     return embeds[torch.arange(len(embeds)), mask.long().sum(1).clamp(min=1) - 1]
 
 
-def load_lrm(path, latent_shape=None) -> EnsembleLRM:
-    with safe_open(str(path), "pt") as f:
-        meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    if "config" not in meta:
-        raise UserError(f"{path}: not a VELR LRM checkpoint (no 'config' in the safetensors metadata)")
-    cfg = json.loads(meta["config"])
-    if latent_shape is not None and list(latent_shape) != cfg["latent_shape"]:
-        raise UserError(f"{path}: LRM made for latents {cfg['latent_shape']}, the backbone makes {list(latent_shape)}")
+def load_lrm(path, latent_shape=None, weights: bool = True):
+    """A --stage rm checkpoint: its ensemble, or (weights=False) only its config from the safetensors metadata."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            cfg, state = json.loads((f.metadata() or {})["config"]), weights and {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: not a --stage rm run's lrm.safetensors ({type(e).__name__}: {e})") from None
+    common.require(latent_shape is None or list(latent_shape) == cfg["latent_shape"], f"{path}: LRM made for latents "
+            f"{cfg['latent_shape']}, this run makes {list(latent_shape or [])}")
+    if not weights:
+        return cfg
     lrm = EnsembleLRM(**cfg)
     lrm.load_state_dict(state)
     return lrm.eval().requires_grad_(False)
@@ -243,33 +224,29 @@ def load_teacher(args, device):
     """The pixel reward model R(video, prompts) -> [B] that the LRMs regress (Sec. 4.1)."""
     if args.teacher == "toy":
         return toy.toy_reward
-    if args.teacher == "pickscore":
-        from transformers import AutoProcessor, CLIPModel
-        model = CLIPModel.from_pretrained(args.pickscore_model).eval().requires_grad_(False).to(device)
-        tok = AutoProcessor.from_pretrained(args.pickscore_processor).tokenizer
-        tokenize = lambda p: tok(p, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-        return lambda video, prompts: pickscore_reward(model, tokenize, video, prompts)
     module, _, name = args.teacher.partition(":")
     try:
+        if args.teacher == "pickscore":
+            from transformers import AutoProcessor, CLIPModel
+            model = CLIPModel.from_pretrained(args.pickscore_model).eval().requires_grad_(False).to(device)
+            tok = AutoProcessor.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K").tokenizer  # PickScore's
+            tokenize = lambda p: tok(p, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+            return lambda video, prompts: pickscore_reward(model, tokenize, video, prompts)
         fn = getattr(importlib.import_module(module), name, None) if name else None
-    except ImportError as e:
-        raise UserError(f"--teacher {args.teacher}: cannot import '{module}' ({e})", 2) from None
-    if not callable(fn):
-        raise UserError(f"--teacher {args.teacher}: " + (f"module '{module}' has no function '{name}'" if name else
-                                                          "use toy, pickscore or module:function"), 2)
+    except (ImportError, OSError) as e:  # a module that is not there, a checkpoint that is not one or not reachable
+        raise UserError(f"--teacher {args.teacher}: cannot import '{module}' ({e})" if name else
+                        f"--pickscore-model {args.pickscore_model}: cannot load it ({e})", 2) from None
+    common.require(callable(fn), f"--teacher {args.teacher}: " + (
+        f"module '{module}' has no function '{name}'" if name else "use toy, pickscore or module:function"), 2)
     return fn
 
 
 @torch.no_grad()
 def pixel_reward(pipe, teacher, latents, prompts, batch_size: int = 8):
     """R(Dec(z), c) without gradient: labels for the LRM, and the ground truth in the toy world."""
-    out = []
-    for i in range(0, len(latents), batch_size):
-        video = common.decode_latents(pipe, latents[i:i + batch_size].to(pipe.vae.device))
-        out.append(teacher(video, prompts[i:i + batch_size]).float().cpu())
-    r = torch.cat(out)
-    if not torch.isfinite(r).all():
-        raise FloatingPointError(f"teacher '{getattr(teacher, '__name__', teacher)}' returned NaN/inf rewards")
+    r = torch.cat([teacher(common.decode_latents(pipe, latents[i:i + batch_size].to(pipe.vae.device)),
+                           prompts[i:i + batch_size]).float().cpu() for i in range(0, len(latents), batch_size)])
+    common.require(torch.isfinite(r).all(), f"--teacher: {getattr(teacher, '__name__', teacher)} returned NaN/inf")
     return r
 
 
@@ -335,7 +312,7 @@ def fit_members(lrm, opts, z, text, target, steps: int, args, draw, desc: str):
     """Huber regression (Eq. 6) of each member on its own batches, draw(n) -> indices (independent training)."""
     lrm.train().requires_grad_(True)
     losses = []
-    for _ in tqdm(range(steps), desc=desc, leave=False):
+    for _ in tqdm(range(min(steps, args.max_steps or steps)), desc=desc, leave=False):  # --max-steps caps
         total = 0.0
         for i, opt in enumerate(opts):
             opt.zero_grad(set_to_none=True)
@@ -356,8 +333,7 @@ def predict(lrm, z, text, batch_size: int = 256):
 def table3(p_train, y_train, p_test, y_test, how: str = "mean", sizes=(1, 3, 5, 10)) -> list[dict]:
     """Ensemble of k = Eq. (7) over k members; metrics averaged over the disjoint groups of k members
     (k = 1: every member alone, i.e. the expected single LRM rather than a lucky or unlucky one)."""
-    def metrics(pred, y):
-        return dict(MSE=((pred - y) ** 2).mean().item(), PCC=torch.corrcoef(torch.stack([pred, y]))[0, 1].item())
+    metrics = lambda p, y: dict(MSE=((p - y) ** 2).mean().item(), PCC=torch.corrcoef(torch.stack([p, y]))[0, 1].item())
     rows, n = [], len(p_train)
     for k in sorted(k for k in {*sizes, n} if k <= n):
         groups, row = [list(range(i, i + k)) for i in range(0, n - k + 1, k)], {"LRM": f"en-{k}"}
@@ -381,7 +357,7 @@ def pretrain_lrm(args, data, text_tokens, latent_shape, device, run):
     g = torch.Generator().manual_seed(args.seed)
     losses = fit_members(lrm, opts, z[train], text[train], y[train], steps, args,
                          lambda n: torch.randint(0, len(train), (n,), generator=g), "pretrain LRMs")
-    for s in range(0, steps, max(1, steps // 50)):
+    for s in range(0, len(losses), max(1, len(losses) // 50)):
         run.log(s, "rm", huber=losses[s])
     return lrm, table3(predict(lrm, z[train], text[train]), y[train], predict(lrm, z[test], text[test]), y[test],
                        args.aggregate)
@@ -425,7 +401,7 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
     with contextlib.suppress(OSError):  # reset the peak RSS (Linux): on a CPU each run reports its own peak
         Path("/proc/self/clear_refs").write_text("5")
     timer, t0, log = common.StepTimer(dev), time.perf_counter(), []
-    for step in tqdm(range(args.tune_steps), desc=f"fine-tune {name}"):
+    for step in tqdm(range(min(args.tune_steps, args.max_steps or args.tune_steps)), desc=f"fine-tune {name}"):
         batches = []
         with timer:  # the generator update only: what latent vs pixel reward changes
             for _ in range(args.grad_accum):
@@ -435,9 +411,8 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
                 names, text = [prompts[i] for i in idx], text_tokens[idx].to(dev) if mode == "latent" else None
                 b = tune_step(args, pipe, lrm, noise, embeds[idx].to(dev), text, sigmas, start, args.truncated_steps,
                               teacher if mode == "pixel" else None, names)
-                if not torch.isfinite(b["loss"]):
-                    raise FloatingPointError(f"fine-tune {name} step {step}: loss {b['loss'].item()} (kl "
-                                             f"{b['kl'].item()}); lower --lr or check the reward model")
+                common.require(torch.isfinite(b["loss"]), f"fine-tune {name} step {step}: loss {b['loss'].item()} (kl "
+                        f"{b['kl'].item()}); lower --lr ({args.lr}) or check the reward model")
                 batches.append(dict(b, idx=idx, names=names, start=start))
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
@@ -463,61 +438,88 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
 
 
 @torch.no_grad()
-def evaluate(pipe, teacher, prompts, embeds, n: int, num_steps: int):
-    """Pixel reward (the toy truth) of n fresh samples, seed 10^6 + i and prompt i * P // n: paired before/after."""
+def evaluate(pipe, teacher, prompts, embeds, n: int, num_steps: int, guidance_scale: float = 1.0, negative=None):
+    """Pixel reward (the toy truth) of n fresh samples, seed 10^6 + i and prompt i * P // n: paired before/after;
+    guidance_scale > 1: CFG with `negative` (the empty prompt's embedding [1, L, D])."""
     which = torch.arange(n) * len(prompts) // n
-    z = common.sample_latents(pipe, embeds[which], [10**6 + i for i in range(n)], num_steps=num_steps)
+    z = common.sample_latents(pipe, embeds[which], [10**6 + i for i in range(n)], num_steps=num_steps,
+                              guidance_scale=guidance_scale, negative_embeds=negative if guidance_scale > 1 else None)
     return pixel_reward(pipe, teacher, z, [prompts[i] for i in which]), z, which
 
 
-# ==== main: data, --estimate-memory, the stages, the report
-def read_prompts(path) -> list[str]:
-    prompts = [s.strip() for s in Path(path).read_text().splitlines() if s.strip()] if Path(path).is_file() else None
-    if not prompts:
-        raise UserError(f"{path}: {'no prompts in the file' if prompts == [] else 'file not found'} (one per line)")
+# ==== Flags, files and data, all checked before any model loads (#19); --estimate-memory; main
+def read_prompts(path, flag: str) -> list[str]:
+    common.require(Path(path).is_file(), f"{flag} {path}: no such file (a UTF-8 .txt, one prompt per line)")
+    prompts = [s.strip() for s in Path(path).read_bytes().decode(errors="replace").splitlines() if s.strip()]
+    common.require(prompts and "\ufffd" not in "".join(prompts), f"{flag} {path}: no prompts in it, or not UTF-8 text")
     return prompts
 
 
-def load_data(args, pipe, teacher):
-    """The 'score' dataset (toy world by default); re-labelled when another teacher made its scores."""
-    where = args.data or f"toy dataset in {args.toy_cache}"
-    try:
-        data, meta = (dataset.load(args.data, "score") if args.data else
-                      toy.toy_dataset(pipe, "score", args.toy_size, args.seed, cache_dir=args.toy_cache))
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e)) from None
-    shape = tuple(common.backbone_geometry(pipe)["latent_shape"])
-    if tuple(data["latents"].shape[1:]) != shape:
-        raise UserError(f"{where}: latents {tuple(data['latents'].shape[1:])}, the backbone samples {shape} (a "
-                        f"dataset made for another backbone or video size?)")
-    made_by = meta.get("teacher", "toy" if meta.get("source") == "toy" else None)
-    if made_by != args.teacher:
-        print(f"re-labelling {len(data['latents'])} latents with the teacher '{args.teacher}' (scores from {made_by})")
-        data["score"] = pixel_reward(pipe, teacher, data["latents"], [meta["prompts"][i] for i in data["prompt_idx"]])
-    return data, meta
+def check_inputs(args: Args) -> dict:
+    """Flags; the video size (typed, else --data's meta.json, else the backbone's: args.json records it); --out-dir;
+    --data; the prompt files, held-out evaluation prompts, --reward-ckpt. A failed start loads and writes nothing."""
+    (a, b), mid = (list(args.mid_step) + [-1, -1])[:2], " ".join(map(str, args.mid_step))
+    common.require(len(args.mid_step) == 2 and 0 <= a <= b <= args.num_steps - args.truncated_steps, f"--mid-step "
+                   f"{mid} with K={args.truncated_steps} does not fit {args.num_steps} steps (need a <= b <= N - K)", 2)
+    common.require(args.lrm_dim % args.lrm_heads == 0, f"--lrm-dim {args.lrm_dim}: not a multiple of --lrm-heads", 2)
+    common.require(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device here", 2)
+    common.require(args.data or args.estimate_memory or args.backbone == "tiny", f"--backbone {args.backbone}: the "
+                   "toy world exists only for tiny; pass --data <dataset folder> (prepare.py)", 2)
+    hub = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
+    cfg = None if hub and all(args.backbone != c["repo"] for c in common.WAN_CONFIGS.values()) else \
+        common.backbone_config(args.backbone)
+    data, meta = dataset.load(args.data, "score") if args.data and not args.estimate_memory else (None, {})
+    keys = ("height", "width", "num_frames")
+    size = dataset.video_size(meta, args.data, **{k: getattr(args, k) for k in keys})  # meta.json's is the default
+    common.require(args.data or args.estimate_memory or all(size[k] in (None, cfg[k]) for k in keys), "--height / "
+                   f"--width / --num-frames need --data (the toy world is {'x'.join(str(cfg[k]) for k in keys)})", 2)
+    vars(args).update(size)
+    geo = cfg and common.geometry(cfg, *size.values())  # the size checked against the backbone, no weights
+    if args.estimate_memory:
+        return {}
+    common.check_writable(args.out_dir or "runs")
+    if data:
+        geo and dataset.check_latents(data, geo, args.data, keys=("latents",))  # the size's shape, and VAE scale
+        data = dataset.drop_repeats(data, "score", args.on_duplicates, args.data)
+        common.require(args.relabel or len(set(data["score"].tolist())) > 1, f"{args.data}: every score is the same")
+    prompts = read_prompts(args.prompts, "--prompts") if args.prompts else meta.get("prompts") or toy.toy_prompts()
+    eval_prompts = (read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else
+                    None if args.data else toy.toy_prompts("eval"))
+    for n, what, where in ((len(data["score"]) if data else args.toy_size, "rows", args.data or "--toy-size"),
+                           (len(prompts), "prompts", args.prompts or args.data)):  # the held-out share: at least one
+        common.require(n - max(1, round(n * args.test_fraction)) > 0 or what == "prompts" and eval_prompts,
+                       f"{where}: {n} {what}, too few to hold out --test-fraction {args.test_fraction} and train on")
+    keep, held = (i.sort().values for i in dataset.split_indices(len(prompts), args.test_fraction, args.seed))
+    keep, eval_prompts = (range(len(prompts)), eval_prompts) if eval_prompts else (keep, [prompts[i] for i in held])
+    words = [set(p.lower().split()) for p in {*prompts, *eval_prompts, *(meta.get("prompts", []) * args.relabel)}]
+    toy_ok = all(w & toy.TOY_COLOURS.keys() and w & toy.TOY_DIRECTIONS.keys() for w in words)  # a colour, a direction
+    common.require(toy_ok or args.teacher != "toy" or args.stage == "rm" and not args.relabel, "--teacher toy scores "
+                   "toy-world prompts only: pass --teacher pickscore or module:function", 2)
+    ckpt = args.reward_ckpt or (args.stage == "tune" and (args.reward == "latent" or "no-align" in args.compare)
+                                and str(Path(args.out_dir or "<a new run folder>") / "lrm.safetensors"))
+    common.require(not ckpt or Path(ckpt).is_file(), f"{ckpt}: no trained ensemble there; pass --reward-ckpt "
+                   "<run>/lrm.safetensors, or the --out-dir of a --stage rm run")
+    ckpt and load_lrm(ckpt, geo and geo["latent_shape"], weights=False)  # its metadata, against the latents
+    return dict(data=data and (data, meta), prompts=prompts, keep=keep, eval_prompts=eval_prompts, ckpt=ckpt)
 
 
 def estimate_memory(args) -> dict:
-    """The real lrm_step and tune_step on fake tensors at the backbone's size, batch 1 (estimate.StageEstimates)."""
-    import estimate
-
+    """The load phase, then the real lrm_step and tune_step on fake tensors at the video size, batch 1."""
     def member_step(lrm, z, text):  # lrm_step of member 0; in fit_members the others hold their grads meanwhile
         for p in lrm.members[1:].parameters():
             p.grad = torch.zeros_like(p)
         lrm_step(args, lrm, 0, z, text, torch.zeros(len(z)))
-    with estimate.StageEstimates("VELR", args.backbone) as est:
-        x0, embeds, mask = est.inputs()
-        text = last_text_token(embeds, mask)
-        sigmas = common.sigma_schedule(args.num_steps, common.backbone_config(args.backbone)["flow_shift"])
+    with estimate.StageEstimates("VELR", args.backbone, args.height, args.width, args.num_frames) as est:
+        (x0, embeds, mask), K, _ = est.inputs(), args.truncated_steps, est.load_phase()
+        text, sigmas = last_text_token(embeds, mask), common.sigma_schedule(args.num_steps, est.cfg["flow_shift"])
         new_lrm = lambda: EnsembleLRM(args.ensemble_size, x0.shape[1:], text.shape[1], args.lrm_dim, args.lrm_heads,
                                       args.lrm_layers)
-        _, lrm = est.build(lambda: (est.pipeline(), new_lrm()))  # pretrain_lrm: the generator is on the GPU
-        est.step("LRM step (1 member)", member_step, lrm, x0, text)
+        est.step("LRM step (1 member)", member_step, est.build(lambda: (est.pipeline(), new_lrm()))[1], x0, text)
         pipe, lrm = est.build(lambda: (est.pipeline(args.lora_rank, args.gradient_checkpointing),
-                                       new_lrm().requires_grad_(False)))
+                                       new_lrm().requires_grad_(False)))  # pretrain_lrm: the DiT is on the GPU
         run = lambda k, *teacher: est.step("", tune_step, args, pipe, lrm, x0, embeds, text, sigmas, 0, k, *teacher,
                                            quiet=True, rollout_forwards=sum(args.mid_step) / 2)  # E[start] no-grad
-        lo, hi, K = run(1), run(2), args.truncated_steps  # from step 0; K costs linearly: K = 1, 2, extrapolated
+        lo, hi = run(1), run(2)  # from step 0; K costs linearly: K = 1, 2, extrapolated
         est.report(f"fine-tune step (K={K} with grad, LRMs on z0, KL)", estimate.extrapolate(lo, lo, hi, K))
         est.report(f"RGB ReFL step (--reward pixel, K={K}, all frames)",
                    estimate.extrapolate(run(1, toy.toy_reward, toy.toy_prompts()[:1]), lo, hi, K))
@@ -525,57 +527,54 @@ def estimate_memory(args) -> dict:
 
 
 def main(args: Args) -> dict:
-    check_args(args)
+    inputs = check_inputs(args)  # nothing has loaded yet, and no run folder exists
     if args.estimate_memory:
         return estimate_memory(args)
     common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    teacher = load_teacher(args, device)
-    run = common.Run("velr", args, args.out_dir or None)
-    pipe = common.load_backbone(args.backbone, device)
-    if args.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
-    data, meta = load_data(args, pipe, teacher)
-    prompts = read_prompts(args.prompts) if args.prompts else meta["prompts"]  # the LRM sees their last token
-    embeds, mask = (common.encode_prompts(pipe, prompts) if args.prompts else
-                    (data["prompt_embeds"], data["prompt_mask"]))
-    eval_prompts = (read_prompts(args.eval_prompts) if args.eval_prompts else
-                    toy.toy_prompts("eval") if not args.data else prompts[:12])
-    eval_embeds, eval_mask = common.encode_prompts(pipe, eval_prompts)
+    device, relabel = common.pick_device(args.device), args.relabel or (not args.data and args.teacher != "toy")
+    teacher = load_teacher(args, device) if args.stage != "rm" or relabel else None  # none for --data's own scores
+    pipe = common.load_backbone(args.backbone, device, common.pick_dtype(args.dtype, device), args.height, args.width,
+                                args.num_frames)
+    args.gradient_checkpointing and pipe.transformer.enable_gradient_checkpointing()
+    geo = common.backbone_geometry(pipe)
+    data, meta = inputs["data"] or toy.toy_dataset(pipe, "score", args.toy_size, args.seed, cache_dir=args.toy_cache)
+    dataset.check_latents(data, geo, args.data or args.toy_cache, keys=("latents",))  # (a hub id's: only now)
+    if relabel:  # (the toy world's scores are the toy teacher's)
+        print(f"re-labelling {len(data['latents'])} latents with the teacher '{args.teacher}'")
+        data["score"] = pixel_reward(pipe, teacher, data["latents"], [meta["prompts"][i] for i in data["prompt_idx"]])
+    prompts, keep, eval_prompts = inputs["prompts"], inputs["keep"], inputs["eval_prompts"]
+    L, n_eval, shape, ckpt = data["prompt_embeds"].shape[1], len(eval_prompts), geo["latent_shape"], inputs["ckpt"]
+    embeds, mask = common.encode_prompts(pipe, prompts, L) if args.prompts else [data[k] for k in dataset.PROMPT_KEYS]
+    prompts, embeds, mask = [prompts[i] for i in keep], embeds[keep], mask[keep]  # held-out prompts only evaluate
+    eval_embeds, eval_mask = common.encode_prompts(pipe, eval_prompts + [""] * (args.guidance_scale > 1), L)
+    negative, eval_tokens = eval_embeds[n_eval:], last_text_token(eval_embeds, eval_mask)  # CFG: the empty prompt
     common.drop_text_encoder(pipe)
-    shape = common.backbone_geometry(pipe)["latent_shape"]
-    summary, lrm = dict(run_dir=str(run.dir)), None
-    if args.stage == "rm" or args.reward == "latent" or "no-align" in args.compare:
-        if args.stage == "tune" or args.reward_ckpt:
-            lrm = load_lrm(args.reward_ckpt or run.dir / "lrm.safetensors", shape).to(device)
-        else:
-            data_tokens = last_text_token(data["prompt_embeds"], data["prompt_mask"])  # the LRM's training prompts
-            lrm, summary["lrm"] = pretrain_lrm(args, data, data_tokens, shape, device, run)
-            common.save_safetensors(lrm.state_dict(), run.dir / "lrm.safetensors", metadata=dict(  # Table 3's Eq. (7)
-                config=json.dumps(lrm.config), aggregate=args.aggregate))
-            summary.update({f"lrm_{r['LRM']}_test_{k.lower()}": r[f"test {k}"]  # single LRM vs the whole ensemble
-                            for r in (summary["lrm"][0], summary["lrm"][-1]) for k in ("MSE", "PCC")})
-            print(f"\nLRMs vs the pixel reward model (Table 3 in miniature; en-k: --aggregate {args.aggregate} of k "
-                  f"members, mean over disjoint groups)\n" + common.format_table(summary["lrm"]))
-    if args.stage == "rm":
-        run.summary(summary)
-        return summary
+    run = common.Run("velr", args, args.out_dir or None)  # only now: a failed start leaves no run folder
+    needs_lrm = args.stage == "rm" or args.reward == "latent" or "no-align" in args.compare
+    summary, lrm = dict(run_dir=str(run.dir), runs={}), load_lrm(ckpt, shape).to(device) if ckpt and needs_lrm else None
+    if needs_lrm and not ckpt:
+        lrm, summary["lrm"] = pretrain_lrm(args, data, last_text_token(data["prompt_embeds"], data["prompt_mask"]),
+                                           shape, device, run)
+        common.save_safetensors(lrm.state_dict(), run.dir / "lrm.safetensors", metadata=dict(  # Table 3's Eq. (7)
+            config=json.dumps(lrm.config), aggregate=args.aggregate))
+        summary.update({f"lrm_{r['LRM']}_test_{k.lower()}": r[f"test {k}"]  # single LRM vs the whole ensemble
+                        for r in (summary["lrm"][0], summary["lrm"][-1]) for k in ("MSE", "PCC")})
+        print(f"\nTable 3 in miniature (en-k: {args.aggregate} of k LRMs)\n{common.format_table(summary['lrm'])}")
     lrm_state = lrm and {k: v.clone() for k, v in lrm.state_dict().items()}
 
     def sample(tag):  # the current generator's evaluation samples (and mp4s): true reward and R_l
-        if lrm is not None:
-            lrm.load_state_dict(lrm_state)  # the pretrained ensemble scores, and every run starts from it
-        r, z, which = evaluate(pipe, teacher, eval_prompts, eval_embeds, args.eval_samples, args.num_steps)
+        lrm and lrm.load_state_dict(lrm_state)  # the pretrained ensemble scores, and every run starts from it
+        r, z, which = evaluate(pipe, teacher, eval_prompts, eval_embeds[:n_eval], args.eval_samples, args.num_steps,
+                               args.guidance_scale, negative)
         for i in range(min(args.save_videos, len(z))):
             common.export_video(common.decode_latents(pipe, z[i:i + 1].to(pipe.vae.device))[0],
                                 run.dir / "videos" / f"{tag}-{i}.mp4")
-        tokens = last_text_token(eval_embeds, eval_mask)[which].to(device)  # R_l through Eq. (7), as in training
-        return dict(true_reward=r, **({} if lrm is None else {
-            "lrm_reward": aggregate(predict(lrm, z.to(device), tokens), args.aggregate).cpu()}))
+        return dict(true_reward=r, **({} if lrm is None else {  # R_l through Eq. (7), as in training
+            "lrm_reward": aggregate(predict(lrm, z.to(device), eval_tokens[which].to(device)), args.aggregate).cpu()}))
     latent = args.reward == "latent"  # velr: VELR; velr_noalign: without online alignment; pixel: RGB ReFL
     names = [n for n, on in (("velr", latent), ("velr_noalign", latent and "no-align" in args.compare),
-                             ("pixel", not latent or "pixel" in args.compare)) if on]
-    before, rows, costs, summary["runs"] = sample("base"), [], [], {}
+                             ("pixel", not latent or "pixel" in args.compare)) if on and args.stage != "rm"]
+    before, rows, costs = names and sample("base"), [], []
     for name in names:
         stats = finetune(args, pipe, lrm, teacher, prompts, embeds, last_text_token(embeds, mask),
                          "pixel" if name == "pixel" else "latent", name == "velr", run, name)
@@ -587,10 +586,13 @@ def main(args: Args) -> dict:
         rows += [dict(run=name, **row) for row in table]
         costs.append({"run": name, "s/step": stats["seconds_per_step"], "peak GiB": stats["peak_memory_gib"],
                       "|R_l - R|": " → ".join(f"{x:.3f}" for x in stats["gap_first_last"] or []) or "n/a"})
-    print(f"\nFine-tuning, {args.tune_steps} updates; {args.eval_samples} fresh evaluation samples: true_reward R, "
-          f"lrm_reward R_l of the pretrained ensemble, gains paired by seed. The update's cost; |R_l - R| on the "
-          f"training batches, first and last quarter\n" + common.format_table(rows) + "\n" + common.format_table(costs))
+    print(f"\nFine-tuning: true_reward R and R_l of the pretrained ensemble on {args.eval_samples} fresh samples of "
+          f"{n_eval} held-out prompts, paired gains; the update's cost, |R_l - R| on the training batches (first -> "
+          f"last quarter)\n{common.format_table(rows)}\n{common.format_table(costs)}" if names else "")
     run.summary(summary)
+    print(f"\nrun folder {run.dir}" + f"\n  LRM ensemble: {run.dir / 'lrm.safetensors'} (reuse: --stage tune "
+          f"--reward-ckpt <it>)" * ("lrm" in summary) + "".join(f"\n  LoRA: WanPipeline.from_pretrained("
+          f"'{args.backbone}').load_lora_weights('{run.dir / f'lora-{n}'}')" for n in names))
     return summary
 
 

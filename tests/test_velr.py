@@ -3,6 +3,7 @@
 CPU, offline; the toy dataset is cached in a temporary folder. Fine-tuning tests use few updates.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -379,36 +380,169 @@ def test_estimate_memory_runs_the_real_step_functions(monkeypatch, capsys):
         real = getattr(velr, name)
         monkeypatch.setattr(velr, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     res = velr.main(tiny_args(estimate_memory=True, ensemble_size=2))
-    assert list(res) == ["LRM step (1 member)", "fine-tune step (K=2 with grad, LRMs on z0, KL)",
-                         "RGB ReFL step (--reward pixel, K=2, all frames)"]
+    assert list(res)[0].startswith("load phase") and list(res)[1:] == [
+        "LRM step (1 member)", "fine-tune step (K=2 with grad, LRMs on z0, KL)",
+        "RGB ReFL step (--reward pixel, K=2, all frames)"]  # the load phase row first (issue 13)
     assert calls.count("lrm_step") == 2 and calls.count("tune_step") == 3 * 2  # metered + timed run of each
-    assert capsys.readouterr().out.count("estimated peak:") == 3
+    assert capsys.readouterr().out.count("estimated peak:") == 4
 
 
-def test_bad_input_fails_early_with_a_message(world, tmp_path):
-    data, meta, cache = world
-    base = dict(toy_size=256, toy_cache=str(cache), out_dir=str(tmp_path / "r"))
-    with pytest.raises(common.UserError, match="no-such-folder"):
-        velr.main(tiny_args(data=str(tmp_path / "no-such-folder"), **base))
-    with pytest.raises(common.UserError, match="missing.safetensors"):
-        velr.main(tiny_args(stage="tune", reward_ckpt=str(tmp_path / "missing.safetensors"), **base))
-    with pytest.raises(common.UserError, match="toy world exists only for tiny"):  # before any download
-        velr.main(tiny_args(backbone="wan2.1-1.3b", **base))
-    wrong = dict(data, latents=torch.randn(len(data["latents"]), 16, 3, 8, 8))
-    dataset.save(tmp_path / "wrong", wrong, meta)
-    with pytest.raises(common.UserError, match=r"latents .*\(16, 3, 8, 8\)"):
-        velr.main(tiny_args(data=str(tmp_path / "wrong"), **base))
-    nan = dict(data, score=data["score"].clone())
-    nan["score"][3] = float("nan")
-    dataset.save(tmp_path / "nan", nan, meta)
-    with pytest.raises(common.UserError, match="'score' has NaN"):
-        velr.main(tiny_args(data=str(tmp_path / "nan"), **base))
-    with pytest.raises(common.UserError, match="does not fit 10 steps") as e:
-        velr.main(tiny_args(mid_step=[6, 9], **base))
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:  # argparse: exit 2, naming the flag
-        common.parse_args(velr.Args, velr.TINY, ["--ensemble-size", "0"])
-    assert e.value.code == 2
-    (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(common.UserError, match="no prompts"):
-        velr.main(tiny_args(prompts=str(tmp_path / "empty.txt"), **base))
+# ---------------------------------------------------------------------------------------------- real data (#13, #16)
+def human_dataset(world, folder, n=24, **meta_kw):
+    """n rows of the toy world's latents with 'human' scores (not the toy teacher's), as prepare.py --score-source
+    human writes them; the prompt table keeps the real tiny-T5 embeddings."""
+    data, meta, _ = world
+    tensors = {k: v if k in dataset.PROMPT_KEYS else v[:n] for k, v in data.items()}
+    tensors["score"] = torch.linspace(1.0, 5.0, n)  # ratings on their own scale
+    dataset.save(folder, tensors, dict(meta, source="manifest.csv", teacher="human", **meta_kw))
+    return tensors
+
+
+def test_user_scores_are_the_targets_and_relabel_asks_the_teacher(world, tmp_path, monkeypatch):
+    """A human-scored --data trains the LRMs on its own scores, with no teacher loaded (--stage rm); --relabel
+    replaces them by --teacher's pixel reward."""
+    targets = human_dataset(world, tmp_path / "human")["score"]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(args, data, *a):  # the LRMs' regression targets, then stop
+        seen.append(data["score"].clone())
+        raise Stop
+    monkeypatch.setattr(velr, "pretrain_lrm", stop)
+    monkeypatch.setattr(velr, "load_teacher", lambda *a: pytest.fail("no teacher may load for --data's own scores"))
+    with pytest.raises(Stop):
+        velr.main(tiny_args(data=str(tmp_path / "human"), stage="rm", out_dir=str(tmp_path / "a")))
+    assert torch.equal(seen[0], targets)
+    monkeypatch.setattr(velr, "load_teacher", lambda *a: toy.toy_reward)
+    with pytest.raises(Stop):
+        velr.main(tiny_args(data=str(tmp_path / "human"), stage="rm", relabel=True, out_dir=str(tmp_path / "b")))
+    assert not torch.allclose(seen[1], targets) and seen[1].abs().max() < 3  # the toy reward's scale, about [-1, 2]
+
+
+def test_data_run_evaluates_held_out_prompts_with_cfg_and_caps_every_stage(world, tmp_path, monkeypatch):
+    """With --data and no --eval-prompts a held-out share of the prompts evaluates (never fine-tuned on), sampled
+    with CFG (the empty prompt's embedding as negative); --max-steps caps the LRM and the fine-tuning steps."""
+    human_dataset(world, tmp_path / "human", n=48)
+    calls = {}
+    for name in ("finetune", "evaluate"):
+        real = getattr(velr, name)
+        monkeypatch.setattr(velr, name, lambda *a, _r=real, _n=name, **k: calls.setdefault(_n, []).append(a) or _r(*a, **k))
+    out = tmp_path / "run"
+    s = velr.main(tiny_args(data=str(tmp_path / "human"), out_dir=str(out), ensemble_size=2, max_steps=1, batch_size=1,
+                            eval_samples=2, guidance_scale=5.0, compare=["pixel"]))
+    tuned, evaluated = set(calls["finetune"][0][4]), set(calls["evaluate"][0][2])
+    assert evaluated and tuned and not tuned & evaluated  # held out
+    assert len(tuned) + len(evaluated) == len(json.loads((tmp_path / "human" / "meta.json").read_text())["prompts"])
+    assert calls["evaluate"][0][6] == 5.0 and calls["evaluate"][0][7].shape[0] == 1  # CFG, one negative
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["rm", "tune-velr", "tune-pixel"]  # one step each
+    assert set(s["runs"]) == {"velr", "pixel"}
+
+
+def test_on_duplicates_drop_leaves_repeated_rows_out(world, tmp_path, monkeypatch, capsys):
+    tensors = human_dataset(world, tmp_path / "d", n=12)
+    for k in ("latents", "prompt_idx", "score"):  # row 12 repeats row 0; rows 13, 14 repeat row 1 with two scores
+        tensors[k] = torch.cat([tensors[k], tensors[k][[0, 1, 1]]])
+    tensors["score"][14] += 1
+    dataset.save(tmp_path / "d", tensors, json.loads((tmp_path / "d" / "meta.json").read_text()))
+    n = []
+    monkeypatch.setattr(velr, "pretrain_lrm", lambda a, data, *r: n.append(len(data["latents"])) or 1 / 0)
+    with pytest.raises(common.UserError, match=r"(?s)row 12: duplicate of row 0.*row 13: contradicts.*--on-duplicates"):
+        velr.main(tiny_args(data=str(tmp_path / "d"), stage="rm", out_dir=str(tmp_path / "r")))
+    with pytest.raises(ZeroDivisionError):
+        velr.main(tiny_args(data=str(tmp_path / "d"), stage="rm", on_duplicates="drop", out_dir=str(tmp_path / "r")))
+    assert n == [15 - 4] and "4 duplicate or contradicting row(s) dropped" in capsys.readouterr().out  # 12; 1, 13, 14
+
+
+# ---------------------------------------------------------------------------------------------- bad input (#19)
+def bad_data(root, case: str):
+    """A small valid 'score' dataset (8 rows, tiny's latent shape) with one thing broken; returns its folder."""
+    g = torch.Generator().manual_seed(0)
+    prompts = toy.toy_prompts()[:4]
+    t = dict(latents=torch.randn(8, 16, 3, 4, 4, generator=g), score=torch.rand(8, generator=g),
+             prompt_idx=torch.arange(8) % 4, prompt_embeds=torch.randn(4, 32, 32, generator=g),
+             prompt_mask=torch.ones(4, 32, dtype=torch.bool))
+    meta = dict(kind="score", prompts=prompts, height=32, width=32, num_frames=9, teacher="human")
+    if case == "nan":
+        t["score"][5] = float("nan")
+    elif case == "shape":
+        t["latents"] = torch.randn(8, 16, 3, 8, 8, generator=g)
+    elif case == "empty":
+        t.update(latents=t["latents"][:0], score=t["score"][:0], prompt_idx=t["prompt_idx"][:0])
+    elif case == "kind":
+        meta["kind"] = "binary"
+    elif case == "prompt_idx":
+        t["prompt_idx"][3] = 7
+    elif case == "duplicate":
+        t["latents"][6], t["prompt_idx"][6], t["score"][6] = t["latents"][2], t["prompt_idx"][2], t["score"][2]
+    elif case == "contradiction":
+        t["latents"][6], t["prompt_idx"][6] = t["latents"][2], t["prompt_idx"][2]
+    elif case == "huge":  # finite, yet no VAE makes it
+        t["latents"][4] *= 1e30
+    elif case == "constant":
+        t["score"][:] = 3.0
+    folder = root / f"data-{case}"
+    dataset.save(folder, t, meta)
+    return folder
+
+
+def tree_hash(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+# case: (extra argv (DATA: the case's dataset, RUN: the earlier run folder, TMP: the test's folder), exit code,
+# what the message must name)
+BAD = {
+    "data missing": (["--data", "TMP/nowhere"], 1, "nowhere"),
+    "data is a file": (["--data", "TMP/file.txt"], 1, "file.txt: not a dataset folder"),
+    "wrong kind": (["--data", "DATA"], 1, "kind is 'binary'"),
+    "nan": (["--data", "DATA"], 1, "'score' has NaN/inf values (rows [5])"),
+    "shape": (["--data", "DATA"], 1, "latents (16, 3, 8, 8)"),
+    "empty": (["--data", "DATA"], 1, "empty"),
+    "prompt_idx": (["--data", "DATA"], 1, "prompt_idx outside the 4 prompts (rows [3])"),
+    "duplicate": (["--data", "DATA"], 1, "row 6: duplicate of row 2"),
+    "contradiction": (["--data", "DATA"], 1, "row 2: contradicts row(s) [6] (same latents and prompt)"),
+    "constant": (["--data", "DATA"], 1, "every score is the same"),
+    "huge": (["--data", "DATA"], 1, "values above 1e4 (rows [4])"),
+    "max steps": (["--max-steps", "0"], 2, "--max-steps"),
+    "one prompt": (["--data", "DATA", "--prompts", "TMP/one.txt"], 1, "one.txt: 1 prompts, too few"),
+    "size": (["--data", "DATA", "--height", "48"], 2, "--height 48"),
+    "range": (["--ensemble-size", "0"], 2, "--ensemble-size"),
+    "lr": (["--lr", "0"], 2, "--lr"),
+    "mid step": (["--mid-step", "6", "9"], 2, "--mid-step 6 9"),
+    "no checkpoint": (["--stage", "tune", "--reward-ckpt", "TMP/missing.safetensors"], 1, "missing.safetensors"),
+    "not a checkpoint": (["--stage", "tune", "--reward-ckpt", "TMP/file.txt"], 1, "file.txt: not a --stage rm"),
+    "no config": (["--stage", "tune", "--reward-ckpt", "TMP/plain.safetensors"], 1, "plain.safetensors"),
+    "out-dir": (["--out-dir", "TMP/file.txt/run"], 2, "--out-dir"),
+    "prompts": (["--prompts", "TMP/empty.txt"], 1, "empty.txt: no prompts"),
+    "toy teacher": (["--data", "DATA", "--prompts", "TMP/cats.txt"], 2, "--teacher toy"),
+    "no toy world": (["--backbone", "wan2.1-1.3b"], 2, "--backbone wan2.1-1.3b"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_early_with_a_message_and_changes_nothing(case, tmp_path):
+    """Each mistake, through the CLI: `error: <cause>` naming the flag / file / row, exit 2 for flags and 1 for data,
+    no traceback, nothing loaded (it fails in seconds), and the dataset and an earlier run folder unchanged."""
+    argv, code, names = BAD[case]
+    data = bad_data(tmp_path, {"wrong kind": "kind"}.get(case, case))
+    run = tmp_path / "earlier-run"
+    common.save_safetensors(dict(w=torch.ones(2)), run / "lrm.safetensors", metadata=dict(config="{}"))
+    (run / "args.json").write_text("{}")
+    (tmp_path / "file.txt").write_text("not a dataset, not a checkpoint")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "cats.txt").write_text("a cat on a sofa\na red box moving left\n")
+    (tmp_path / "one.txt").write_text("a red box moving left\n")
+    common.save_safetensors(dict(w=torch.ones(2)), tmp_path / "plain.safetensors")
+    before = dict(data=tree_hash(data), run=tree_hash(run))
+    argv = [a.replace("DATA", str(data)).replace("TMP", str(tmp_path)) for a in argv]
+    argv += [] if "--out-dir" in argv else ["--out-dir", str(run)]
+    res = subprocess.run([sys.executable, "velr.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == code, res.stderr[-2000:]
+    assert res.stderr.startswith(("error:", "usage:")) and names in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert dict(data=tree_hash(data), run=tree_hash(run)) == before
