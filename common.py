@@ -95,7 +95,8 @@ def folder_config(transformer: dict, vae: dict, text_encoder: dict, scheduler: d
     known = next((c for c in WAN_CONFIGS.values() if all(tr.get(k) == c["transformer"][k] for k in shape)),
                  WAN_CONFIGS["wan2.1-1.3b"])
     own = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return dict(known, repo=repo, flow_shift=scheduler.get("flow_shift") or known["flow_shift"], transformer=tr,
+    shift = scheduler.get("flow_shift") or scheduler.get("shift")  # UniPC / FlowMatchEuler name it differently
+    return dict(known, repo=repo, flow_shift=shift or known["flow_shift"], transformer=tr,
                 vae=own(vae), text_encoder=own(text_encoder) or known["text_encoder"])
 
 
@@ -450,7 +451,8 @@ def cli(main, cls, tiny: dict):
         print(f"{'error: ' if e.code < 128 else ''}{e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
-        print("interrupted outside a training stage (nothing to resume from there)", file=sys.stderr)
+        print("interrupted (outside a training step: --resume continues from the last checkpoint, if there is one)",
+              file=sys.stderr)
         sys.exit(130)
 
 

@@ -21,7 +21,10 @@ Where this differs from the paper text (no official code; notes in shared/refere
   * Unreported head details follow PAVRM (HY-Video-PRFL): 8 heads, xavier query, GELU MLP of width D; ours: LayerNorm
     before the projection, text pads masked. 21.2M trainable parameters at D = 1536 (paper: 21.8M).
   * Training: t ~ U{0..999}, sigma = t/1000 (unshifted); Best-of-N scores at the shifted sigma the sampler reached,
-    with common.rollout's Euler (not UniPC). Tie-calibrated accuracy: the "Ties Matter" sweep (arXiv 2305.14324).
+    with common.rollout's Euler (not UniPC) at the checkpoint's own flow shift (a folder's scheduler_config.json).
+  * Accuracy w/ ties: the max over thresholds eps in {|m_i|} (Ties Matter, arXiv 2305.14324). VideoAlign's code (that of
+    VideoGen-RewardBench, which the paper follows) also scores part-way through pairs of equal |m| (in data order): up
+    to 0.22 higher with integer scores, the same for distinct |m| (real rewards). --tie-sweep videoalign computes it.
   * Best-of-N compute is counted (FLOPs of a forward / scoring pass / decode x their numbers; not the oracle's RM).
 """
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 import common
 import dataset
 import estimate
+import rundir
 import toy
 
 
@@ -48,7 +52,9 @@ import toy
 class Args:
     # generic
     stage: str = common.arg("all", "rm: train + test the head; bon: early Best-of-N; all", choices=["rm", "bon", "all"])
-    out_dir: str = common.arg("", "run folder (default runs/prism-<backbone>-<time>)")
+    out_dir: str = common.arg("", "run folder (default: a new runs/prism-<backbone>-<time>); an existing one: --resume")
+    resume: bool = common.arg(False, "continue the run in --out-dir from its last checkpoint (same arguments)")
+    checkpoint_every: int = common.arg(100, "head steps between checkpoints (also after the last, and on Ctrl-C)", min=1)
     seed: int = common.arg(0, "seed of training randomness (evaluation noise uses its own fixed seeds)")
     device: str = common.arg("auto", "auto | cpu | cuda")
     dtype: str = common.arg(None, "DiT precision; None: bf16 on CUDA, fp32 on CPU", type=str, choices=["bf16", "fp32"])
@@ -71,23 +77,24 @@ class Args:
     num_heads: int = common.arg(8, "attention heads (not reported; PAVRM code: 8)", min=1)
     num_queries: int = common.arg(1, "N_q learnable queries, averaged after attention (paper 1; Tab. 4: 4, 8)", min=1)
     mlp_layers: int = common.arg(5, "linear layers of the MLP to the scalar reward (paper 5)", min=1)
-    pooling: str = common.arg("query", "query: learnable-query cross-attention; mean: masked mean pooling (Tab. 3)",
-                              choices=["query", "mean"])
+    pooling: str = common.arg("query", "query: learned-query attention; mean: masked mean (Tab. 3)", choices=["query", "mean"])
     loss: str = common.arg("rao-kupper", "Eq. 3-4, or BT: a tie = half a win", choices=["rao-kupper", "bradley-terry"])
     eta: float = common.arg(5.0, "Rao-Kupper tie parameter eta > 1 (paper 5.0; Tab. 4: 3, 8); rao-kupper only")
-    rm_lr: float = common.arg(1e-4, "AdamW lr of the head, constant (paper)", min=0)
+    rm_lr: float = common.arg(1e-4, "AdamW lr of the head, constant (paper)", gt=0)
     weight_decay: float = common.arg(0.01, "AdamW weight decay (not reported)", min=0)
     rm_batch: int = common.arg(16, "pairs per micro-batch (not reported)", min=1)
     grad_accum: int = common.arg(1, "micro-batches per optimiser step (not reported)", min=1)
     rm_steps: int = common.arg(5000, "optimiser steps (not reported; ~3 epochs of 26k pairs at 16)", min=1)
     eval_timesteps: list = common.arg(None, "t in [0, 1000) where accuracy is measured (Tab. 1)", min=0, max=999,
                                       factory=lambda: [989, 949, 899, 699, 499, 299, 99, 0])
+    tie_sweep: str = common.arg("distinct", "w/ ties accuracy: thresholds at distinct |m| (Ties Matter), or also inside "
+                                "equal |m| as VideoAlign's code (module docstring)", choices=["distinct", "videoalign"])
     # early Best-of-N (Fig. 3, Tab. 2)
     bon_n: int = common.arg(5, "N candidates per draw (paper 5)", min=1)
     bon_steps: list = common.arg(None, "k: pick after this many sampler steps (k = --num-steps: the clean latent)",
                                  min=1, factory=lambda: [1, 5, 10, 25, 50])
     num_steps: int = common.arg(50, "sampler steps (paper 50)", min=1)
-    flow_shift: float = common.arg(None, "sampling shift; None = the checkpoint scheduler's", type=float)
+    flow_shift: float = common.arg(None, "sampling shift; None = the checkpoint scheduler's", type=float, gt=0)
     guidance_scale: float = common.arg(5.0, "CFG with the empty prompt as negative (diffusers default)", min=0)
     eval_samples: int = common.arg(None, "Best-of-N draws, held-out prompts cycled; None: each once", type=int)
     bon_batch: int = common.arg(1, "draws denoised at once (each with its N candidates)", min=1)
@@ -209,17 +216,18 @@ def accuracy_without_ties(h, m) -> float:
     return (h[keep] * m[keep] > 0).float().mean().item() if keep.any() else float("nan")
 
 
-def accuracy_with_ties(h, m) -> float:
+def accuracy_with_ties(h, m, sweep: str = "distinct") -> float:
     """Tie-calibrated 3-way accuracy (Ties Matter, Alg. 1): |m| <= eps predicts a tie; return
     max over eps in {|m_i|} of (C + T_hm) / (C + D + T_h + T_m + T_hm) = (C + T_hm) / n.
-    Sorted sweep, O(n log n): predicting ties for the j smallest |m| turns their C into T_m."""
-    a, order = m.abs().sort()
+    Sorted sweep, O(n log n): predicting ties for the j smallest |m| turns their C into T_m.
+    sweep "videoalign" (--tie-sweep): every j of a stable |m| order, also inside equal |m| (VideoAlign's code)."""
+    a, order = m.abs().sort(stable=True)
     h, mm = h[order], m[order]
     correct = (h * mm > 0).float()                       # C if predicted non-tie (always 0 for human ties)
     t_hm = (h == 0).float().cumsum(0)                    # human ties among the predicted ties
     c = correct.sum() - correct.cumsum(0)                # correct among the rest
     last = torch.ones_like(a, dtype=torch.bool)          # only thresholds between distinct |m| values
-    last[:-1] = a[1:] != a[:-1]
+    last[:-1] = (sweep == "videoalign") | (a[1:] != a[:-1])
     return ((c + t_hm) / len(h))[last].max().item()
 
 
@@ -250,13 +258,16 @@ def head_step(args, transformer, head, x_a, x_b, embeds, mask, pref, sigma, eps)
 
 def train_head(args, pipe, head, data, train_idx, run, device):
     """AdamW at a constant lr; each of --rm-steps (at most --max-steps) steps: --grad-accum micro-batches of
-    --rm-batch pairs drawn with replacement."""
+    --rm-batch pairs drawn with replacement. Stage 'rm': run.steps checkpoints the head, AdamW, the batch generator
+    and the losses so far; a --resume'd run ends bit-identical to an unbroken one."""
     opt = torch.optim.AdamW(head.parameters(), lr=args.rm_lr, weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(args.seed)
-    timer, losses, pairs = common.StepTimer(device), [], 0
+    timer, losses = common.StepTimer(device), torch.full((args.rm_steps,), math.nan, dtype=torch.float64)
     steps = min(args.rm_steps, args.max_steps or args.rm_steps)
     head.train()
-    for step in (bar := tqdm(range(steps), desc="PRISM head")):
+    for step in run.steps("rm", args.rm_steps, dict(head=head), opt, generators=dict(batches=g),
+                          tensors=dict(losses=losses), every=args.checkpoint_every, stop_at=args.max_steps,
+                          desc="PRISM head"):
         with timer:
             opt.zero_grad(set_to_none=True)
             loss = 0.0
@@ -266,14 +277,12 @@ def train_head(args, pipe, head, data, train_idx, run, device):
                 eps = torch.randn(len(idx), *data["latents_a"].shape[1:], generator=g)     # one noise per pair
                 loss += head_step(args, pipe.transformer, head, *batch_pairs(data, idx, device), sigma.to(device),
                                   eps.to(device)).item() / args.grad_accum
-                pairs += len(idx)
             common.require(math.isfinite(loss), f"PRISM head: the loss is {loss} at step {step}: lower --rm-lr ({args.rm_lr})")
             opt.step()
-        losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        losses[step] = loss
         run.log(step, "rm", loss=loss)
     head.eval()
-    return dict(steps=steps, pairs=pairs, final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+    return dict(steps=steps, pairs=steps * args.grad_accum * args.rm_batch, final_loss=losses[:steps][-20:].mean().item(),
                 sec_per_step=timer.seconds_per_step, peak_mem_gib=timer.peak_memory_gib())
 
 
@@ -295,7 +304,7 @@ def evaluate_accuracy(args, pipe, head, data, test_idx, device, batch: int = 64)
             m.append((r_a - r_b).cpu())
             nll += preference_nll(args, r_a, r_b, pref).item() * len(pref) / len(test_idx)
         m = torch.cat(m)
-        rows.append(dict(t=t, acc=accuracy_without_ties(h, m), acc_ties=accuracy_with_ties(h, m), nll=nll))
+        rows.append(dict(t=t, acc=accuracy_without_ties(h, m), acc_ties=accuracy_with_ties(h, m, args.tie_sweep), nll=nll))
     return rows
 
 
@@ -400,8 +409,7 @@ def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device
 
 
 # ==== Data, checkpoints, flags: all checked before any weight loads (a failed start leaves no run folder)
-SIZE, HEAD_KEYS = ("height", "width", "num_frames"), ("in_dim", "dim", "num_heads", "num_queries", "mlp_layers",
-                                                     "pooling")
+SIZE, HEAD_KEYS = ("height", "width", "num_frames"), ("in_dim", "dim", "num_heads", "num_queries", "mlp_layers", "pooling")
 
 
 def read_data(args, cfg):
@@ -449,8 +457,9 @@ def sampler_shift(args, pipe) -> float:  # --flow-shift, or the loaded checkpoin
     return common.backbone_geometry(pipe)["flow_shift"] if args.flow_shift is None else args.flow_shift
 
 
-def load_head(path, transformer_config, num_blocks: int) -> PRISMHead:
-    """--reward-ckpt: a PRISM head (its config: the file's metadata) for this backbone's width after block N_b."""
+def load_head(path, transformer_config, num_blocks: int, args=None) -> PRISMHead:
+    """--reward-ckpt: a PRISM head (its config: the file's metadata) for this backbone's width after block N_b. With
+    `args`, the head shape and the loss it recorded must be the arguments' (the ones that differ are named)."""
     common.require(Path(path).is_file(), f"--reward-ckpt {path}: no such file")
     try:
         with safe_open(str(path), "pt") as f:
@@ -464,6 +473,10 @@ def load_head(path, transformer_config, num_blocks: int) -> PRISMHead:
     width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
     common.require(made_for == (width, num_blocks), f"--reward-ckpt {path}: a head of width {made_for[0]} after block "
             f"{made_for[1]}; this backbone gives {width} after block {num_blocks} (--num-blocks)")
+    asked = {} if args is None else {k: getattr(args, "head_" * (k == "dim") + k) for k in HEAD_KEYS[1:]} | loss_config(args)
+    differ = [f"--{'head-dim' if k == 'dim' else k.replace('_', '-')} {meta[k]} (now {v})" for k, v in asked.items()
+              if k in meta and meta[k] != str(v)]  # (a file saved before the loss was recorded: its shape only)
+    common.require(not differ, f"--reward-ckpt {path} was trained with " + ", ".join(differ) + ": pass the same flags", 2)
     return head
 
 
@@ -481,21 +494,18 @@ def check_args(args: Args) -> dict:
             f"--bon-steps {args.bon_steps} must lie in 1..--num-steps {args.num_steps}", 2)
     common.require(args.head_dim % args.num_heads == 0, f"--head-dim {args.head_dim}: not a multiple of --num-heads "
             f"{args.num_heads}", 2)
-    common.require(args.rm_lr > 0 and (args.flow_shift is None or args.flow_shift > 0),
-            f"--rm-lr {args.rm_lr}, --flow-shift {args.flow_shift}: must be > 0", 2)
     common.require(all(getattr(args, k) is None or getattr(args, k) >= 1 for k in (*SIZE, "max_steps", "eval_samples")),
             "--height, --width, --num-frames, --max-steps and --eval-samples must be >= 1", 2)
     common.require(args.num_blocks <= cfg["transformer"]["num_layers"], f"--num-blocks {args.num_blocks}: {args.backbone} has "
             f"{cfg['transformer']['num_layers']} blocks", 2)
-    if run:  # the run folder is made after loading, but it must take a file now
-        common.check_writable(args.out_dir or "runs")
+    common.check_writable(args.out_dir or "runs") if run else None  # the run folder is made after loading: writable now?
     try:  # the loss checks its own parameters (Rao-Kupper: eta > 1)
         preference_nll(args, torch.zeros(1), torch.zeros(1), torch.zeros(1))
     except ValueError as e:
         raise common.UserError(f"--loss {args.loss}: {e}", 2) from None
     common.geometry(cfg, **size)
     if args.reward_ckpt:
-        load_head(args.reward_ckpt, cfg["transformer"], args.num_blocks)
+        load_head(args.reward_ckpt, cfg["transformer"], args.num_blocks, args)
     return cfg
 
 
@@ -524,6 +534,8 @@ def main(args: Args) -> dict:
         return estimate_memory(args)
     data, meta, size = read_data(args, cfg)  # --data, checked against the backbone and the size; None: the toy world
     split = split_by_prompt(data, args.test_fraction) if data else None  # (a bad split fails before loading too)
+    common.require(args.resume or not args.out_dir or not Path(args.out_dir).is_dir() or not any(Path(args.out_dir).iterdir()),
+                   f"--out-dir {args.out_dir} already holds a run; pass --resume to continue it, or choose another folder", 2)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     pipe = common.load_backbone(args.backbone, device, common.pick_dtype(args.dtype, device), **size)
@@ -531,17 +543,17 @@ def main(args: Args) -> dict:
         data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=0, cache_dir=args.toy_cache)
     train_idx, test_idx, test_p = split or split_by_prompt(data, args.test_fraction)
     args = dataclasses.replace(args, **{k: common.backbone_geometry(pipe)[k] for k in SIZE})  # args.json: the size
-    run = common.Run("prism", args, args.out_dir or None)
+    run = rundir.Run("prism", args, args.out_dir or None, args.resume)
     # every prompt still needed is encoded now; then the text encoder (11 GB for Wan) leaves the device
     prompts, embeds, mask = bon_prompt_table(args, pipe, data, meta, test_p)
     negative = common.encode_prompts(pipe, [""], max_sequence_length=data["prompt_embeds"].shape[1])[0]
     common.drop_text_encoder(pipe)
-    head = (load_head(args.reward_ckpt, pipe.transformer.config, args.num_blocks) if args.reward_ckpt
+    head = (load_head(args.reward_ckpt, pipe.transformer.config, args.num_blocks, args) if args.reward_ckpt
             else new_head(args, pipe.transformer.config)).to(device)
     ties, head_file = (data["pref"][test_idx] == 2).float().mean().item(), run.dir / "prism_head.safetensors"
     summary = dict(method="prism", backbone=args.backbone, run_dir=str(run.dir), train_pairs=len(train_idx),
                    test_pairs=len(test_idx), test_ties=ties, head_params=sum(p.numel() for p in head.parameters()),
-                   **loss_config(args))
+                   tie_sweep=args.tie_sweep, flow_shift=sampler_shift(args, pipe), **loss_config(args))
     before = [p.clone() for p in pipe.transformer.parameters()] if args.backbone == "tiny" else None
 
     if args.stage in ("rm", "all"):
@@ -549,10 +561,12 @@ def main(args: Args) -> dict:
             summary["train"] = train_head(args, pipe, head, data, train_idx, run, device)
             common.save_safetensors(head.state_dict(), head_file, metadata=dict(
                 **head.config, num_blocks=args.num_blocks, **loss_config(args), backbone=args.backbone))
+            rundir.plot_metrics(run, "rm", ["loss"], f"PRISM head: training NLL ({args.loss})")  # the PNGs: docs' tables
         rows = summary["accuracy"] = evaluate_accuracy(args, pipe, head, data, test_idx, device)
         summary.update({f"acc_t{r['t']}": r["acc"] for r in rows})  # flat headline numbers
-        print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs, {ties:.0%} ties; 'always tie' scores "
-              f"{ties:.3f} w/ ties; test NLL of --loss {args.loss})")
+        rundir.plot(run.dir / "accuracy_vs_t.png", {n: ([r["t"] for r in rows], [r.get(k, ties) for r in rows]) for n, k in
+                    (("w/o ties", "acc"), ("w/ ties", "acc_ties"), ("always tie, w/ ties", ""))}, "PRISM accuracy vs t", "t")
+        print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs; always tie: {ties:.3f} w/ ties; NLL: {args.loss})")
         print(common.format_table([{"metric": name, **{str(r["t"]): r[key] for r in rows}} for name, key in
                                    (("w/o ties", "acc"), ("w/ ties", "acc_ties"), ("NLL", "nll"))]))
 
@@ -560,21 +574,25 @@ def main(args: Args) -> dict:
         # only the toy world has a ground truth; on real data the picks are saved for an external benchmark
         reward_fn = toy.true_reward if meta.get("source") == "toy" else None
         rows = summary["bon"] = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
-        summary.update({f"bon_gain_step{r['method'].split()[-1]}": [r["gain_vs_random"], r["gain_se"]]
-                        for r in rows if "gain_vs_random" in r})
+        gains = {int(r["method"].split()[-1]): r for r in rows if "gain_vs_random" in r}
+        summary.update({f"bon_gain_step{k}": [r["gain_vs_random"], r["gain_se"]] for k, r in gains.items()})
+        if gains:
+            ks, g, se = list(gains), [r["gain_vs_random"] for r in gains.values()], [r["gain_se"] for r in gains.values()]
+            rundir.plot(run.dir / "bon_gain_vs_k.png", {"PRISM pick": (ks, g), "PRISM - 2 SE": (ks, [a - 2 * b for a, b in zip(
+                g, se)]), "oracle": (ks, [rows[1]["reward"] - rows[0]["reward"]] * len(ks))}, "gain over a random pick", "k")
         what = "true toy reward of the pick" if reward_fn else "no ground truth on --data (picks saved)"
         print(f"\nEarly Best-of-{args.bon_n}: {what}, {len(prompts)} draws over {len(set(prompts))} prompts, "
-              f"{args.num_steps} steps (per-draw compute; rel_flops vs the oracle)")
+              f"{args.num_steps} steps at flow shift {summary['flow_shift']} (per-draw compute; rel_flops vs the oracle)")
         print(common.format_table(rows, ["method", "reward", "se", "gain_vs_random", "gain_se", "forwards",
                                          "score_passes", "decodes", "gflop", "rel_flops"]))
 
     if before is not None:  # the backbone is frozen: nothing of it may have moved
         summary["backbone_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, pipe.transformer.parameters()))
     run.summary(summary)
-    head_file = args.reward_ckpt or head_file
-    print(f"\nrun folder: {run.dir}\nPRISM head: {head_file} (--reward-ckpt {head_file}; in Python: prism.load_head("
-          f"path, pipe.transformer.config, {args.num_blocks}))" + (f"\nBest-of-N picks (latents per k; videos: "
-          f"common.decode_latents): {run.dir / 'bon_picks.safetensors'}" if "bon" in summary else ""))
+    pngs = ", ".join(sorted(p.name for p in run.dir.glob("*.png")))
+    print(f"\nrun folder: {run.dir} (plots: {pngs})\nPRISM head: {args.reward_ckpt or head_file} (--reward-ckpt; in Python: "
+          f"prism.load_head(path, pipe.transformer.config, {args.num_blocks}))" + (f"\nBest-of-N picks (latents per k; "
+          f"videos: common.decode_latents): {run.dir / 'bon_picks.safetensors'}" if "bon" in summary else ""))
     return summary
 
 

@@ -1,5 +1,6 @@
-"""Tests of prism.py: Rao-Kupper (Eqs. 3-4), the tie-calibrated accuracy, the head, the frozen backbone,
-the toy-world behaviour (accuracy vs t, early Best-of-N), the CLI and bad input. CPU, offline."""
+"""Tests of prism.py: Rao-Kupper (Eqs. 3-4), the tie-calibrated accuracy (both sweeps), the head, the frozen backbone,
+the toy-world behaviour (accuracy vs t, early Best-of-N), the CLI, bad input, a folder backbone's flow shift, and
+checkpoints: --max-steps / SIGINT then --resume equal an unbroken run. CPU, offline."""
 import ast
 import dataclasses
 import hashlib
@@ -8,8 +9,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from safetensors.torch import load_file
 
 import common
 import dataset
+import rundir
 import toy
 import prism
 
@@ -121,6 +125,38 @@ def test_accuracy_with_ties_matches_brute_force_sweep():
         assert prism.accuracy_with_ties(h, m) == pytest.approx(best)
 
 
+def videoalign_accuracy_with_ties(h, m):
+    """The sweep of VideoAlign's calc_accuracy.py (VideoGen-RewardBench), restated: pairs in a stable |m| order, the
+    first j predicted ties, the best (C + T_hm) / n over j = 1..n, so also j inside a run of equal |m|."""
+    order, n = sorted(range(len(h)), key=lambda i: abs(m[i])), len(h)
+    best = float("-inf")
+    for j in range(1, n + 1):
+        tie = set(order[:j])
+        best = max(best, sum(h[i] == 0 if i in tie else h[i] * m[i] > 0 for i in range(n)) / n)
+    return best
+
+
+def test_tie_sweep_distinct_thresholds_by_default_and_videoalign_on_request():
+    """Hand case: |m| = 1, 1, 2 with labels tie, A, A. Distinct thresholds: eps = 1 -> {tie: T_hm, A: T_m}, A: C = 2/3;
+    eps = 2 -> 1/3. VideoAlign also stops after the first pair of |m| = 1: T_hm + C + C = 3/3, a split no threshold
+    makes, and it depends on the data order (A first: 1/3, then 2/3)."""
+    h, m = torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 2.0])
+    assert prism.accuracy_with_ties(h, m) == pytest.approx(2 / 3)
+    assert prism.accuracy_with_ties(h, m, "videoalign") == pytest.approx(1.0)
+    assert prism.accuracy_with_ties(h[[1, 0, 2]], m[[1, 0, 2]], "videoalign") == pytest.approx(2 / 3)
+    assert prism.accuracy_with_ties(h[[1, 0, 2]], m[[1, 0, 2]]) == pytest.approx(2 / 3)
+    g, differ = torch.Generator().manual_seed(3), 0
+    for _ in range(20):  # integer scores (many equal |m|): videoalign is VideoAlign's loop, and >= distinct
+        h, m = torch.randint(-1, 2, (30,), generator=g).float(), torch.randint(-3, 4, (30,), generator=g).float()
+        va = prism.accuracy_with_ties(h, m, "videoalign")
+        assert va == pytest.approx(videoalign_accuracy_with_ties(h.tolist(), m.tolist()))
+        assert va >= prism.accuracy_with_ties(h, m) - 1e-9
+        differ += va > prism.accuracy_with_ties(h, m) + 1e-9
+        m = torch.randn(30, generator=g)  # distinct |m|: the two are the same number
+        assert prism.accuracy_with_ties(h, m, "videoalign") == pytest.approx(prism.accuracy_with_ties(h, m))
+    assert differ > 0
+
+
 # ---------------------------------------------------------------------------------------------- head
 def test_head_paper_size_and_text_padding_is_ignored():
     paper = prism.PRISMHead(1536, 1536, 8, 1, 5)
@@ -158,7 +194,7 @@ def test_training_pairs_share_t_and_noise_and_backbone_stays_frozen(toy_cache, t
     head = prism.PRISMHead(32, 16, 8, 1, 5)
     before = {k: v.clone() for k, v in tr.state_dict().items()}
     head_before = [p.clone() for p in head.parameters()]
-    run = common.Run("prism", args, str(tmp_path))
+    run = rundir.Run("prism", args, str(tmp_path))
     prism.train_head(args, pipe, head, data, torch.arange(len(data["pref"])), run, "cpu")
     assert len(seen) == 3
     for diff, sigma in seen:
@@ -209,7 +245,7 @@ def test_early_best_of_n_beats_random_pick_on_a_visible_reward(learnable, toy_ca
     prompts = toy.toy_prompts("eval") + toy.toy_prompts("train")[:4]
     embeds, mask = common.encode_prompts(pipe, prompts)
     rows = prism.evaluate_bon(args, pipe, head, prompts, embeds, mask, lambda p, z, pr: brightness(z),
-                              common.Run("prism", args, str(tmp_path)), "cpu")
+                              rundir.Run("prism", args, str(tmp_path)), "cpu")
     bon = {r["method"]: r for r in rows}
     step5, rand, oracle = bon["PRISM step 5"], bon["random pick (1 of 5)"], bon["oracle best-of-5 (pixel reward)"]
     assert step5["gain_vs_random"] > 2 * step5["gain_se"], step5
@@ -229,6 +265,7 @@ def test_toy_run_keeps_backbone_and_writes_head(toy_trained):
     assert summary["backbone_unchanged"]
     assert summary["train"]["steps"] == 150 and math.isfinite(summary["train"]["final_loss"])
     assert (out / "prism_head.safetensors").is_file()
+    assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in ("rm.png", "accuracy_vs_t.png"))  # the docs' tables
 
 
 @pytest.mark.skipif(not os.environ.get("PRISM_SLOW"), reason="the full toy-world run (2048 pairs, 1000 steps, Best-of-5 "
@@ -288,6 +325,7 @@ def test_cli_smoke(toy_cache, tmp_path):
     assert prompts[21] == prompts[0] and len(set(prompts)) == 21  # the prompts are cycled ...
     assert not torch.equal(picks["step4"][0], picks["step4"][21])  # ... the same prompt, another draw of noise
     assert "w/o ties" in res.stdout
+    assert "plots: accuracy_vs_t.png, bon_gain_vs_k.png, rm.png" in res.stdout and (tmp_path / "run" / "rm.png").is_file()
 
 
 def test_bad_input_fails_early_with_a_message(toy_cache, tmp_path):
@@ -405,6 +443,9 @@ BAD_INPUTS = [
                                                                             "not a PRISM head checkpoint"]),
     ("ckpt-other-width", ["--reward-ckpt", "{dir}/wide_head.safetensors"], 1, ["width 48", "gives 32"]),
     ("out-dir-under-a-file", ["--out-dir", "{dir}/file.txt/run"], 2, ["--out-dir", "file.txt"]),
+    ("out-dir-holds-a-run", [], 2, ["--out-dir", "already holds a run; pass --resume"]),
+    ("ckpt-other-loss", ["--reward-ckpt", "{earlier}/prism_head.safetensors", "--loss", "bradley-terry", "--pooling",
+                         "mean"], 2, ["trained with", "--pooling query (now mean)", "--loss rao-kupper (now bradley-terry)"]),
 ]
 
 
@@ -426,7 +467,7 @@ def test_bad_input_ends_in_one_error_line_and_touches_nothing(bad_world, tmp_pat
     earlier run folder given as --out-dir and the dataset unchanged byte for byte (the failure is before loading)."""
     scratch, earlier = bad_world
     data = scratch / "good"
-    if argv[1] == "{data}":
+    if argv[1:2] == ["{data}"]:
         data = tmp_path / "bad"
         if case == "meta-not-json":
             shutil.copytree(scratch / "good", data)
@@ -434,7 +475,7 @@ def test_bad_input_ends_in_one_error_line_and_touches_nothing(bad_world, tmp_pat
         else:
             dataset.save(data, *bad_dataset(*dataset.load(scratch / "good"), case))
     before = tree_hash(earlier), tree_hash(data)
-    argv = [a.format(data=data, good=scratch / "good", dir=scratch) for a in argv]
+    argv = [a.format(data=data, good=scratch / "good", dir=scratch, earlier=earlier) for a in argv]
     defaults = {"--data": str(scratch / "good"), "--out-dir": str(earlier)}
     res = run_cli(*argv, *[x for k, v in defaults.items() if k not in argv for x in (k, v)])
     assert res.returncode == code, (res.returncode, res.stderr[-2000:])
@@ -487,6 +528,89 @@ def test_flow_shift_none_is_the_loaded_checkpoints_and_a_typed_one_wins(toy_cach
     pipe.wan_config = dict(pipe.wan_config, flow_shift=7.0)  # a folder whose scheduler says 7: the pipe's, not tiny's
     assert prism.sampler_shift(small_args(toy_cache, tmp_path), pipe) == 7.0
     assert prism.sampler_shift(small_args(toy_cache, tmp_path, flow_shift=1.5), pipe) == 1.5
+
+
+def test_a_folder_backbone_samples_at_its_own_schedulers_flow_shift(toy_cache, toy_trained, tmp_path, monkeypatch):
+    """--backbone <diffusers folder> whose scheduler_config.json says flow_shift 7 (tiny's is 3): Best-of-N samples on
+    the schedule of 7 and summary.json says so; a typed --flow-shift still wins."""
+    from diffusers import UniPCMultistepScheduler
+    pipe = toy.build_tiny_pipeline()
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=7.0)
+    pipe.save_pretrained(tmp_path / "wan")
+    assert json.loads((tmp_path / "wan/scheduler/scheduler_config.json").read_text())["flow_shift"] == 7.0
+    shifts, original = [], common.sigma_schedule
+    monkeypatch.setattr(common, "sigma_schedule", lambda n, shift: shifts.append(shift) or original(n, shift))
+    data = next(Path(toy_cache).glob(f"pairs-{TOY_PAIRS}-0-*"))
+    kw = dict(backbone=str(tmp_path / "wan"), data=str(data), stage="bon", reward_ckpt=str(toy_trained[1] /
+              "prism_head.safetensors"), num_steps=2, bon_steps=[1], bon_n=2, eval_samples=2)
+    summary = prism.main(small_args(toy_cache, tmp_path / "run", **kw))
+    assert summary["flow_shift"] == 7.0 and shifts == [7.0], (summary["flow_shift"], shifts)
+    assert prism.main(small_args(toy_cache, tmp_path / "typed", flow_shift=1.5, **kw))["flow_shift"] == 1.5
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints, resume
+RESUME = dict(stage="all", rm_steps=8, rm_batch=8, checkpoint_every=3, eval_timesteps=[0], num_steps=2, bon_steps=[1, 2],
+              bon_n=2, eval_samples=3)
+
+
+def same_tensors(a, b) -> bool:
+    a, b = load_file(str(a)), load_file(str(b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stopped_by_max_steps_then_resumed_equals_one_run(toy_cache, tmp_path):
+    """Stage rm stopped at 5 of 8 steps by --max-steps (checkpoints every 3), then --resume'd: the head, its checkpoint
+    (head, AdamW, RNGs, losses), the accuracy and the Best-of-N picks equal one run of 8. A finished run resumed again
+    trains nothing and ends the same. An existing --out-dir without --resume is refused, nothing touched."""
+    full = prism.main(small_args(toy_cache, tmp_path / "full", **RESUME))
+    part = prism.main(small_args(toy_cache, tmp_path / "part", max_steps=5, **RESUME))
+    assert part["train"]["steps"] == 5
+    with safe_open(str(tmp_path / "part/checkpoints/rm.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 5
+    before = tree_hash(tmp_path / "part")
+    with pytest.raises(common.UserError, match="already holds a run; pass --resume"):
+        prism.main(small_args(toy_cache, tmp_path / "part", **RESUME))
+    assert tree_hash(tmp_path / "part") == before
+    resumed = prism.main(small_args(toy_cache, tmp_path / "part", resume=True, **RESUME))
+    for f in ("prism_head.safetensors", "checkpoints/rm.safetensors", "bon_picks.safetensors"):
+        assert same_tensors(tmp_path / "full" / f, tmp_path / "part" / f), f
+    for key in ("accuracy", "bon"):
+        assert resumed[key] == full[key], key
+    assert {k: resumed["train"][k] for k in ("steps", "pairs", "final_loss")} == \
+           {k: full["train"][k] for k in ("steps", "pairs", "final_loss")}
+    logged = [json.loads(line) for line in (tmp_path / "part/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["stage"] == "rm"] == list(range(8))  # 0..4, then 5..7 after the resume
+    again = prism.main(small_args(toy_cache, tmp_path / "full", resume=True, **RESUME))  # nothing left to train
+    assert again["accuracy"] == full["accuracy"] and again["train"]["final_loss"] == full["train"]["final_loss"]
+    assert same_tensors(tmp_path / "full/prism_head.safetensors", tmp_path / "part/prism_head.safetensors")
+
+
+def test_sigint_mid_stage_then_the_printed_resume_command_gives_the_unbroken_result(toy_cache, tmp_path):
+    """The CLI gets SIGINT once its first checkpoint exists (step 5 of 150): it saves, prints how to resume and exits
+    130 without a traceback; the printed command finishes the run, whose head equals an unbroken run's."""
+    argv = ["--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--stage", "rm", "--rm-steps", "150",
+            "--rm-batch", "8", "--checkpoint-every", "5", "--eval-timesteps", "0"]
+    out, ckpt = tmp_path / "run", tmp_path / "run/checkpoints/rm.safetensors"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        p = subprocess.Popen([sys.executable, str(ROOT / "prism.py"), *argv, "--out-dir", str(out)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+    err = (tmp_path / "stderr.txt").read_text()
+    stop = re.search(r"SIGINT at step (\d+) of stage 'rm': checkpoint saved in (\S+)", err)
+    assert p.returncode == 130 and "Traceback" not in err and stop, err[-2000:]
+    assert 5 <= int(stop[1]) < 150 and Path(stop[2]) == ckpt, stop[0]
+    command = err.split("resume with: ")[1].splitlines()[0].split()
+    assert command[0] == "python" and command[-1] == "--resume", command
+    r = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prism.main(common.parse_args(prism.Args, prism.TINY, [*argv, "--out-dir", str(tmp_path / "unbroken")]))
+    assert same_tensors(out / "prism_head.safetensors", tmp_path / "unbroken/prism_head.safetensors")
+    assert json.loads((out / "summary.json").read_text())["accuracy"] == \
+           json.loads((tmp_path / "unbroken/summary.json").read_text())["accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------- the loss in one place
