@@ -19,6 +19,7 @@ $(BIN)/.installed: requirements.txt
 install: $(BIN)/.installed
 
 demo: install
+	@rm -rf runs/demo  # a run folder is never reused without --resume: the demo starts afresh
 	@for m in $(METHODS); do echo "== $$m"; $(BIN)/python $$m.py --out-dir runs/demo/$$m || exit 1; done
 	@$(BIN)/python toy.py summarize runs/demo
 

@@ -23,13 +23,16 @@ As the official code (Tencent-Hunyuan/HY-Video-PRFL) where it and the paper diff
 (the paper's text also says "frozen"), embeddings frozen, gradients clipped over the blocks only; 8-head torch
 MultiheadAttention with q/k/v/out projections (Eq. 5: one head); PAVRM and SFT sigma = 5s/(1+4s), s uniform
 (--rm-sigma-shift 1: the paper's U(0,1)); lambda 0.1, target 2 on the probability r; m ~ U{0..N-2} of a 40-step
-shift-5 schedule, reward at t_{m+1}, never at x0; no CFG in training; one 10%-empty-prompt text batch for both
-losses; the DiT in bf16 (--dtype; CUDA's default), PAVRM / LoRA / a full fine-tune fp32 under bf16 autocast.
-Unlike the official code: z = attn.squeeze(1) + q (its [B,D] + [B,1,D] broadcasts to [B,B,D]); Euler steps (the
-paper's Alg. 1) for UniPC; one optimiser step per iteration (it steps twice per accumulation cycle); a LoRA
-(alpha = rank) at --lr 1e-4 (ours) by default, --full-finetune at the paper's 5e-6 (--full-finetune-lr); PAVRM
-copies only the embeddings and first blocks and is frozen in PRFL with requires_grad False. On --backbone tiny,
-TINY (below) replaces the paper's rates and lengths: at lr 1e-6 a 40k-parameter model does not move in minutes.
+shift-5 schedule, reward at t_{m+1}, never at x0; no CFG in training; one 10%-empty-prompt text batch for both losses;
+the DiT in bf16 (--dtype; CUDA's default), PAVRM (in PRFL too, frozen: rope, time embedder, norms all fp32) / LoRA /
+a full fine-tune fp32 under bf16 autocast; Tab. 7's BT: a (good, bad) pair shares sigma and noise (its random order
+swap is left out: the loss is the same). PAVRM score (A.2.2): the share of r > 0.5, the mean r beside it. Unlike the
+official code: z = attn.squeeze(1) + q (its [B,D] + [B,1,D] broadcasts to [B,B,D]); Euler steps (the paper's Alg. 1)
+for UniPC; one optimiser step per iteration (it steps twice per accumulation cycle); the gradient clipped once per
+optimiser step (it clips the running sum after every backward, SFT's and PRFL's); a LoRA (alpha = rank) at --lr 1e-4
+(ours) by default, --full-finetune at the paper's 5e-6; PAVRM copies only the embeddings and first blocks and is
+frozen in PRFL with requires_grad False. Run folder, checkpoints, --resume: rundir. On --backbone tiny, TINY (below)
+replaces the paper's rates and lengths: at lr 1e-6 a 40k-parameter model does not move in minutes.
 """
 from __future__ import annotations
 
@@ -43,11 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 import common
 import dataset
 import estimate
+import rundir
 import toy
 from common import UserError, arg
 
@@ -59,7 +62,9 @@ SIZE = ("height", "width", "num_frames")
 class Args:
     # generic
     stage: str = arg("all", "rm: train PAVRM; tune: PRFL (needs a PAVRM); all: both", choices=["rm", "tune", "all"])
-    out_dir: str = arg("", "run folder (default runs/prfl-<backbone>-<time>)")
+    out_dir: str = arg("", "run folder (default: a new runs/prfl-<backbone>-<time>); an existing one needs --resume")
+    resume: bool = arg(False, "continue the run in --out-dir from its checkpoints (the same arguments)")
+    checkpoint_every: int = arg(100, "save a checkpoint of the stage every N optimiser steps (and at its end)", min=1)
     seed: int = arg(0, "seed of training randomness (evaluation uses its own fixed seeds)")
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg(None, "DiT dtype (default: bf16 on CUDA, fp32 on CPU)", type=str, choices=["bf16", "fp32"])
@@ -78,49 +83,49 @@ class Args:
     backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
     gradient_checkpointing: bool = arg(True, "block checkpointing in generator and PAVRM")
     # reward model (PAVRM)
-    reward_ckpt: str = arg("", "PAVRM safetensors to reuse (no PAVRM training); one in --out-dir is reused (resume)")
+    reward_ckpt: str = arg("", "PAVRM safetensors to reuse (no PAVRM training); --rm-* must match its metadata")
     rm_blocks: int = arg(8, "DiT blocks copied into PAVRM; features after the last one (Eq. 4, Tab. 8)", min=1)
     rm_heads: int = arg(8, "heads of the query attention (Eq. 5; official 8)", min=1)
     rm_pooling: str = arg("query", "query: Eq. 5; attn: no residual (Tab. 5)", choices=["query", "attn", "mean", "max"])
-    rm_loss: str = arg("bce", "Eq. 6, or Bradley-Terry on a batch's (good, bad) pairs (Tab. 7)", choices=["bce", "bt"])
-    rm_sigma_shift: float = arg(5.0, "training sigma = shift(s), s uniform: 5 = official, 1 = paper's U(0,1)", min=0)
-    rm_sigma_range: list = arg(None, "training sigma lo + (hi - lo) shift(s) (ours)", factory=lambda: [0.0, 1.0])
-    rm_lr_blocks: float = arg(1e-6, "AdamW lr of the 8 DiT blocks (paper)", min=0)
-    rm_lr_head: float = arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6)", min=0)
+    rm_loss: str = arg("bce", "Eq. 6, or Bradley-Terry on (good, bad) pairs (Tab. 7)", choices=["bce", "bt"])
+    rm_sigma_shift: float = arg(5.0, "training sigma = shift(s), s uniform: 5 = official, 1 = paper's U(0,1)", gt=0)
+    rm_sigma_range: list = arg(None, "sigma = lo + (hi - lo) shift(s) (ours)", factory=lambda: [0.0, 1.0], min=0, max=1)
+    rm_lr_blocks: float = arg(1e-6, "AdamW lr of the 8 DiT blocks (paper)", gt=0)
+    rm_lr_head: float = arg(1e-5, "AdamW lr of query attention + MLP (paper; code 1e-6)", gt=0)
     rm_weight_decay: float = arg(0.01, "AdamW weight decay", min=0)
     rm_batch: int = arg(2, "PAVRM batch (official: 1 per 4-GPU sequence-parallel group)", min=1)
     rm_steps: int = arg(3000, "PAVRM steps (the paper gives none)", min=1)
     # fine-tuning (PRFL)
     full_finetune: bool = arg(False, "train every generator weight (official) at --full-finetune-lr, not a LoRA")
-    full_finetune_lr: float = arg(5e-6, "AdamW lr of --full-finetune, constant (paper)", min=0)
+    full_finetune_lr: float = arg(5e-6, "AdamW lr of --full-finetune, constant (paper)", gt=0)
     lora_rank: int = arg(128, "LoRA rank on q/k/v/o, alpha = rank (the official optional LoRA)", min=1)
-    lr: float = arg(1e-4, "AdamW lr of the LoRA, constant (ours; the paper's 5e-6 is --full-finetune-lr)", min=0)
+    lr: float = arg(1e-4, "AdamW lr of the LoRA, constant (ours; the paper's 5e-6 is --full-finetune-lr)", gt=0)
     weight_decay: float = arg(0.01, "AdamW weight decay", min=0)
-    grad_clip: float = arg(1.0, "gradient-norm clip", min=0)
+    grad_clip: float = arg(1.0, "gradient-norm clip", gt=0)
     tune_steps: int = arg(1000, "optimiser steps (paper: 1 epoch of ~30k pairs at batch 30)", min=1)
     batch_size: int = arg(1, "per-step batch of the fine-tuning (official per GPU)", min=1)
     grad_accum: int = arg(5, "gradient accumulation (official)", min=1)
     num_steps: int = arg(40, "sampler steps N, training rollout and evaluation (paper)", min=2)
-    flow_shift: float = arg(5.0, "shift of the rollout / evaluation schedule (official; not the checkpoint's)", min=0)
+    flow_shift: float = arg(5.0, "shift of the rollout / evaluation schedule (official; not the checkpoint's)", gt=0)
     m_range: str = arg("full", "cut-off step m: all, or a third (Tab. 3)", choices=["full", "early", "middle", "late"])
     reward_weight: float = arg(0.1, "lambda of Eq. 9 (official code)", min=0)
     reward_target: float = arg(2.0, "L_PRFL = lambda * relu(target - r) (official code)")
     sft_weight: float = arg(1.0, "weight of L_SFT (Eq. 10); 0 turns the SFT step off", min=0)
-    sft_sigma_shift: float = arg(5.0, "L_SFT sigma = shift(s), s uniform (official code)", min=0)
+    sft_sigma_shift: float = arg(5.0, "L_SFT sigma = shift(s), s uniform (official code)", gt=0)
     null_prompt_prob: float = arg(0.1, "probability of the empty prompt in a training batch (official)", min=0, max=1)
     # evaluation
     eval_prompts: list = arg(None, "held-out prompts (default: the toy world's; --data: its first 16)", factory=list)
     eval_samples: int = arg(16, "fresh samples before/after PRFL, prompts cycled, fixed seeds", min=1)
     guidance_scale: float = arg(5.0, "evaluation CFG, the empty prompt as negative (README of the code)", min=0)
     save_videos: int = arg(4, "before/after mp4s saved under <run>/videos/ (the first eval samples)", min=0)
-    eval_sigma_edges: list = arg(None, "sigma intervals of held-out accuracy (Tab. 5)", factory=lambda: list(TAB5_EDGES))
+    eval_sigma_edges: list = arg(None, "sigma edges of Tab. 5's accuracy", factory=lambda: list(TAB5_EDGES), min=0, max=1)
 
 
 # The parser's defaults on --backbone tiny (common.parse_args; a typed value always wins): CPU-sized learning
 # rates and lengths for the 40k-parameter tiny backbone. Real backbones keep the paper's values above.
 TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_rank=16, lr=1e-3,
             full_finetune_lr=1e-3, tune_steps=200, batch_size=16, grad_accum=1, num_steps=10, eval_samples=96,
-            guidance_scale=1.0, gradient_checkpointing=False,
+            guidance_scale=1.0, gradient_checkpointing=False, checkpoint_every=50,
             # the paper's U(0,1) training sigma: the toy world's 12-token latents carry little above sigma 0.8,
             # and the official shift 5 spends most steps there (measured: 0.70 vs 0.51 mean accuracy)
             rm_sigma_shift=1.0)
@@ -151,8 +156,8 @@ class PAVRM(nn.Module):
     def __init__(self, transformer, blocks: int = 8, heads: int = 8, pooling: str = "query", loss: str = "bce",
                  gradient_checkpointing: bool = False):
         super().__init__()
-        if blocks > len(transformer.blocks):
-            raise UserError(f"--rm-blocks {blocks} > the backbone's {len(transformer.blocks)} blocks", 2)
+        common.require(blocks <= len(transformer.blocks), f"--rm-blocks {blocks} > the backbone's "
+                       f"{len(transformer.blocks)} blocks", 2)
         self.blocks, self.heads, self.pooling, self.loss = blocks, heads, pooling, loss
         # Eq. (4): a copy of the generator's embeddings and first blocks, never of the rest (a full fp32 copy of 14B
         # is 56 GB); the generator is untouched. fp32 master weights, bf16 autocast with --dtype bf16.
@@ -193,11 +198,10 @@ def bce_loss(logits, labels):
 
 
 def bradley_terry_loss(logits, labels):
-    """Tab. 7's alternative: -log sigmoid(s_good - s_bad), the mean over every (good, bad) pair in the batch
-    (a [B, B] mask, no data-dependent shapes, so --estimate-memory runs it; no pair: 0, the graph kept)."""
-    pos = labels > 0.5
-    pairs = (pos[:, None] & ~pos[None, :]).float()  # [i, j]: i good, j bad
-    return (F.softplus(logits[None, :] - logits[:, None]) * pairs).sum() / pairs.sum().clamp(min=1)
+    """Tab. 7's alternative (official `loss: bt`): rows i and i + B/2 are a (good, bad) pair, in either order, at
+    one sigma and one noise (pavrm_step); -log sigmoid(s_good - s_bad), the mean over the pairs."""
+    (a, b), sign = logits.view(2, -1), labels.float().view(2, -1).diff(dim=0)[0]  # sign -1: a is the good one
+    return F.softplus(sign * (a - b)).mean()
 
 
 RM_LOSSES = dict(bce=bce_loss, bt=bradley_terry_loss)  # --rm-loss -> function; PAVRM.loss names one
@@ -216,20 +220,18 @@ def save_pavrm(pavrm: PAVRM, path, backbone: str):
 def read_pavrm_meta(path) -> dict:
     """A PAVRM checkpoint's metadata (no tensor loaded); anything else is a UserError naming the file."""
     try:
-        if not Path(path).is_file():
-            raise FileNotFoundError("no such file")
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     common.require({"blocks", "heads", "pooling"} <= set(meta), f"{path}: no PAVRM metadata (blocks/heads/pooling)")
-    return meta
+    return dict(meta, loss=meta.get("loss", "bce"))  # (an older checkpoint: bce)
 
 
 def load_pavrm(path, transformer, gradient_checkpointing: bool = False) -> PAVRM:
     """Rebuild the architecture named in the checkpoint's metadata and load it strictly."""
     meta = read_pavrm_meta(path)
-    pavrm = PAVRM(transformer, int(meta["blocks"]), int(meta["heads"]) or 8, meta["pooling"], meta.get("loss", "bce"),
+    pavrm = PAVRM(transformer, int(meta["blocks"]), int(meta["heads"]) or 8, meta["pooling"], meta["loss"],
                   gradient_checkpointing)
     try:
         pavrm.load_state_dict(load_file(str(path)))
@@ -282,40 +284,41 @@ def autocast(device, dtype: str | None = None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=common.pick_dtype(dtype, device) == torch.bfloat16)
 
 
-def check_finite(loss, step: int, stage: str):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step}; lower the learning rate")
+def check_finite(loss, step: int, stage: str):  # a diverged run ends in a named error before the optimiser step
+    common.require(torch.isfinite(loss), f"{stage}: loss is {loss.item()} at step {step}; lower the learning rate")
 
 
 def pavrm_step(args, pavrm, x0, y, embeds):
     """Forward + backward of one PAVRM step: Eq. (6) (or BT) on x_t = (1-sigma) x0 + sigma eps."""
-    lo, hi = args.rm_sigma_range
-    sigma = lo + (hi - lo) * common.sample_train_sigma(len(x0), args.rm_sigma_shift, device=x0.device)
+    (lo, hi), k = args.rm_sigma_range, 2 if pavrm.loss == "bt" else 1  # BT: a pair shares sigma and noise (official)
+    sigma = lo + (hi - lo) * common.sample_train_sigma(len(x0) // k, args.rm_sigma_shift, device=x0.device).repeat(k)
+    eps = torch.cat([torch.randn(len(x0) // k, *x0.shape[1:], device=x0.device, dtype=x0.dtype)] * k)
     with autocast(x0.device, args.dtype):
-        logits = pavrm(common.add_noise(x0, torch.randn_like(x0), sigma), sigma, embeds)
+        logits = pavrm(common.add_noise(x0, eps, sigma), sigma, embeds)
     loss = RM_LOSSES[pavrm.loss](logits, y)
     loss.backward()
     return loss, logits, sigma
 
 
 def train_pavrm(args, pavrm, data, idx, device, run):
-    """Stage 1: pavrm_step on random training rows; AdamW with the paper's two learning rates."""
+    """Stage 1: pavrm_step on random training rows (BT: rm_batch / 2 random good rows, then as many bad ones, so
+    rows i and i + B/2 pair up); AdamW with the paper's two learning rates; checkpoints and resume through run."""
     opt = torch.optim.AdamW([dict(params=pavrm.dit.blocks.parameters(), lr=args.rm_lr_blocks),
                              dict(params=pavrm.head_parameters(), lr=args.rm_lr_head)],
                             betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
-    timer, pavrm = common.StepTimer(device), pavrm.train()
-    for step in (bar := tqdm(range(min(args.rm_steps, args.max_steps or args.rm_steps)), desc="PAVRM")):
+    timer, pavrm, pools = common.StepTimer(device), pavrm.train(), [idx[data["label"][idx] == c] for c in (1, 0)]
+    for step in run.steps("rm", args.rm_steps, dict(pavrm=pavrm), opt, every=args.checkpoint_every,
+                          stop_at=args.max_steps, desc="PAVRM"):
         with timer:
-            b = idx[torch.randint(len(idx), (args.rm_batch,))]
+            b = torch.cat([p[torch.randint(len(p), (max(1, args.rm_batch // 2),))] for p in pools]) \
+                if pavrm.loss == "bt" else idx[torch.randint(len(idx), (args.rm_batch,))]
             x0, y = data["latents"][b].to(device), data["label"][b].to(device)
             opt.zero_grad(set_to_none=True)
             loss, logits, sigma = pavrm_step(args, pavrm, x0, y, data["prompt_embeds"][data["prompt_idx"][b]].to(device))
             check_finite(loss, step, "PAVRM")
             torch.nn.utils.clip_grad_norm_(pavrm.dit.blocks.parameters(), args.grad_clip)  # official: blocks only
             opt.step()
-        acc = ((logits > 0).float() == y).float().mean()
-        run.log(step, "rm", loss=loss, train_acc=acc, sigma_mean=sigma.mean())
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
+        run.log(step, "rm", loss=loss, train_acc=((logits > 0).float() == y).float().mean(), sigma_mean=sigma.mean())
     return timer
 
 
@@ -357,8 +360,8 @@ def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, dtype=None, batch
 
 
 def prepare_prfl(args, transformer, pavrm) -> list:
-    """PRFL's trainable weights (LoRA, or all with --full-finetune); the PAVRM frozen in the generator's dtype."""
-    pavrm.to(transformer.dtype).eval().requires_grad_(False)  # frozen during PRFL (paper and code)
+    """PRFL's trainable weights (LoRA, or all with --full-finetune); the PAVRM frozen, fp32 under autocast (code)."""
+    pavrm.eval().requires_grad_(False)  # frozen during PRFL (paper and code); never cast to the generator's bf16
     if args.full_finetune:
         params = list(transformer.float().requires_grad_(True).parameters())  # fp32 master weights, bf16 autocast
     else:
@@ -389,9 +392,9 @@ def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
     params = prepare_prfl(args, tr, pavrm)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(device)
-    timer = common.StepTimer(device)
-    tr.train()
-    for step in (bar := tqdm(range(min(args.tune_steps, args.max_steps or args.tune_steps)), desc="PRFL")):
+    timer, _ = common.StepTimer(device), tr.train()
+    for step in run.steps("tune", args.tune_steps, dict(transformer=tr), opt, every=args.checkpoint_every,
+                          stop_at=args.max_steps, desc="PRFL"):
         with timer:
             for _ in range(args.grad_accum):
                 b = torch.randint(len(sft["latents"]), (args.batch_size,))
@@ -403,14 +406,13 @@ def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
             opt.step()
             opt.zero_grad(set_to_none=True)
         run.log(step, "tune", sft=l_sft, prfl=l_prfl, pavrm_reward=r.mean(), m=m, grad_norm=grad_norm)
-        bar.set_postfix(r=f"{r.mean().item():.3f}", sft=f"{l_sft.item():.3f}", m=m)
     tr.eval()
     return timer
 
 
 @torch.no_grad()
 def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, on_toy: bool, tag: str, run) -> dict:
-    """Fresh samples for held-out prompts from fixed seeds: true toy reward, PAVRM reward, process reward, mp4s."""
+    """Fresh samples for held-out prompts from fixed seeds: true toy reward, PAVRM score and mean r, process reward."""
     n = args.eval_samples
     rows = [i % len(prompts) for i in range(n)]
     seeds = [10_000 + i for i in range(n)]  # the same noise before and after PRFL: a paired comparison
@@ -423,7 +425,8 @@ def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, on_toy: b
     with autocast(dev, args.dtype):
         r = torch.sigmoid(torch.cat([pavrm(x_t[i:i + 16].to(dev), sigma[i:i + 16].to(dev), embeds[rows[i:i + 16]].to(dev))
                                      for i in range(0, n, 16)])).cpu()
-    out = dict(pavrm_reward=r, process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds))
+    out = dict(pavrm_score=(r > 0.5).float(), pavrm_reward=r,  # the paper's score: the share judged qualified
+               process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds))
     if on_toy:  # the decoded pixel-space toy reward: the ground truth the labels came from
         out = dict(true_reward=toy.true_reward(pipe, lat, [prompts[i] for i in rows]), **out)
     for i in range(min(args.save_videos, n)):
@@ -436,8 +439,7 @@ def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, on_toy: b
 def process_reward_eval(args, pipe, pavrm, embeds, seeds) -> torch.Tensor:
     """The quantity PRFL maximises, without gradient: r(x_{m+1}, t_{m+1}) of conditional rollouts from the
     fixed seeds, with m = i mod (N-1) so every cut-off is covered; [n]."""
-    dev, n = pipe.transformer.device, len(seeds)
-    shape = common.backbone_geometry(pipe)["latent_shape"]
+    dev, n, shape = pipe.transformer.device, len(seeds), common.backbone_geometry(pipe)["latent_shape"]
     sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(dev)
     m = torch.arange(n) % max(1, args.num_steps - 1)
     r = torch.zeros(n)
@@ -453,24 +455,24 @@ def process_reward_eval(args, pipe, pavrm, embeds, seeds) -> torch.Tensor:
 # ==== Flags, files and data, all checked before any model loads (issue #19); main
 def read_inputs(args) -> dict:
     """The files and data of a run, checked before any model loads: the backbone's config (no weights; a hub id's
-    comes with them: load_data checks then), --out-dir writable, the PAVRM checkpoint (--reward-ckpt, or
-    <out-dir>/pavrm.safetensors: resume), the video size (typed, else --data's meta.json, else the backbone's),
-    --data and --sft-data (dataset.load, latents of that size, check_rows, both labels in the training split)."""
+    comes with them: load_data checks then), --out-dir writable, --reward-ckpt (its metadata = the --rm-* flags), the
+    video size (typed, else --data's meta.json, else the backbone's), --data and --sft-data (dataset.load, latents of
+    that size, check_rows, both labels in the training split); last, --out-dir new or --resume (rundir.Run's rule)."""
     hub = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
     cfg = None if hub and all(args.backbone != c["repo"] for c in common.WAN_CONFIGS.values()) else \
         common.backbone_config(args.backbone)
     common.check_writable(args.out_dir or "runs")
-    resume = Path(args.out_dir, "pavrm.safetensors")
-    ckpt = args.reward_ckpt or (str(resume) if args.out_dir and resume.is_file() else "")
+    ckpt = args.reward_ckpt  # --stage tune needs one
     common.require(args.stage != "tune" or ckpt, "--stage tune needs --reward-ckpt (a PAVRM from --stage rm)", 2)
-    if ckpt:
-        read_pavrm_meta(ckpt)
+    rm = read_pavrm_meta(ckpt) if ckpt else {}  # a PAVRM from elsewhere: its recorded configuration = the flags
+    differ = [f"--rm-{k} {getattr(args, 'rm_' + k)} (its metadata: {rm[k]})"
+              for k in ("blocks", "heads", "pooling", "loss") if rm and rm[k] != str(getattr(args, "rm_" + k))]
+    common.require(not differ, f"--reward-ckpt {ckpt} is another PAVRM: {', '.join(differ)}", 2)
     data, meta = dataset.load(args.data, "binary") if args.data else (None, {})
     typed = dataset.video_size(meta, args.data, **{k: getattr(args, k) for k in SIZE})  # meta.json's is the default
     size = [typed[k] or (cfg or {}).get(k) for k in SIZE]
-    if not args.data and size != [cfg[k] for k in SIZE]:  # (cfg is None only for a hub id, which needs --data)
-        raise UserError(f"--height / --width / --num-frames need --data (the toy world is "
-                        f"{'x'.join(str(cfg[k]) for k in SIZE)})", 2)
+    common.require(args.data or size == [cfg[k] for k in SIZE], "--height / --width / --num-frames need --data (the toy "
+                   f"world is {'x'.join(str((cfg or {}).get(k)) for k in SIZE)})", 2)  # (no cfg: a hub id, needs --data)
     sft = dataset.load(args.sft_data)[0] if args.sft_data else None
     common.require(sft is None or {"latents", "prompt_idx"} <= set(sft), f"{args.sft_data}: no 'latents' / "
                    "'prompt_idx'; L_SFT needs latents of real videos with their prompts (prepare.py: video, prompt)")
@@ -485,10 +487,12 @@ def read_inputs(args) -> dict:
     data = data and dataset.drop_repeats(data, "binary", args.on_duplicates, args.data)
     sft = sft and dataset.drop_repeats(sft, "prompts", args.on_duplicates, args.sft_data)
     split = data and dataset.split_indices(len(data["label"]), args.test_fraction, seed=0)
-    if data and data["label"][split[0]].unique().numel() < 2:
-        raise UserError(f"{args.data}: the training split ({len(split[0])} of {len(data['label'])} rows at "
-                        f"--test-fraction {args.test_fraction}) has labels {data['label'][split[0]].unique().tolist()}; "
-                        f"PAVRM needs good and bad examples")
+    if data and (seen := data["label"][split[0]].unique()).numel() < 2:
+        raise UserError(f"{args.data}: the training split ({len(split[0])} of {len(data['label'])} rows, --test-fraction"
+                        f" {args.test_fraction}) has labels {seen.tolist()}; PAVRM needs good and bad examples")
+    out = Path(args.out_dir) if args.out_dir else None  # rundir.Run's rule, here before anything loads
+    common.require(bool(out and out.is_dir() and any(out.iterdir())) == args.resume, f"--out-dir {out} " + (
+        "holds no run to --resume" if args.resume else "already holds a run: --resume it, or choose another folder"), 2)
     return dict(data=data, meta=meta, sft=sft, split=split, size=size, ckpt=ckpt)
 
 
@@ -521,25 +525,19 @@ def estimate_memory(args) -> dict:
     with estimate.StageEstimates("PRFL", args.backbone, *size) as est:
         est.load_phase()
         args = dataclasses.replace(args, dtype="fp32" if est.real else "bf16")
-        x0, embeds, _ = est.inputs()
+        x0, embeds, _ = est.inputs(k := 1 + (args.rm_loss == "bt"))  # a BT step scores a (good, bad) pair
         _, pavrm, _ = est.build(lambda: generator_and_pavrm(False))
-        est.step("PAVRM step", pavrm_step, args, pavrm, x0, torch.ones(1), embeds)
+        est.step("PAVRM step", pavrm_step, args, pavrm, x0, torch.tensor([1.0, 0.0][:k]), embeds)
         tr, pavrm, _ = est.build(lambda: generator_and_pavrm(True))
-        est.step("PRFL step (SFT + 1 step with grad + PAVRM)", prfl_step, args, tr, pavrm, x0, embeds,
+        est.step("PRFL step (SFT + 1 step with grad + PAVRM)", prfl_step, args, tr, pavrm, x0[:1], embeds[:1],
                  common.sigma_schedule(args.num_steps, args.flow_shift), 0, rollout_forwards=(args.num_steps - 2) / 2)
     return est.results
 
 
 def main(args: Args) -> dict:
-    # flag errors (exit 2) that parse_args' ranges leave
-    e, r = args.eval_sigma_edges, args.rm_sigma_range
-    bad = [(k, "> 0") for k in ("rm_lr_blocks", "rm_lr_head", "lr", "full_finetune_lr", "grad_clip", "flow_shift",
-                                "rm_sigma_shift", "sft_sigma_shift") if getattr(args, k) == 0]
-    bad += [("eval_sigma_edges", "2+ increasing values in [0, 1]")] * (
-        len(e) < 2 or any(b <= a for a, b in zip(e, e[1:])) or not 0 <= e[0] <= e[-1] <= 1)
-    bad += [("rm_sigma_range", "lo hi, 0 <= lo < hi <= 1")] * (len(r) != 2 or not 0 <= r[0] < r[-1] <= 1)
-    if bad:
-        raise UserError(f"--{bad[0][0].replace('_', '-')} {getattr(args, bad[0][0])}: must be {bad[0][1]}", 2)
+    e, r = args.eval_sigma_edges, args.rm_sigma_range  # flag errors (exit 2) that parse_args' ranges leave
+    common.require(len(e) >= 2 and e == sorted(set(e)), f"--eval-sigma-edges {e}: must be 2+ increasing values", 2)
+    common.require(len(r) == 2 and r[0] < r[1], f"--rm-sigma-range {r}: must be lo hi with lo < hi", 2)
     common.require(args.data or args.estimate_memory or args.backbone == "tiny", "the toy world exists only for "
                    "--backbone tiny; pass --data <dataset folder> (prepare.py)", 2)
     if args.estimate_memory:
@@ -557,14 +555,20 @@ def main(args: Args) -> dict:
     null_embed = common.encode_prompts(pipe, [""])[0].to(device)
     common.drop_text_encoder(pipe)  # every prompt is cached; T5 never sits next to the training graph
     pavrm = build_pavrm(args, pipe.transformer, ckpt).to(device)
-    run = common.Run("prfl", args, args.out_dir or None)  # only now: a failed start leaves no run folder
+    run = rundir.Run("prfl", args, args.out_dir or None, args.resume)  # only now: a failed start leaves no folder
     summary = dict(backbone=args.backbone, run_dir=str(run.dir), reward_ckpt=ckpt or None, pavrm=pavrm.config())
     if not ckpt:
         t = train_pavrm(args, pavrm, data, train_idx, device, run)
         save_pavrm(pavrm, run.dir / "pavrm.safetensors", args.backbone)
-        summary.update(rm_seconds_per_step=t.seconds_per_step, rm_peak_memory_gib=t.peak_memory_gib())
-    summary.update(ev := evaluate_pavrm(pavrm, data, test_idx, device, args.eval_sigma_edges, args.dtype))
+        rundir.plot_metrics(run, "rm", ["loss", "train_acc"], "PAVRM training (Eq. 6)")
+        run.resume &= not t.times  # it trained on (a resume): a later stage's checkpoint is stale, it starts afresh
+        if t.times:  # not when a resume found the stage finished
+            summary.update(rm_seconds_per_step=t.seconds_per_step, rm_peak_memory_gib=t.peak_memory_gib())
+    summary.update(ev := evaluate_pavrm(pavrm, data, test_idx, device, e, args.dtype))
     rows = [dict(noise_interval=k, pavrm_accuracy=a, auc=ev["pavrm_auc"][k]) for k, a in ev["pavrm_accuracy"].items()]
+    mid, chance = [(a + b) / 2 for a, b in zip(e, e[1:])], [ev["pavrm_majority_class"]] * len(rows)
+    rundir.plot(run.dir / "pavrm_accuracy.png", dict(accuracy=(mid, [r["pavrm_accuracy"] for r in rows]), auc=(mid, [
+        r["auc"] for r in rows]), majority_class=(mid, chance)), "PAVRM on held-out latents (Tab. 5)", "sigma (middle)")
     rows.append(dict(noise_interval="mean", pavrm_accuracy=ev["pavrm_accuracy_mean"],
                      auc=sum(ev["pavrm_auc"].values()) / len(rows)))
     tables = [common.format_table(rows) + f"\nchance: accuracy {ev['pavrm_majority_class']:.3f} (majority class of "
@@ -572,16 +576,12 @@ def main(args: Args) -> dict:
               f"; a {pavrm.loss}-trained logit has no fixed zero, so accuracy of s > 0 is arbitrary: read the AUC")]
     saved = f"PAVRM: {ckpt or run.dir / 'pavrm.safetensors'} (--reward-ckpt it; in Python prfl.load_pavrm)"
     if args.stage != "rm":
-        pavrm.to(pipe.transformer.dtype)  # frozen from here on: run it in the generator's precision
         evaluate = lambda tag: evaluate_generator(args, pipe, pavrm, eval_embeds, prompts, null_embed, on_toy, tag, run)
         before = evaluate("before")
         t = train_prfl(args, pipe, pavrm, sft, null_embed, device, run)
         after = evaluate("after")
         out = run.dir / ("transformer" if args.full_finetune else "lora")
-        if args.full_finetune:  # diffusers format: WanPipeline.from_pretrained(backbone, transformer=<loaded>)
-            pipe.transformer.save_pretrained(out)
-        else:
-            common.save_lora(pipe.transformer, out, "prfl")
+        pipe.transformer.save_pretrained(out) if args.full_finetune else common.save_lora(pipe.transformer, out, "prfl")
         saved += (f"\n  fine-tuned {out.name}: {out}/ -> WanPipeline.from_pretrained('{args.backbone}'" +
                   (f", transformer=WanTransformer3DModel.from_pretrained('{out}'))" if args.full_finetune else
                    f").load_lora_weights('{out}')"))
@@ -589,8 +589,10 @@ def main(args: Args) -> dict:
         summary.update(paired, tune_seconds_per_step=t.seconds_per_step, tune_peak_memory_gib=t.peak_memory_gib(),
                        eval_prompts=len(prompts), eval_samples=args.eval_samples)
         tables.append(common.format_table(rows))
+        rundir.plot_metrics(run, "tune", ["sft", "prfl", "pavrm_reward"], "PRFL: L_SFT, L_PRFL, PAVRM reward r")
     run.summary(summary)
-    print("\n\n".join(tables) + f"\nrun folder: {run.dir}\n  {saved}")
+    print("\n\n".join(tables) + f"\nrun folder: {run.dir}\n  {saved}\n  plots: " +
+          ", ".join(p.name for p in sorted(run.dir.glob("*.png"))))
     return summary
 
 

@@ -4,17 +4,22 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import common
 import dataset
 import toy
 import prfl
+import rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,13 +134,49 @@ def test_pavrm_copies_only_the_prefix_in_fp32_from_a_bf16_generator():
 def test_bce_and_bradley_terry_losses():
     logits, labels = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
     assert prfl.bce_loss(logits, labels).item() == pytest.approx((math.log(2) + math.log(1 + math.e ** 2)) / 2, rel=1e-5)
-    logits, labels = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 0.0])
-    bt = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-3))) / 2  # pairs (good 2, bad 0) and (2, -1)
+    # rows i and i + B/2 pair up, in either order: (good 2, bad -1) and (bad 0.5, good 0)
+    logits, labels = torch.tensor([2.0, 0.5, -1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    bt = (math.log(1 + math.exp(-3)) + math.log(1 + math.exp(0.5))) / 2  # -log sigmoid(s_good - s_bad), mean
     assert prfl.bradley_terry_loss(logits, labels).item() == pytest.approx(bt, rel=1e-5)
-    one_class = torch.tensor([1.0, 2.0], requires_grad=True)
-    loss = prfl.bradley_terry_loss(one_class, torch.ones(2))
-    loss.backward()
-    assert loss.item() == 0 and one_class.grad is not None
+
+
+class SpyRM(torch.nn.Module):
+    """Stands in for PAVRM in pavrm_step: remembers what it was given; the logit is the mean of x_t."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss, self.w, self.seen = loss, torch.nn.Parameter(torch.ones(())), []
+
+    def forward(self, x, sigma, embeds):
+        self.seen.append((x.detach(), sigma))
+        return x.flatten(1).mean(1) * self.w
+
+
+def test_bradley_terry_pairs_share_sigma_and_noise(tmp_path, toy_cache, monkeypatch):
+    """Tab. 7's BT as the official code: the winner and loser of a pair get the same sigma and the same noise, pairs
+    differ from each other; a PAVRM batch is rm_batch / 2 good rows, then as many bad ones. BCE: every row its own."""
+    x0 = torch.cat([torch.zeros(3, 16, 3, 4, 4), torch.ones(3, 16, 3, 4, 4)])  # good rows 0-2, bad rows 3-5
+    y, args = torch.tensor([1.0] * 3 + [0.0] * 3), tiny_args()
+    for loss in ("bt", "bce"):
+        rm = SpyRM(loss)
+        out, logits, sigma = prfl.pavrm_step(args, rm, x0, y, torch.zeros(6, 2, 32))
+        (x_t, s), = rm.seen
+        eps = (x_t - (1 - s.view(-1, 1, 1, 1, 1)) * x0) / s.view(-1, 1, 1, 1, 1)  # the noise each row got
+        torch.testing.assert_close(s, sigma)
+        if loss == "bt":
+            assert torch.equal(s[:3], s[3:]) and len(set(s[:3].tolist())) == 3
+            torch.testing.assert_close(eps[:3], eps[3:])
+            assert not torch.allclose(eps[0], eps[1])
+            torch.testing.assert_close(out, torch.nn.functional.softplus(logits[3:] - logits[:3]).mean())
+        else:
+            assert len(set(s.tolist())) == 6 and not torch.allclose(eps[:3], eps[3:], atol=0.1)
+    labels, real = [], prfl.pavrm_step
+    monkeypatch.setattr(prfl, "pavrm_step", lambda args, rm, x0, y, emb: (labels.append(y), real(args, rm, x0, y, emb))[1])
+    args, pipe = small_args(tmp_path, toy_cache, rm_loss="bt", rm_batch=8, rm_steps=3), common.load_backbone("tiny")
+    data, _, train_idx, _, _ = prfl.load_data(args, pipe)
+    prfl.train_pavrm(args, prfl.PAVRM(pipe.transformer, loss="bt"), data, train_idx, "cpu",
+                     rundir.Run("prfl", args, tmp_path / "r"))
+    assert len(labels) == 3 and all(torch.equal(b, torch.tensor([1.0] * 4 + [0.0] * 4)) for b in labels)
 
 
 def test_prfl_loss_is_lambda_relu_two_minus_r():
@@ -215,7 +256,7 @@ def test_prfl_stage_freezes_pavrm_and_base_and_never_decodes(tmp_path, toy_cache
 
     monkeypatch.setattr(pipe.vae, "decode", no_decode)
     monkeypatch.setattr(common, "decode_latents", no_decode)
-    prfl.train_prfl(args, pipe, rm, sft, null, torch.device("cpu"), common.Run("prfl", args, tmp_path / "r"))
+    prfl.train_prfl(args, pipe, rm, sft, null, torch.device("cpu"), rundir.Run("prfl", args, tmp_path / "r"))
     assert all(torch.equal(v, rm.state_dict()[k]) for k, v in rm_before.items())
     assert all(p.grad is None for p in rm.parameters())
     after = pipe.transformer.state_dict()
@@ -224,6 +265,30 @@ def test_prfl_stage_freezes_pavrm_and_base_and_never_decodes(tmp_path, toy_cache
         assert torch.equal(v, after[k2]), k
     lora = {k: v for k, v in after.items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values())  # the adapter did train
+
+
+def test_pavrm_stays_fp32_under_bf16_autocast_during_prfl(tmp_path, toy_cache):
+    """Issue #16, as the official code: with a bf16 generator (--dtype bf16) the frozen PAVRM keeps every tensor in
+    fp32 through PRFL (diffusers' fp32 parts included: rope tables, time embedder, norms) and runs under bf16 autocast;
+    it is never cast to the generator's dtype (that moved the rope tables by 2e-3 at 480p) and does not change."""
+    args = small_args(tmp_path, toy_cache, dtype="bf16", tune_steps=2, batch_size=2)
+    pipe = common.load_backbone("tiny", dtype=torch.bfloat16)
+    *_, sft = prfl.load_data(args, pipe)
+    rm = prfl.PAVRM(pipe.transformer)
+    before = {k: v.clone() for k, v in [*rm.named_parameters(), *rm.named_buffers()]}
+    assert {"dit.rope.freqs_cos", "dit.condition_embedder.time_embedder.linear_1.weight"} <= set(before)
+    calls, forward = [], rm.forward
+
+    def spy(*a, **kw):
+        calls.append(({t.dtype for t in before.values()} | {t.dtype for t in [*rm.parameters(), *rm.buffers()]},
+                      torch.is_autocast_enabled("cpu")))
+        return forward(*a, **kw)
+
+    rm.forward = spy
+    prfl.train_prfl(args, pipe, rm, sft, torch.zeros(1, 32, 32), "cpu", rundir.Run("prfl", args, tmp_path / "r"))
+    assert pipe.transformer.dtype == torch.bfloat16 and len(calls) == 2  # one reward per step
+    assert all(dtypes == {torch.float32} and on for dtypes, on in calls), calls
+    assert all(torch.equal(t, dict([*rm.named_parameters(), *rm.named_buffers()])[k]) for k, t in before.items())
 
 
 # ---------------------------------------------------------------- toy-world behaviour ----
@@ -293,7 +358,7 @@ def test_prfl_raises_its_objective_on_the_training_prompts(demo, toy_cache, tmp_
     embeds = sft["prompt_embeds"][sft["prompt_idx"][:72]]
     seeds = list(range(500, 572))
     before = prfl.process_reward_eval(args, pipe, rm, embeds, seeds)
-    prfl.train_prfl(args, pipe, rm, sft, torch.zeros(1, 32, 32), torch.device("cpu"), common.Run("prfl", args, tmp_path / "r"))
+    prfl.train_prfl(args, pipe, rm, sft, torch.zeros(1, 32, 32), torch.device("cpu"), rundir.Run("prfl", args, tmp_path / "r"))
     gain, se = common.mean_se(prfl.process_reward_eval(args, pipe, rm, embeds, seeds) - before)
     assert gain > 2 * se and gain > 0, (gain, se)
 
@@ -331,10 +396,12 @@ def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, toy_cache):
     data, _ = dataset.load(next(toy_cache.glob("binary-256-0-*")), "binary")
     _, test_idx = dataset.split_indices(len(data["latents"]), 0.2, seed=0)
     assert prfl.evaluate_pavrm(rm, data, test_idx, torch.device("cpu"))["pavrm_accuracy"] == pytest.approx(summary["pavrm_accuracy"])
-    # resume: the same --out-dir reuses its pavrm.safetensors instead of training again
-    again = prfl.main(tiny_args(out_dir=str(out), stage="rm", toy_size=256, toy_cache=str(toy_cache)))
-    assert again["reward_ckpt"] == str(out / "pavrm.safetensors") and "rm_seconds_per_step" not in again
-    assert again["pavrm_accuracy"] == pytest.approx(summary["pavrm_accuracy"])
+    # --resume of the finished run: both stages restore their last checkpoint and train no step; same PAVRM, same LoRA
+    lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    again = prfl.main(tiny_args(out_dir=str(out), toy_size=256, toy_cache=str(toy_cache), tune_steps=10, eval_samples=1,
+                                save_videos=0, resume=True))
+    assert "rm_seconds_per_step" not in again and again["pavrm_accuracy"] == summary["pavrm_accuracy"]
+    assert same_tensors(lora, load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")))
 
 
 def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
@@ -347,7 +414,9 @@ def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
            "--save-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt", "--max-steps", "2"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "pavrm_accuracy" in res.stdout and "true_reward" in res.stdout
+    assert "pavrm_accuracy" in res.stdout and "true_reward" in res.stdout and "pavrm_score" in res.stdout
+    assert "plots: pavrm_accuracy.png, rm.png, tune.png" in res.stdout
+    assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in ("pavrm_accuracy.png", "rm.png", "tune.png"))
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((out / "videos").glob("*.mp4"))) == 2  # before + after
     args = json.loads((out / "args.json").read_text())
@@ -375,6 +444,87 @@ def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys):
     assert "Traceback" not in res.stderr
 
 
+# ---------------------------------------------------------------- run folders, checkpoints, resume (issue #14) ----
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_tensors(folder: Path) -> dict:
+    """Every tensor a run leaves: PAVRM, LoRA, and both stages' checkpoints (weights, AdamW state, RNG states)."""
+    files = ["pavrm.safetensors", "lora/pytorch_lora_weights.safetensors", "checkpoints/rm.safetensors",
+             "checkpoints/tune.safetensors"]
+    return {f"{f}:{k}": v for f in files for k, v in load_file(str(folder / f)).items()}
+
+
+def numbers(summary: dict) -> dict:  # what a run measured (not where, not how fast)
+    return {k: v for k, v in summary.items() if k not in ("run_dir",) and "seconds" not in k and "memory" not in k}
+
+
+def logged(folder: Path) -> dict:
+    """metrics.jsonl as rundir.Run.read_metrics reads it (the last row of each stage and step), without the time."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {(r["stage"], r["step"]): {k: v for k, v in r.items() if k != "time"} for r in rows}
+
+
+RESUME = dict(toy_size=256, rm_steps=4, rm_batch=8, tune_steps=6, batch_size=4, eval_samples=4, save_videos=0)
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, toy_cache):
+    """One run of both stages, PAVRM 4 steps and PRFL 6, never stopped: what every resumed run must equal."""
+    out = tmp_path_factory.mktemp("unbroken")
+    return prfl.main(tiny_args(out_dir=str(out), toy_cache=str(toy_cache), **RESUME)), out
+
+
+def test_each_stage_stopped_by_max_steps_then_resumed_equals_one_run(unbroken, toy_cache, tmp_path):
+    """--max-steps 2 stops both stages (PAVRM 2 of 4, PRFL 2 of 6); --resume --max-steps 4 finishes PAVRM, so PRFL,
+    whose checkpoint was trained against the unfinished PAVRM, starts again (0 -> 4); --resume finishes PRFL from its
+    step-4 checkpoint. Every tensor (PAVRM, LoRA, both checkpoints with AdamW and RNG states), every summary number and
+    every logged loss equal the unbroken run's. A resume with another training argument is refused, naming it."""
+    full, ref = unbroken
+    args = lambda **kw: tiny_args(out_dir=str(tmp_path / "r"), toy_cache=str(toy_cache), **RESUME, **kw)
+    prfl.main(args(max_steps=2, checkpoint_every=1))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 0, 1]
+    prfl.main(args(max_steps=4, resume=True))
+    summary = prfl.main(args(resume=True))
+    assert same_tensors(run_tensors(ref), run_tensors(tmp_path / "r"))
+    assert numbers(summary) == numbers(full) and "rm_seconds_per_step" not in summary
+    assert logged(ref) == logged(tmp_path / "r")
+    before = run_tensors(tmp_path / "r")
+    with pytest.raises(common.UserError, match=r"--lr 0.001 \(now 0.002\)"):
+        prfl.main(args(resume=True, lr=2e-3))
+    assert same_tensors(before, run_tensors(tmp_path / "r"))
+
+
+def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, toy_cache, tmp_path):
+    """Ctrl-C in the middle of the PRFL stage of a CLI run: it saves a checkpoint, prints how to resume and exits 130
+    without a traceback; the printed command finishes the run with the unbroken run's tensors and numbers."""
+    full, ref = unbroken
+    out, flags = tmp_path / "r", [f"--{k.replace('_', '-')}={v}" for k, v in RESUME.items()]
+    cmd = [sys.executable, "prfl.py", "--out-dir", str(out), "--toy-cache", str(toy_cache), *flags,
+           "--checkpoint-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same threads: the same float sums
+    with open(tmp_path / "stderr", "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        ckpt, deadline = out / "checkpoints" / "tune.safetensors", time.time() + 300
+        while not ckpt.exists() and p.poll() is None and time.time() < deadline:  # PRFL's first step is done
+            time.sleep(0.005)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=120) == 130
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err and "SIGINT at step" in err and "of stage 'tune'" in err, err[-2000:]
+    from safetensors import safe_open
+    with safe_open(str(ckpt), "pt") as f:
+        assert 1 <= json.loads(f.metadata()["state"])["step"] < 6  # stopped mid-stage
+    resume = shlex.split(err.split("resume with: ")[1].splitlines()[0])
+    assert resume[:2] == ["python", "prfl.py"] and resume[-1] == "--resume"
+    res = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert same_tensors(run_tensors(ref), run_tensors(out))
+    assert numbers(json.loads((out / "summary.json").read_text())) == numbers(json.loads(json.dumps(full)))
+
+
 # ---------------------------------------------------------------- bad input (issue #19) ----
 def tree_hash(folder: Path) -> dict:
     return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
@@ -383,15 +533,18 @@ def tree_hash(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def bad_world(tmp_path_factory, toy_cache):
-    """A small good binary dataset (24 toy rows, both labels), an earlier run folder (with a PAVRM, so --out-dir
-    takes the resume path), and helpers that copy the good dataset with one thing broken."""
+    """A small good binary dataset (24 toy rows, both labels), an earlier run folder (every case passes it as --out-dir:
+    each mistake is named before the folder's rule), a PAVRM of another configuration, and helpers that copy the good
+    dataset with one thing broken."""
     root = tmp_path_factory.mktemp("bad")
     data, meta = dataset.load(next(toy_cache.glob("binary-256-0-*")), "binary")
     good = {k: v if k in dataset.PROMPT_KEYS else v[:24].clone() for k, v in data.items()}
     assert good["label"].unique().numel() == 2
     dataset.save(root / "good", good, meta)
     run = root / "earlier_run"
-    prfl.save_pavrm(prfl.PAVRM(common.load_backbone("tiny").transformer), run / "pavrm.safetensors", "tiny")
+    tr = common.load_backbone("tiny").transformer
+    prfl.save_pavrm(prfl.PAVRM(tr), run / "pavrm.safetensors", "tiny")
+    prfl.save_pavrm(prfl.PAVRM(tr, blocks=4, pooling="mean"), root / "other_rm.safetensors", "tiny")
     for name in ("args.json", "summary.json", "metrics.jsonl"):
         (run / name).write_text('{"step": 0}\n')
 
@@ -455,11 +608,16 @@ BAD_INPUTS = [
      ["foreign.safetensors", "no PAVRM metadata"]),
     ("out-dir-unwritable", lambda w: ["--out-dir", w["root"] / "a_file" / "run"], 2, ["--out-dir", "a_file"]),
     ("steps-zero", lambda w: ["--rm-steps", "0"], 2, ["--rm-steps", "0"]),
-    ("lr-zero", lambda w: ["--lr", "0"], 2, ["--lr 0.0", "> 0"]),
+    ("lr-zero", lambda w: ["--lr", "0"], 2, ["--lr", "0.0 is not a finite number in (0, inf]"]),
     ("fraction-above-one", lambda w: ["--test-fraction", "1.5"], 2, ["--test-fraction", "1.5"]),
     ("max-steps-negative", lambda w: ["--max-steps", "-1"], 2, ["--max-steps", "-1"]),
     ("lr-nan", lambda w: ["--rm-lr-head", "nan"], 2, ["--rm-lr-head", "nan"]),
     ("real-backbone-without-data", lambda w: ["--backbone", "wan2.1-1.3b"], 2, ["--data", "tiny"]),
+    ("out-dir-holds-a-run", lambda w: [], 2, ["earlier_run", "already holds a run", "--resume"]),
+    ("resume-without-a-run", lambda w: ["--resume", "--out-dir", w["root"] / "no_run"], 2,
+     ["no_run", "holds no run to --resume"]),
+    ("reward-ckpt-of-another-pavrm", lambda w: ["--reward-ckpt", w["root"] / "other_rm.safetensors"], 2,
+     ["other_rm.safetensors", "--rm-blocks 8 (its metadata: 4)", "--rm-pooling query (its metadata: mean)"]),
 ]
 
 
