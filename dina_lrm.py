@@ -1,10 +1,9 @@
 """DiNa-LRM: "Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling" (arXiv 2602.11146).
 
-A reward model inside the generator: its first 12 DiT blocks (with a LoRA adapter) read a noisy latent x_sigma;
-the hidden states after blocks 4, 8, 12, FiLM-modulated by the timestep, are read by a gated query head into a
-scalar r(x_sigma, sigma, c), trained on preference pairs with a Thurstone likelihood whose comparison noise grows
-with the diffusion noise. It scores at sigma = 0.4, or reads three noise levels in one head pass (ensembling).
-Then it is the reward of ReFL: no-grad rollout to a random late step, one step with grad, x0-hat scored.
+A reward model inside the generator: its first 12 DiT blocks (a LoRA adapter) read a noisy latent x_sigma; a gated
+query head reads their states after blocks 4, 8, 12 (FiLM on the timestep) into r(x_sigma, sigma, c), trained on
+preference pairs with a Thurstone likelihood whose comparison noise grows with sigma. It scores at sigma = 0.4 or
+reads three levels in one head pass (ensembling); then it is the reward of ReFL (one late step with grad, x0-hat).
 
 Equation -> code (numbered in the order the method section derives them; the arXiv HTML was not recoverable)
     Eq. (1)  sigma_u^2(sigma) = k sigma^2 + sigma_u^2          -> thurstone_variance
@@ -13,18 +12,18 @@ Equation -> code (numbered in the order the method section derives them; the arX
              ablations: fixed variance (0.5), Bradley-Terry   -> --loss thurstone-constant | bt (preference_loss)
     Sec. 3   FiLM taps + gated query head                     -> FiLMTap, QueryAttention, DiNaHead
     Sec. 3   r(x_sigma, sigma, c), noise ensembling           -> dina_reward (several sigmas = ensemble)
-    Sec. 3   training step: one sigma and eps per pair        -> rm_step (the loop body of train_reward_model)
+    Sec. 3   training step: one sigma and eps per pair        -> rm_step (the loop body of reward_model_stage)
     Sec. 5   ReFL with the learned reward, loss 2 - (r+12)/10 -> refl_loss, refl_step (the loop body of run_refl)
 
-Follows the official code (HKUST-C4G/diffusion-rm, flow-grpo-rm) where it is more specific than the paper:
-variance 2 sigma^2 + 0.05 (not 0.1^2), 1e-6 guards in the sqrt's, fidelity loss (the NLL is disabled there), one
-sigma and eps shared by a pair and one eps by the ensemble's levels, no EMA (the released trainer never applies
-it), the reward (r + 12) / 10 of its RL reward function, ReFL's gradient accumulation (4), and weight sharing: the
-reward model is a peft adapter ("reward") on the generator's own blocks, the policy LoRA another ("policy").
-Wan port (the paper is on SD3.5-M images): one text tap (Wan's text is fixed after the condition embedder), FiLM
-on Wan's time embedding, a key-padding mask for the text. Deliberate differences: ties (none officially) are
-dropped or trained with the FRank target 1/2 (--ties); one process: the official global batches are --rm-batch
-and --batch-size x --grad-accum; --rm-steps is a plain count (paper: one epoch of ~0.8M pairs at 32 = 25k).
+The official code (diffusion-rm, flow-grpo-rm) where it is more specific than the paper: variance 2 sigma^2 + 0.05
+(not 0.1^2), the fidelity loss (not NLL), one sigma and eps per pair and one eps for the ensemble's levels, no
+reward-model EMA (its trainer never applies it), the reward (r + 12) / 10, ReFL's grad accumulation 4, AdamW weight
+decay 0.01 (reward model) and 1e-4 (policy), LoRA A ~ N(0, 1/r) (peft's "gaussian"; --lora-init), reward model and
+policy as two peft adapters on the generator's blocks. Policy EMA (--ema): the official ReFL builds one (0.9, every 8
+steps, warm-up min((1+n)/(10+n), 0.9)) and evaluates and saves through it, but never updates it (so it stays the base
+model); here it is updated, as in flow_grpo. Wan port: one text tap (Wan's text is fixed), FiLM on Wan's time
+embedding, a key-padding mask for the text. Ours: ties dropped or trained with the FRank target 1/2 (--ties); one
+process (official global batches: --rm-batch, --batch-size x --grad-accum); --rm-steps a count (paper: 1 epoch, ~25k).
 """
 from __future__ import annotations
 
@@ -36,28 +35,27 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 import common
 import dataset
 import estimate
+import rundir
 import toy
 from common import UserError, arg
 
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # two adapters: the point here
-LOSSES = ["thurstone", "thurstone-constant", "bt"]  # preference_loss's modes
 SHAPE_KEYS = ("rm_blocks", "taps", "rm_lora_rank", "rm_lora_alpha", "num_queries", "num_heads")  # fix the tensors
-SIZE = ("height", "width", "num_frames")
 
 
 @dataclasses.dataclass
 class Args:
     # generic
     stage: str = arg("all", "rm: reward model; tune: ReFL (needs --reward-ckpt); all", choices=["rm", "tune", "all"])
-    out_dir: str = arg("", "run directory (default runs/dina_lrm-<backbone>-<time>)")
+    out_dir: str = arg("", "run folder (default: a new runs/dina_lrm-<backbone>-<time>)")
+    resume: bool = arg(False, "continue the run in --out-dir from its stages' checkpoints (same arguments)")
+    checkpoint_every: int = arg(100, "optimiser steps between a stage's checkpoints (also: at its end, Ctrl-C)", min=1)
     seed: int = arg(0, "seed of everything (data split, sigmas, noise, rollouts)", min=0, max=2**32 - 1)
     device: str = arg("auto", "cuda | cpu | auto")
     data: str = arg("", "a prepared 'pairs' dataset folder (prepare.py); empty = the toy world (tiny only)")
@@ -66,29 +64,25 @@ class Args:
     toy_cache: str = arg("runs/toy_data", "cache folder of the toy dataset")
     reward_ckpt: str = arg("", "reward_model.safetensors of an earlier run: skip stage 1 and use it")
     estimate_memory: bool = arg(False, "only print the estimated peak GPU memory and TFLOPs of each stage's step")
-    max_steps: int = arg(None, "cap on the optimiser steps of every stage (with --eval-samples 2: a smoke run)",
-                         type=int, min=1)
+    max_steps: int = arg(None, "stop every stage after this many optimiser steps (a smoke run)", type=int, min=1)
     # backbone
     backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder | a hub id")
-    dtype: str = arg(None, "DiT dtype (default bf16 on CUDA, fp32 on CPU); LoRA, head, VAE: fp32", type=str,
-                     choices=["bf16", "fp32"])
-    height: int = arg(None, "video height (default: the size --data was prepared at, else the backbone's)",
-                      type=int, min=1)
+    dtype: str = arg(None, "DiT dtype (default: bf16 on CUDA, fp32 on CPU)", type=str, choices=["bf16", "fp32"])
+    height: int = arg(None, "video height (default: the size of --data, else the backbone's)", type=int, min=1)
     width: int = arg(None, "video width (default as --height)", type=int, min=1)
     num_frames: int = arg(None, "video frames, 4k+1 (default as --height)", type=int, min=1)
     gradient_checkpointing: bool = arg(True, "block gradient checkpointing in both stages (memory for compute)")
+    lora_init: str = arg("gaussian", "LoRA A init: N(0, 1/r) (official) | peft's", choices=["gaussian", "kaiming"])
     # reward model (Sec. 3; official config sd3m/thurstone-12layer.yaml)
     rm_blocks: int = arg(12, "first DiT blocks the reward model keeps (and puts its LoRA on)", min=1)
-    taps: list = arg(None, "1-based blocks whose hidden states the head reads", factory=lambda: [4, 8, 12], min=1,
-                     nonempty=True)
+    taps: list = arg(None, "1-based blocks the head reads after", factory=lambda: [4, 8, 12], min=1, nonempty=True)
     rm_lora_rank: int = arg(64, "reward LoRA rank", min=1)
     rm_lora_alpha: float = arg(128.0, "reward LoRA alpha", gt=0)
     num_queries: int = arg(4, "learnable queries of the head", min=1)
     num_heads: int = arg(8, "attention heads of the head", min=1)
-    loss: str = arg("thurstone", "Eq. 1-3 | fixed-variance ablation | Bradley-Terry", choices=LOSSES)
+    loss: str = arg("thurstone", "Eq. 1-3 | ablations", choices=["thurstone", "thurstone-constant", "bt"])
     k: float = arg(2.0, "Eq. (1): slope k of the noise-dependent comparison variance", min=0)
     clean_var: float = arg(0.05, "Eq. (1): comparison variance at sigma = 0 (official; paper text 0.1^2)", min=0)
-    constant_var: float = arg(0.5, "variance of the thurstone-constant ablation (official code)", min=0)
     ties: str = arg("drop", "tied pairs: drop (none officially) | half (FRank target 1/2)", choices=["drop", "half"])
     rm_lr: float = arg(5e-5, "AdamW lr, constant (paper)", gt=0)
     rm_weight_decay: float = arg(0.01, "AdamW weight decay (official)", min=0)
@@ -98,30 +92,28 @@ class Args:
     grad_clip: float = arg(1.0, "gradient-norm clip of both stages (official)", gt=0)
     test_fraction: float = arg(0.2, "held-out share of the pairs for the accuracy table", gt=0, max=0.99)
     score_sigma: float = arg(0.4, "sigma of a single-draw score (official default for generated latents)", min=0, max=1)
-    eval_sigmas: list = arg(None, "single-draw accuracy sweep", factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8], min=0,
-                            max=1, nonempty=True)
-    ensemble_sigmas: list = arg(None, "noise-ensemble levels", factory=lambda: [0.2, 0.5, 0.7], min=0, max=1,
-                                nonempty=True)
+    eval_sigmas: list = arg(None, "single draw", factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8], min=0, max=1, nonempty=True)
+    ensemble_sigmas: list = arg(None, "ensemble levels", factory=lambda: [0.2, 0.5, 0.7], min=0, max=1, nonempty=True)
     ablation: bool = arg(False, "also train the fixed-variance ablation (thurstone-constant) for the accuracy table")
     # fine-tuning: ReFL with the learned reward (flow-grpo-rm config/refl.py)
     tune_steps: int = arg(150, "ReFL optimiser steps (paper)", min=1)
     batch_size: int = arg(16, "prompts per ReFL micro-batch (official: 2 per GPU x 8 GPUs)", min=1)
     grad_accum: int = arg(4, "ReFL micro-batches per optimiser step (official)", min=1)
     lr: float = arg(1e-4, "policy AdamW lr (official)", gt=0)
+    weight_decay: float = arg(1e-4, "policy AdamW weight decay (official)", min=0)
+    ema: bool = arg(True, "evaluate and save the policy's EMA (official: 0.9, every 8 steps), not its last weights")
     policy_rank: int = arg(32, "policy LoRA rank (official)", min=1)
     policy_alpha: float = arg(64.0, "policy LoRA alpha (official)", gt=0)
     num_steps: int = arg(40, "sampling steps of rollout and evaluation (official)", min=1)
     late_fraction: float = arg(0.75, "grad step drawn from [late_fraction * num_steps, num_steps - 1]", min=0, max=1)
     guidance_scale: float = arg(4.5, "CFG of the no-grad rollout and the evaluation samples (official; 1 = off)", min=1)
-    reward_offset: float = arg(12.0, "ReFL reward R = (r + offset) / scale, loss = mean(2 - R) (official)")
-    reward_scale: float = arg(10.0, "see --reward-offset", gt=0)
     eval_samples: int = arg(64, "fresh before/after evaluation samples, held-out prompts in blocks (ours)", min=1)
     save_videos: int = arg(2, "mp4 samples to write before and after ReFL (into <run>/videos/)", min=0)
 
 
-# --backbone tiny: a CPU-sized demo (python dina_lrm.py). ReFL: 80 or 160 steps, or lr 1e-3, game its reward model.
-TINY = dict(rm_lr=1e-3, rm_steps=300, tune_steps=40, batch_size=8, grad_accum=1, lr=5e-5, num_steps=20,
-            guidance_scale=1.0, eval_samples=96, ablation=True, gradient_checkpointing=False)
+# --backbone tiny: a CPU-sized demo (python dina_lrm.py); ReFL lr 2e-4: 40 steps are half the EMA, A ~ N(0, 1/r) small
+TINY = dict(rm_lr=1e-3, rm_steps=300, tune_steps=40, batch_size=8, grad_accum=1, lr=2e-4, num_steps=20,
+            guidance_scale=1.0, eval_samples=96, ablation=True, gradient_checkpointing=False, checkpoint_every=50)
 
 
 # ==== The noise-calibrated Thurstone likelihood (Sec. 3.2)
@@ -136,27 +128,29 @@ def thurstone_probability(r_a, r_b, var):
 
 
 def thurstone_fidelity_loss(p, target=1.0):
-    """Eq. (3): FRank fidelity 1 - sqrt(y p) - sqrt((1-y)(1-p)); y = 1 (A preferred) gives 1 - sqrt(p). Bounded
-    (unlike -log p), so confidently wrong labels cannot dominate; y = 1/2 is our tie target."""
-    target = torch.as_tensor(target, dtype=p.dtype, device=p.device)
+    """Eq. (3): FRank fidelity 1 - sqrt(y p) - sqrt((1-y)(1-p)), bounded (unlike -log p); y = 1/2: our tie target."""
     return 1 - torch.sqrt(target * p + 1e-6) - torch.sqrt((1 - target) * (1 - p) + 1e-6) * (target < 1)
 
 
 def preference_loss(r_a, r_b, sigma, target, args: Args):
-    """The training loss per pair for --loss (A = the preferred item when target = 1); the one place a fork of
-    the loss goes: training, the ablation and --estimate-memory all call it through rm_step."""
+    """The loss per pair for --loss (A preferred when target = 1): the one place a fork of the loss goes."""
     if args.loss == "bt":  # Bradley-Terry ablation, -log sigmoid(r_A - r_B) (ties: soft target)
-        return F.binary_cross_entropy_with_logits(r_a - r_b, torch.as_tensor(target, dtype=r_a.dtype).expand_as(r_a),
-                                                  reduction="none")
-    var = (thurstone_variance(sigma, args.k, args.clean_var) if args.loss == "thurstone"
-           else torch.full_like(sigma, args.constant_var))
+        return F.binary_cross_entropy_with_logits(r_a - r_b, torch.zeros_like(r_a) + target, reduction="none")
+    var = thurstone_variance(sigma, args.k, args.clean_var) if args.loss == "thurstone" else torch.full_like(sigma, 0.5)
     return thurstone_fidelity_loss(thurstone_probability(r_a, r_b, var), target)
 
 
 # ==== Reward head: FiLM-modulated multi-tap features, read by 4 queries (Sec. 3.1, official RewardHead)
+def value_gate(dim: int) -> nn.Module:
+    """A per-token scalar gate sigmoid(MLP(x)) on the values; its last layer starts at zero, so it starts at 1/2."""
+    gate = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1), nn.Sigmoid())
+    nn.init.zeros_(gate[2].weight)
+    nn.init.zeros_(gate[2].bias)
+    return gate
+
+
 class FiLMTap(nn.Module):
-    """x (1 + gamma(temb)) + beta(temb) + layer embedding, then reduced to width/4. The last FiLM layer starts at
-    zero: training starts from the backbone's own features (plus the layer embedding) at every noise level."""
+    """x (1 + gamma(temb)) + beta(temb) + layer embedding, reduced to width/4; FiLM starts as the identity."""
     def __init__(self, dim: int, cond_dim: int, out_dim: int):
         super().__init__()
         self.cond = nn.Sequential(nn.Linear(cond_dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim))
@@ -173,28 +167,8 @@ class FiLMTap(nn.Module):
         return self.reduce(self.modulate(x, temb))
 
 
-class ValueGate(nn.Module):
-    """A per-token scalar gate sigmoid(MLP(x)) on the values; zero-initialised, so it starts at 1/2."""
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x):
-        return torch.sigmoid(self.net(x))
-
-
-def attend(q, k, v, heads: int, mask=None):
-    """Multi-head scaled dot-product attention of [B, Nq, D] over [B, N, D]; mask [B, N] (True = keep)."""
-    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
-    return rearrange(out, "b h n d -> b n (h d)")
-
-
 class QueryAttention(nn.Module):
-    """Queries attend to video tokens and (gated=True) to text tokens: two softmaxes (video and text do not compete
-    in one), summed; value gates let the head ignore uninformative tokens (Qiu et al. 2025, as the official head)."""
+    """Queries attend to video and (gated) text tokens: two softmaxes, summed; value gates (Qiu et al. 2025)."""
     def __init__(self, dim: int, heads: int, gated: bool):
         super().__init__()
         self.heads, self.gated = heads, gated
@@ -203,30 +177,32 @@ class QueryAttention(nn.Module):
         if gated:
             self.norm_t = nn.RMSNorm(dim)
             self.k_t, self.v_t = nn.Linear(dim, dim), nn.Linear(dim, dim)
-            self.gate_v, self.gate_t = ValueGate(dim), ValueGate(dim)
+            self.gate_v, self.gate_t = value_gate(dim), value_gate(dim)
+
+    def attend(self, q, k, v, mask=None):  # multi-head SDPA of [B, Nq, D] over [B, N, D]; mask [B, N], True = keep
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        return out.transpose(1, 2).flatten(2)
 
     def forward(self, queries, video, text=None, text_mask=None):
         q, v = self.to_q(self.norm_q(queries)), self.norm_v(video)
         if not self.gated:
-            return queries + self.out(attend(q, self.k_v(v), self.v_v(v), self.heads))
+            return queries + self.out(self.attend(q, self.k_v(v), self.v_v(v)))
         t = self.norm_t(text)
-        h = attend(q, self.k_v(v), self.gate_v(v) * self.v_v(v), self.heads)
-        h = h + attend(q, self.k_t(t), self.gate_t(t) * self.v_t(t), self.heads, text_mask)
-        return queries + self.out(h)
+        h = self.attend(q, self.k_v(v), self.gate_v(v) * self.v_v(v))
+        return queries + self.out(h + self.attend(q, self.k_t(t), self.gate_t(t) * self.v_t(t), text_mask))
 
 
 class DiNaHead(nn.Module):
     """Tap features of one or more noise levels -> scalar reward (official RewardHead, Wan port)."""
     def __init__(self, dim: int, num_taps: int = 3, num_queries: int = 4, heads: int = 8, adapter: str = "reward"):
         super().__init__()
-        self.adapter = adapter  # the peft adapter (on the generator's blocks) that this head reads
-        w = dim // 4
+        self.adapter, w = adapter, dim // 4  # the peft adapter (on the generator's blocks) that this head reads
         self.film_video = nn.ModuleList(FiLMTap(dim, dim, w) for _ in range(num_taps))
         self.film_text = FiLMTap(dim, dim, w)  # Wan: one text tap (no text stream through the blocks)
         self.fuse_video, self.fuse_text = nn.Linear(num_taps * w, dim), nn.Linear(w, dim)
         self.queries = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
-        self.attn1 = QueryAttention(dim, heads, gated=True)   # video + text, value-gated
-        self.attn2 = QueryAttention(dim, heads, gated=False)  # video only
+        self.attn1, self.attn2 = QueryAttention(dim, heads, gated=True), QueryAttention(dim, heads, gated=False)
         self.ffn_norm = nn.RMSNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.to_reward = nn.Linear(dim, 1)
@@ -239,18 +215,16 @@ class DiNaHead(nn.Module):
 
     def forward(self, feats_per_level: list[dict], text_mask):
         """Noise ensembling: the tokens of all levels are concatenated along the token axis, one head pass."""
-        video, text = zip(*(self.tokens(f) for f in feats_per_level))
-        video, text = torch.cat(video, 1), torch.cat(text, 1)
-        mask = text_mask.repeat(1, len(feats_per_level))
-        q = self.attn2(self.attn1(self.queries.expand(len(video), -1, -1), video, text, mask), video)  # attn1, attn2
+        video, text = (torch.cat(t, 1) for t in zip(*(self.tokens(f) for f in feats_per_level)))
+        q = self.attn1(self.queries.expand(len(video), -1, -1), video, text, text_mask.repeat(1, len(feats_per_level)))
+        q = self.attn2(q, video)  # attn1: video + gated text; attn2: video only
         q = q + self.ffn(self.ffn_norm(q))
         return self.to_reward(q).squeeze(-1).mean(1)  # per-query scalar, averaged over queries
 
 
 # ==== Adapters: the reward model and the policy share the generator's base weights
 def set_active_adapter(transformer, name: str):
-    """transformer.set_adapter(name), keeping every requires_grad: peft's would make the active adapter trainable
-    and freeze the others (the reward adapter would get gradients in ReFL, the policy none after it)."""
+    """set_adapter(name), keeping every requires_grad: peft's trains the active adapter and freezes the others."""
     flags = [(p, p.requires_grad) for p in transformer.parameters()]
     transformer.set_adapter(name)
     for p, f in flags:
@@ -258,8 +232,7 @@ def set_active_adapter(transformer, name: str):
 
 
 def dina_reward(transformer, head, x0, embeds, text_mask, sigmas, eps, taps):
-    """r(x_sigma, sigma, c) with the reward adapter; several sigmas (floats or [B] tensors) = noise ensembling (one
-    eps for all). Gradient flows to x0 (ReFL) and to whatever is trainable."""
+    """r(x_sigma, sigma, c) with the reward adapter; several sigmas (floats or [B]) = noise ensembling (one eps)."""
     set_active_adapter(transformer, head.adapter)
     feats = []
     for s in sigmas:  # x_sigma = (1 - sigma) x0 + sigma eps; the transformer's timestep is 1000 sigma
@@ -268,47 +241,39 @@ def dina_reward(transformer, head, x0, embeds, text_mask, sigmas, eps, taps):
     return head(feats, text_mask)
 
 
-def add_reward_model(pipe, args: Args, name: str = "reward"):
-    """Reward LoRA on the kept blocks + a new head; returns (head, lora params)."""
-    params = common.add_lora(pipe.transformer, args.rm_lora_rank, args.rm_lora_alpha, adapter_name=name,
-                             blocks=list(range(args.rm_blocks)))
-    cfg = pipe.transformer.config
-    return DiNaHead(cfg.num_attention_heads * cfg.attention_head_dim, len(args.taps), args.num_queries, args.num_heads,
-                    name).to(pipe.transformer.device), params
+def add_lora(transformer, rank: int, alpha: float, name: str, args: Args, blocks=None):
+    """common.add_lora (B = 0); --lora-init gaussian: A ~ N(0, 1/r), peft's "gaussian" (official, both adapters)."""
+    params = common.add_lora(transformer, rank, alpha, adapter_name=name, blocks=blocks)
+    for n, p in transformer.named_parameters():
+        if args.lora_init == "gaussian" and f".lora_A.{name}." in n:
+            nn.init.normal_(p, std=1 / rank)
+    return params
 
 
-def save_reward_model(path, transformer, head, args: Args, name: str = "reward"):
-    """One safetensors file: head.* and the reward adapter's lora.* (+ the shape args and the loss as metadata)."""
-    tensors = {f"head.{k}": v for k, v in head.state_dict().items()}
-    tensors.update({f"lora.{k}": v for k, v in common.lora_state_dict(transformer, name).items()})
-    common.save_safetensors(tensors, path, metadata={k: getattr(args, k) for k in (*SHAPE_KEYS, "loss", "backbone")})
-
-
-def load_reward_model(path, pipe, args: Args):
-    """Rebuild the reward adapter and head from save_reward_model's file (frozen, for ReFL)."""
-    from peft.utils import set_peft_model_state_dict
-    sd = load_file(str(path))  # its header was checked by check_reward_ckpt before any model loaded
-    head, params = add_reward_model(pipe, args)
-    try:
-        head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")})
-    except RuntimeError as e:
-        raise UserError(f"{path}: head weights do not fit this backbone ({str(e).splitlines()[1].strip()})")
-    lora = {k[5:]: v for k, v in sd.items() if k.startswith("lora.")}
-    result = set_peft_model_state_dict(pipe.transformer, lora, adapter_name="reward")
-    if not lora or getattr(result, "unexpected_keys", None):
-        raise UserError(f"{path}: reward LoRA keys missing or unexpected (lora.* tensors: {len(lora)})")
+def add_reward_model(pipe, args: Args, name: str = "reward", path=None):
+    """Reward LoRA on the kept blocks + a new head, or those of a reward_model.safetensors -> (head, LoRA params)."""
+    tr = pipe.transformer
+    params = add_lora(tr, args.rm_lora_rank, args.rm_lora_alpha, name, args, list(range(args.rm_blocks)))
+    head = DiNaHead(tr.config.num_attention_heads * tr.config.attention_head_dim, len(args.taps), args.num_queries,
+                    args.num_heads, name).to(tr.device)
+    if path:
+        from peft.utils import set_peft_model_state_dict
+        sd = load_file(str(path))
+        try:
+            head.load_state_dict({k[5:]: v for k, v in sd.items() if k[:5] == "head."})
+        except RuntimeError as e:  # a head of another layout (a file of an older dina_lrm.py)
+            raise UserError(f"{path}: head tensors of another layout ({str(e).splitlines()[1].strip()})") from None
+        set_peft_model_state_dict(tr, {k[5:]: v for k, v in sd.items() if k[:5] == "lora."}, adapter_name=name)
     return head, params
 
 
 def optimiser_step(opt, params, micro_step, grad_accum: int, grad_clip: float, where: str):
-    """One optimiser step of either stage: grad_accum micro-batches (each backpropagates loss / grad_accum: the
-    gradient of the mean), clip, step. micro_step() -> (loss, extra); returns (mean loss, [extra, ...])."""
+    """grad_accum micro_step()s (each loss / grad_accum: the mean's gradient), clip, step -> (mean loss, extras)."""
     opt.zero_grad(set_to_none=True)
     out = []
     for _ in range(grad_accum):
         loss, extra = micro_step()
-        if not torch.isfinite(loss):
-            raise UserError(f"{where}: loss is {loss.item()} (lower the learning rate)")
+        common.require(torch.isfinite(loss), f"{where}: loss is {loss.item()} (lower the learning rate)")
         (loss / grad_accum).backward()
         out.append((loss.detach(), extra))
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -316,18 +281,18 @@ def optimiser_step(opt, params, micro_step, grad_accum: int, grad_clip: float, w
     return torch.stack([loss for loss, _ in out]).mean().item(), [extra for _, extra in out]
 
 
+def stage_steps(run, stage: str, total: int, args: Args, **state):
+    """rundir's steps of a stage; once one trains here, later stages' checkpoints are stale (e.g. --max-steps): gone."""
+    if getattr(run, "stale", False):
+        run.checkpoint_path(stage).unlink(missing_ok=True)
+    for step in run.steps(stage, total, every=args.checkpoint_every, stop_at=args.max_steps, **state):
+        run.stale = True
+        yield step
+
+
 # ==== Stage 1: train the reward model on preference pairs
-def chosen_first(data, idx, device):
-    """Batch of pairs ordered (preferred, other) with the target y: 1 for strict pairs, 1/2 for ties."""
-    pref, a, b, p = data["pref"][idx], data["latents_a"][idx], data["latents_b"][idx], data["prompt_idx"][idx]
-    swap = (pref == 1).view(-1, 1, 1, 1, 1)
-    return tuple(t.to(device) for t in (torch.where(swap, b, a), torch.where(swap, a, b), data["prompt_embeds"][p],
-                                        data["prompt_mask"][p], torch.where(pref == 2, 0.5, 1.0)))
-
-
 def rm_step(transformer, head, win, lose, embeds, mask, target, args: Args, g: torch.Generator):
-    """Stage 1's loss on a batch of pairs: sigma ~ U(0, 1) per pair (paper), one sigma and one eps shared by both
-    items (official train_step), both scored in one batched pass. Returns (loss, r_win, r_lose)."""
+    """Stage 1's loss: sigma ~ U(0, 1) (paper), one sigma and eps per pair (official), one pass -> (loss, r_w, r_l)."""
     sigma = common.sample_train_sigma(len(win), 1.0, generator=g, device=win.device)
     eps = torch.randn(win.shape, generator=g).to(win.device)
     two = lambda t: torch.cat([t, t])
@@ -336,120 +301,104 @@ def rm_step(transformer, head, win, lose, embeds, mask, target, args: Args, g: t
     return preference_loss(r_win, r_lose, sigma, target, args).mean(), r_win, r_lose
 
 
-def train_reward_model(pipe, data, train_idx, args: Args, run, name: str = "reward"):
-    """Fit the reward adapter + head (--loss of `args`) with rm_step; constant lr (official)."""
-    tr, dev = pipe.transformer, pipe.transformer.device
-    head, lora = add_reward_model(pipe, args, name)  # dina_reward activates its adapter
-    params = lora + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=args.rm_weight_decay)
-    train_idx = train_idx[data["pref"][train_idx] < 2] if args.ties == "drop" else train_idx
-    g = torch.Generator().manual_seed(args.seed)
+def reward_model_stage(pipe, data, train_idx, test_idx, args: Args, run, summary: dict):
+    """Stage 1: the reward model (and the --ablation one) by rm_step, constant lr (official), each a run stage; held-out
+    accuracy per scoring into `summary` and a .png; reward_model.safetensors (+ shape args) -> (head, table rows)."""
+    tr, dev, rows, curves = pipe.transformer, pipe.transformer.device, [], {}
+
+    def chosen_first(idx):  # pairs ordered (preferred, other) with the target y: 1 for strict pairs, 1/2 for ties
+        pref, a, b, p = data["pref"][idx], data["latents_a"][idx], data["latents_b"][idx], data["prompt_idx"][idx]
+        swap = (pref == 1).view(-1, 1, 1, 1, 1)
+        return tuple(t.to(dev) for t in (torch.where(swap, b, a), torch.where(swap, a, b), data["prompt_embeds"][p],
+                                         data["prompt_mask"][p], torch.where(pref == 2, 0.5, 1.0)))
 
     def micro_step():
-        idx = train_idx[torch.randint(0, len(train_idx), (args.rm_batch,), generator=g)]
-        win, lose, emb, mask, target = chosen_first(data, idx, dev)
-        loss, r_win, r_lose = rm_step(tr, head, win, lose, emb, mask, target, args, g)
+        win, lose, emb, mask, target = chosen_first(train[torch.randint(0, len(train), (args.rm_batch,), generator=g)])
+        loss, r_win, r_lose = rm_step(tr, head, win, lose, emb, mask, target, margs, g)
         return loss, (r_win > r_lose).float()[target == 1]  # train accuracy on the strict pairs
 
-    steps = min(args.rm_steps, args.max_steps or args.rm_steps)
-    timer, bar = common.StepTimer(dev), tqdm(range(steps), desc=f"stage 1 ({name}, {args.loss})")
-    for step in bar:
-        with timer:
-            loss, hits = optimiser_step(opt, params, micro_step, args.rm_grad_accum, args.grad_clip,
-                                        f"stage 1 step {step} (--rm-lr {args.rm_lr})")
-        acc = torch.cat(hits).mean().item()
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
-        run.log(step, f"rm-{name}", loss=loss, train_acc=acc)
-    return head, timer
-
-
-@torch.no_grad()
-def preference_accuracy(pipe, head, data, test_idx, sigmas, args: Args, batch: int = 64):
-    """Held-out accuracy on strict pairs: r(preferred) > r(other), one eps per item (as the official eval)."""
-    tr, dev = pipe.transformer, pipe.transformer.device
-    test_idx = test_idx[data["pref"][test_idx] < 2]
-    g, correct = torch.Generator().manual_seed(1234), []  # the same noise for every model and level set
-    for i in range(0, len(test_idx), batch):
-        win, lose, emb, mask, _ = chosen_first(data, test_idx[i:i + batch], dev)
-        eps = torch.randn((2 * len(win), *win.shape[1:]), generator=g).to(dev)
-        r_win, r_lose = dina_reward(tr, head, torch.cat([win, lose]), torch.cat([emb, emb]), torch.cat([mask, mask]),
-                                    sigmas, eps, args.taps).float().cpu().chunk(2)
-        correct.append((r_win > r_lose).float())
-    return common.mean_se(torch.cat(correct))
-
-
-def reward_model_stage(pipe, data, train_idx, test_idx, args: Args, run, summary: dict):
-    """Stage 1: the reward model (and, with --ablation, the fixed-variance one), held-out accuracy per scoring
-    (single sigmas, the noise ensemble) into `summary`. Returns (the reward head, table rows)."""
-    rows = []
+    @torch.no_grad()
+    def accuracy(sigmas, batch=64):  # held-out strict pairs, one eps per item (official eval), the same for all
+        g, test, correct = torch.Generator().manual_seed(1234), test_idx[data["pref"][test_idx] < 2], []
+        for i in range(0, len(test), batch):
+            win, lose, emb, mask, _ = chosen_first(test[i:i + batch])
+            eps = torch.randn((2 * len(win), *win.shape[1:]), generator=g).to(dev)
+            r_win, r_lose = dina_reward(tr, head, torch.cat([win, lose]), torch.cat([emb, emb]),
+                                        torch.cat([mask, mask]), sigmas, eps, args.taps).float().cpu().chunk(2)
+            correct.append((r_win > r_lose).float())
+        return common.mean_se(torch.cat(correct))
+    train = train_idx[data["pref"][train_idx] < 2] if args.ties == "drop" else train_idx
     for name, loss in [("reward", args.loss)] + [("ablation", "thurstone-constant")] * args.ablation:
-        head, timer = train_reward_model(pipe, data, train_idx, dataclasses.replace(args, loss=loss), run, name)
+        margs, timer = dataclasses.replace(args, loss=loss), common.StepTimer(dev)
+        head, lora = add_reward_model(pipe, args, name)  # dina_reward activates its adapter
+        params, g = lora + list(head.parameters()), torch.Generator().manual_seed(args.seed)
+        opt = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=args.rm_weight_decay)
+        for step in stage_steps(run, f"rm-{name}", args.rm_steps, args, modules=dict(head=head, lora=tr),
+                                optimizer=opt, generators=dict(data=g)):
+            with timer:
+                loss_value, hits = optimiser_step(opt, params, micro_step, args.rm_grad_accum, args.grad_clip,
+                                                  f"stage 1 step {step} (--rm-lr {args.rm_lr})")
+            run.log(step, f"rm-{name}", loss=loss_value, train_acc=torch.cat(hits).mean().item())
+        rundir.plot_metrics(run, f"rm-{name}", ["loss", "train_acc"], f"reward model '{name}' ({loss})")
         for sig in [[s] for s in args.eval_sigmas] + [args.ensemble_sigmas]:
-            acc, se = preference_accuracy(pipe, head, data, test_idx, sig, args)
+            acc, se = accuracy(sig)
             key = "ensemble" if len(sig) > 1 else f"sigma_{sig[0]}"
-            rows.append(dict(model=f"{name} ({loss})", scoring=f"ensemble {sig}" if len(sig) > 1 else f"sigma {sig[0]}",
+            rows.append(dict(model=f"{name} ({loss})", scoring=key.replace("_", " ") + f" {sig}" * (len(sig) > 1),
                              accuracy=acc, se=se))
             summary[f"acc_{key}" if name == "reward" else f"{name}_acc_{key}"] = acc
+        accs = [r["accuracy"] for r in rows[-len(args.eval_sigmas) - 1:]]
+        curves[f"{name} ({loss}); ensemble {args.ensemble_sigmas}: {accs[-1]:.3f}"] = (args.eval_sigmas, accs[:-1])
         summary[f"{name}_rm_seconds_per_step"] = timer.seconds_per_step
         if name == "reward":
-            save_reward_model(run.dir / "reward_model.safetensors", pipe.transformer, head, args)
-            reward_head = head
+            reward_head, sd = head, {f"head.{k}": v for k, v in head.state_dict().items()}
+            sd.update({f"lora.{k}": v for k, v in common.lora_state_dict(tr, name).items()})
+            meta = {k: getattr(args, k) for k in (*SHAPE_KEYS, "loss", "backbone")}  # checked on --reward-ckpt
+            common.save_safetensors(sd, run.dir / "reward_model.safetensors", meta)
         else:  # the ablation is only measured
-            set_active_adapter(pipe.transformer, "reward")
-            pipe.transformer.delete_adapters(name)
+            set_active_adapter(tr, "reward")
+            tr.delete_adapters(name)
+    rundir.plot(run.dir / "accuracy_vs_sigma.png", curves, "held-out accuracy on strict pairs", "sigma", "accuracy")
     return reward_head, rows
 
 
 # ==== Stage 2: ReFL with the learned reward (flow-grpo-rm train_sd3_refl_rm.py)
 def checkpoint_with_adapter(transformer, set_adapter):
-    """Block gradient checkpointing that recomputes each block under the peft adapter active in its forward.
-    diffusers recomputes under whatever adapter is active when backward runs; when one backward spans forwards
-    under different adapters (ReFL: a policy-adapter step, then the reward-adapter blocks), torch.utils.checkpoint
-    then raises a CheckpointError (or, with equal ranks, computes wrong gradients). set_adapter switches adapters."""
+    """Block checkpointing that recomputes each block under its forward's adapter; diffusers' uses the one active at
+    backward, and a ReFL backward spans policy and reward forwards: CheckpointError (or wrong grads at equal ranks)."""
     from torch.utils.checkpoint import checkpoint
 
-    def context_fn():  # (forward context, recompute context) of one checkpointed block
-        name = transformer.active_adapters()[0]
-
-        @contextlib.contextmanager
-        def recompute():
-            before = transformer.active_adapters()[0]
-            set_adapter(transformer, name)
-            yield
-            set_adapter(transformer, before)
-        return contextlib.nullcontext(), recompute()
-
-    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=lambda block, *a: checkpoint(
-        block.__call__, *a, use_reentrant=False, context_fn=context_fn))
+    @contextlib.contextmanager
+    def under(name):  # a block's recompute: under the adapter of its forward, then back
+        before = transformer.active_adapters()[0]
+        set_adapter(transformer, name)
+        yield
+        set_adapter(transformer, before)
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=lambda block, *a: checkpoint(  # at forward:
+        block.__call__, *a, use_reentrant=False,  # context_fn's default reads the adapter active now
+        context_fn=lambda name=transformer.active_adapters()[0]: (contextlib.nullcontext(), under(name))))
 
 
 def add_policy(pipe, head, args: Args):
-    """Stage 2's trainables: the reward model frozen (only its activations carry grad), a policy LoRA (B = 0: the
-    base generator) on the whole generator; with checkpointing, each block recomputed under its own adapter."""
+    """Stage 2's trainables: a policy LoRA on the whole generator; the reward model frozen (its activations: grad)."""
     head.requires_grad_(False)
     pipe.transformer.requires_grad_(False)
-    policy = common.add_lora(pipe.transformer, args.policy_rank, args.policy_alpha, adapter_name="policy")
+    policy = add_lora(pipe.transformer, args.policy_rank, args.policy_alpha, "policy", args)
     if args.gradient_checkpointing:  # one backward spans policy- and reward-adapter forwards
         checkpoint_with_adapter(pipe.transformer, set_active_adapter)
     return policy
 
 
 def refl_loss(r, offset: float = 12.0, scale: float = 10.0):
-    """Official ReFL objective: R = (r + offset) / scale, minimise mean(2 - R)."""
+    """Official ReFL objective: R = (r + offset) / scale (its RL reward function), minimise mean(2 - R)."""
     return (2 - (r + offset) / scale).mean()
 
 
-def late_steps(args: Args) -> range:
-    """The steps the one grad step is drawn from, [late_fraction * N, N - 1] (official: 40 steps -> 30..39)."""
-    return range(min(int(round(args.late_fraction * args.num_steps)), args.num_steps - 1), args.num_steps)
-
-
 def refl_step(pipe, head, embeds, mask, args: Args, gen: torch.Generator, negative=None):
-    """No-grad rollout to a random late step, one step with grad, x0-hat re-noised at sigma 0.4, scored.
-    Returns (loss, r, the step with grad)."""
+    """No-grad rollout to a random late step, one step with grad, x0-hat re-noised at sigma 0.4 -> (loss, r, step)."""
     tr, dev = pipe.transformer, pipe.transformer.device
     sigmas = common.sigma_schedule(args.num_steps, common.backbone_geometry(pipe)["flow_shift"])  # the checkpoint's
-    mid = int(torch.randint(late_steps(args).start, args.num_steps, (1,), generator=gen))
+    late = min(int(round(args.late_fraction * args.num_steps)), args.num_steps - 1)  # official: 40 steps -> 30..39
+    mid = int(torch.randint(late, args.num_steps, (1,), generator=gen))
     shape = (len(embeds), *common.backbone_geometry(pipe)["latent_shape"])
     noise = torch.randn(shape, generator=gen).to(dev)
     set_active_adapter(tr, "policy")
@@ -461,27 +410,24 @@ def refl_step(pipe, head, embeds, mask, args: Args, gen: torch.Generator, negati
     eps = torch.randn(shape, generator=gen).to(dev)  # fresh noise for the reward's sigma = 0.4
     r = dina_reward(tr, head, x0_hat, embeds, mask, [args.score_sigma], eps, args.taps)
     set_active_adapter(tr, "policy")
-    return refl_loss(r, args.reward_offset, args.reward_scale), r.detach(), mid
+    return refl_loss(r), r.detach(), mid
 
 
 def encode_eval_prompts(pipe, data, meta, args: Args):
     """Held-out prompts for stage 2 and the CFG negative, encoded once; then T5 can go before any training."""
     embeds, mask = data["prompt_embeds"], data["prompt_mask"]
+    encode = lambda prompts: common.encode_prompts(pipe, prompts, max_sequence_length=embeds.shape[1])
     if str(meta.get("source", "")).startswith("toy"):  # held-out toy prompts (shape word 'patch'), never seen in ReFL
-        eval_prompts = toy.toy_prompts("eval")
-        eval_embeds, eval_mask = common.encode_prompts(pipe, eval_prompts, max_sequence_length=embeds.shape[1])
-        train_rows = torch.arange(len(embeds))
+        held_out = (toy.toy_prompts("eval"), *encode(toy.toy_prompts("eval")), torch.arange(len(embeds)))
     else:  # a real prompt table: hold out its last 10% (no ground-truth reward: report the DiNa score)
         k = max(1, len(embeds) // 10)
-        eval_prompts, eval_embeds, eval_mask, train_rows = None, embeds[-k:], mask[-k:], torch.arange(len(embeds) - k)
-    negative = (common.encode_prompts(pipe, [""], max_sequence_length=embeds.shape[1])[0].to(pipe.transformer.device)
-                if args.guidance_scale > 1 else None)
-    return eval_prompts, eval_embeds, eval_mask, train_rows, negative
+        held_out = (None, embeds[-k:], mask[-k:], torch.arange(len(embeds) - k))
+    return (*held_out, encode([""])[0].to(pipe.transformer.device) if args.guidance_scale > 1 else None)
 
 
 def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
-    """Stage 2: policy LoRA trained with ReFL on the training prompts; before/after on held-out prompts, paired
-    by seed, into `summary`. `prompts`: what encode_eval_prompts returned. Returns the table rows."""
+    """Stage 2: a policy LoRA trained with ReFL (refl.png); its EMA (--ema) or last weights scored before/after on the
+    held-out prompts (encode_eval_prompts), paired by seed, into `summary`, and saved. Returns the table rows."""
     tr, dev = pipe.transformer, pipe.transformer.device
     eval_prompts, eval_embeds, eval_mask, train_rows, negative = prompts
     rows = [j * len(eval_embeds) // args.eval_samples for j in range(args.eval_samples)]  # consecutive blocks
@@ -505,137 +451,120 @@ def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
 
     policy = add_policy(pipe, head, args)
     z_before, before = evaluate()
-    opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    steps = min(args.tune_steps, args.max_steps or args.tune_steps)
-    timer, bar = common.StepTimer(dev), tqdm(range(steps), desc="stage 2 (ReFL)")
-    for step in bar:
+    opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=args.weight_decay)
+    gen, timer = torch.Generator().manual_seed(args.seed + 1), common.StepTimer(dev)
+    ema = [p.detach().clone() for p in policy] if args.ema else []  # the policy's EMA, in the stage's checkpoints
+    for step in stage_steps(run, "refl", args.tune_steps, args, modules=dict(policy=tr), optimizer=opt,
+                            generators=dict(refl=gen), tensors={f"ema{i}": e for i, e in enumerate(ema)}):
         with timer:
             loss, out = optimiser_step(opt, policy, micro_step, args.grad_accum, args.grad_clip,
                                        f"ReFL step {step} (--lr {args.lr})")
-        r = torch.cat([o[0] for o in out]).mean().item()
-        bar.set_postfix(loss=f"{loss:.3f}", r=f"{r:.2f}")
-        run.log(step, "refl", loss=loss, reward=r, mid_step=[o[1] for o in out])
+        if ema and (step + 1) % 8 == 0:  # official: decay 0.9, every 8 steps, after flow_grpo's warm-up
+            for e, p in zip(ema, policy):
+                e.lerp_(p.detach(), 1 - min((step + 2) / (step + 11), 0.9))
+        run.log(step, "refl", loss=loss, reward=torch.cat([o[0] for o in out]).mean().item(),
+                mid_step=[o[1] for o in out])
+    rundir.plot_metrics(run, "refl", ["loss", "reward"], "ReFL: loss 2 - (r + 12) / 10, DiNa reward r")
+    for p, e in zip(policy, ema):  # --ema: the EMA is evaluated and saved (the stage's checkpoint: the weights)
+        p.data.copy_(e)
     z_after, after = evaluate()
     common.save_lora(tr, run.dir / "policy_lora", "policy")
     for tag, z in (("before", z_before), ("after", z_after)):
         for i in range(min(args.save_videos, len(z))):
             common.export_video(common.decode_latents(pipe, z[i:i + 1].to(dev))[0], run.dir / f"videos/{tag}_{i}.mp4")
     paired, table = common.paired_summary(before, after)
-    summary.update(paired, tune_steps=steps, tune_seconds_per_step=timer.seconds_per_step,
-                   eval_samples=len(rows))
+    summary.update(paired, tune_steps=min(args.tune_steps, args.max_steps or args.tune_steps), eval_samples=len(rows),
+                   tune_seconds_per_step=timer.seconds_per_step)
     return table
 
 
 def estimate_memory(args: Args) -> dict:
-    """--estimate-memory: rm_step on one pair and refl_step (batch 1; num_steps 1: its no-grad rollout to the late
-    step is skipped, and counted as E[mid] forwards, x2 with CFG) on fake tensors at the run's size (no data)."""
+    """--estimate-memory: rm_step (a pair) and refl_step (batch 1, the no-grad rollout counted) on fake tensors."""
     def build(refl: bool):  # as main and run_refl set them up
         pipe = est.pipeline(gradient_checkpointing=args.gradient_checkpointing)
         head = add_reward_model(pipe, args)[0]
         return pipe, head, refl and add_policy(pipe, head, args)
-
-    size = {k: getattr(args, k) for k in SIZE}
-    check_fit(args, common.backbone_config(args.backbone), size)  # the size, --rm-blocks, --num-heads (no weights)
+    size = dict(height=args.height, width=args.width, num_frames=args.num_frames)
+    check_inputs(args, common.backbone_config(args.backbone), size)  # the size, --rm-blocks, --num-heads
     with estimate.StageEstimates("DiNa-LRM", args.backbone, **size) as est:
         est.load_phase()
-        x0, emb, mask = est.inputs()
-        pipe, head, _ = est.build(lambda: build(False))
+        (x0, emb, mask), (pipe, head, _) = est.inputs(), est.build(lambda: build(False))
         est.step("reward-model step (pair)", lambda *a: rm_step(*a, args, torch.Generator())[0].backward(),
                  pipe.transformer, head, x0, x0, emb, mask, torch.ones(1))
         pipe, head, _ = est.build(lambda: build(True))
         short = dataclasses.replace(args, num_steps=1, late_fraction=0.0)  # mid = 0: no no-grad rollout
         est.step("ReFL step", lambda *a: refl_step(*a, short, torch.Generator())[0].backward(), pipe, head, emb, mask,
-                 rollout_forwards=(late_steps(args).start + args.num_steps - 1) / 2 * (1 + (args.guidance_scale > 1)))
+                 rollout_forwards=(min(round(args.late_fraction * args.num_steps), args.num_steps - 1) + args.num_steps
+                                   - 1) / 2 * (1 + (args.guidance_scale > 1)))  # E[mid] forwards, x2 with CFG
     return est.results
 
 
 # ==== Input checks (issue #19): a user's mistake fails here, before any model loads or a run folder exists
-def check_args(args: Args):
-    """What arg(min=, gt=, ...) cannot say; exit code 2."""
-    for bad, msg in [(max(args.taps) > args.rm_blocks, f"--taps {args.taps}: the reward model keeps --rm-blocks {args.rm_blocks}"),
-                     (args.stage == "tune" and not args.reward_ckpt, "--stage tune needs --reward-ckpt (--stage rm)"),
-                     (args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and
-                      torch.cuda.is_available()), f"--device {args.device}: auto, cpu or (with a GPU here) cuda[:n]"),
-                     (not (args.data or args.estimate_memory or args.backbone == "tiny"),
-                      f"--backbone {args.backbone}: the toy world is tiny's; pass --data (from prepare.py)")]:
-        common.require(not bad, msg, 2)
-
-
 def read_pairs(args: Args):
-    """--data: dataset.load (files, keys, rows, NaN/inf, prompt indices), 'pref' values, then dataset.drop_repeats
-    (repeated rows, the same clips and prompt judged twice differently, a clip against itself with a winner)."""
+    """--data: dataset.load (files, keys, rows, NaN/inf, prompt indices), 'pref' in {0, 1, 2}, dataset.drop_repeats."""
     data, meta = dataset.load(args.data, "pairs")
     pref = data["pref"]
     bad = ((pref != 0) & (pref != 1) & (pref != 2)).nonzero()[:5, 0].tolist()
-    common.require(not bad, f"{args.data}: 'pref' must be 0 (A better), 1 (B) or 2 (tie); rows {bad}: {pref[bad].tolist()}")
-    data = dataset.drop_repeats(dict(data, pref=pref.long()), "pairs", args.on_duplicates, args.data)
-    common.require(args.reward_ckpt or (data["pref"] < 2).any(), f"{args.data}: no strict pair (pref 0 or 1): every "
-                   f"pair is a tie, and the reward model learns from strict pairs")
-    return data, meta
-
-
-def check_fit(args: Args, cfg: dict, size: dict, data=None, width=None, where=""):
-    """Flags, data and a --reward-ckpt head's width against the backbone's config (no weights needed): the size
-    (common.geometry: exit code 2 if the VAE and the patching cannot make it), the latents' shape and scale."""
-    geo, tr = common.geometry(cfg, **size), cfg["transformer"]
-    dim = tr["num_attention_heads"] * tr["attention_head_dim"]
-    common.require(args.rm_blocks <= tr["num_layers"], f"--rm-blocks {args.rm_blocks}: the backbone has {tr['num_layers']}", 2)
-    common.require(dim % args.num_heads == 0, f"--num-heads {args.num_heads}: must divide the backbone's width {dim}", 2)
-    common.require(width in (None, dim), f"--reward-ckpt {args.reward_ckpt}: a head of width {width}, made for another "
-                   f"backbone (this one: {dim})")
-    if data is not None:
-        dataset.check_latents(data, geo, where)
-    return geo
+    common.require(not bad, f"{args.data}: 'pref' must be 0 (A), 1 (B) or 2 (tie); rows {bad}: {pref[bad].tolist()}")
+    return dataset.drop_repeats(dict(data, pref=pref.long()), "pairs", args.on_duplicates, args.data), meta
 
 
 def check_reward_ckpt(args: Args):
-    """--reward-ckpt: a save_reward_model file (its header only) with this run's shape flags; returns its width."""
+    """--reward-ckpt: a reward model (its header) made with this run's shape flags (all that differ named) -> width."""
     path = args.reward_ckpt
+    common.require(Path(path).is_file(), f"--reward-ckpt {path}: no such file (write one with --stage rm)")
     try:
         with safe_open(path, "pt") as f:
             meta, keys = f.metadata() or {}, set(f.keys())
             width = f.get_slice("head.queries").get_shape()[-1] if "head.queries" in keys else None
     except (SafetensorError, OSError) as e:
-        raise UserError(f"--reward-ckpt {path}: " + ("no such file (write one with --stage rm)" if not
-                        Path(path).is_file() else f"not a safetensors file ({e})")) from None
-    if any(k not in meta for k in SHAPE_KEYS) or width is None or not any(k.startswith("lora.") for k in keys):
-        raise UserError(f"--reward-ckpt {path}: not a DiNa-LRM reward model (head/LoRA tensors or the metadata "
-                        f"{list(SHAPE_KEYS)} missing); dina_lrm.py --stage rm writes one")
-    for k in (k for k in SHAPE_KEYS if meta[k] != str(getattr(args, k))):
-        raise UserError(f"{path}: trained with --{k.replace('_', '-')} {meta[k]}, this run has {getattr(args, k)} "
-                        f"(pass the checkpoint's value)")
+        raise UserError(f"--reward-ckpt {path}: not a safetensors file ({e})") from None
+    common.require(all(k in meta for k in SHAPE_KEYS) and width and any(k.startswith("lora.") for k in keys),
+                   f"--reward-ckpt {path}: not a DiNa-LRM reward model (head/LoRA tensors or the metadata "
+                   f"{list(SHAPE_KEYS)} missing); dina_lrm.py --stage rm writes one")
+    differ = [f"--{k.replace('_', '-')} {meta[k]}, this run has {getattr(args, k)}" for k in SHAPE_KEYS
+              if meta[k] != str(getattr(args, k))]
+    common.require(not differ, f"{path}: trained with {'; '.join(differ)} (pass the checkpoint's values)")
     return width
 
 
-def check_split(data, meta, args: Args, where: str):
-    """The fixed train / held-out split has what the stages need."""
+def check_inputs(args: Args, cfg: dict, size: dict, data=None, meta=None, width=None, where=""):
+    """Flags, data, a --reward-ckpt's width and the split against the backbone's config -> (geometry, split or None)."""
+    geo, tr = common.geometry(cfg, **size), cfg["transformer"]
+    dim, layers = tr["num_attention_heads"] * tr["attention_head_dim"], tr["num_layers"]
+    common.require(max(args.taps) <= args.rm_blocks, f"--taps {args.taps}: past --rm-blocks {args.rm_blocks}", 2)
+    common.require(args.rm_blocks <= layers, f"--rm-blocks {args.rm_blocks}: the backbone has {layers}", 2)
+    common.require(dim % args.num_heads == 0, f"--num-heads {args.num_heads}: must divide the backbone width {dim}", 2)
+    common.require(width in (None, dim), f"--reward-ckpt {args.reward_ckpt}: a head of width {width}, made for another "
+                   f"backbone (this one: {dim})")
+    if data is None:
+        return geo, None
+    dataset.check_latents(data, geo, where)
     train, test = dataset.split_indices(len(data["pref"]), args.test_fraction, args.seed)
-    strict = lambda idx: int((data["pref"][idx] < 2).sum())
-    for bad, msg in [(not args.reward_ckpt and (strict(train) == 0 and args.ties == "drop" or len(train) == 0),
-                      f"no strict pair among the {len(train)} training pairs (lower --test-fraction)"),
-                     (not args.reward_ckpt and strict(test) == 0,
-                      f"no strict pair among the {len(test)} held-out pairs (raise --test-fraction)"),
-                     (args.stage != "rm" and not str(meta.get("source")).startswith("toy") and
-                      len(data["prompt_embeds"]) < 2, "ReFL needs 2 prompts or more (a tenth is held out)")]:
-        if bad:
-            raise UserError(f"{where}: {msg}")
-    return train, test
+    strict = [int((data["pref"][idx] < 2).sum()) for idx in (train, test)]
+    common.require(args.reward_ckpt or len(train) and (strict[0] or args.ties == "half"), f"{where}: no strict pair "
+                   f"(0 or 1) among the {len(train)} training pairs (a tie teaches no order; lower --test-fraction)")
+    common.require(args.reward_ckpt or strict[1], f"{where}: no strict pair among the {len(test)} held-out pairs "
+                   f"(raise --test-fraction)")
+    common.require(args.stage == "rm" or str(meta.get("source")).startswith("toy") or len(data["prompt_embeds"]) > 1,
+                   f"{where}: ReFL needs 2 prompts or more (a tenth is held out)")
+    return geo, (train, test)
 
 
 def main(args: Args) -> dict:
-    check_args(args)
+    common.require(args.stage != "tune" or args.reward_ckpt, "--stage tune needs --reward-ckpt (--stage rm)", 2)
+    common.require(args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(),
+                   f"--device {args.device}: auto, cpu or (with a GPU here) cuda[:n]", 2)
+    common.require(args.data or args.estimate_memory or args.backbone == "tiny",
+                   f"--backbone {args.backbone}: the toy world is tiny's; pass --data (from prepare.py)", 2)
     if args.estimate_memory:
         return estimate_memory(args)
     # data, checkpoint, size and --out-dir first: a failed start costs seconds and leaves no run folder behind
     data, meta = read_pairs(args) if args.data else (None, {})
-    size = dataset.video_size(meta, args.data, **{k: getattr(args, k) for k in SIZE})  # typed, else the data's
+    size = dataset.video_size(meta, args.data, args.height, args.width, args.num_frames)  # typed, else the data's
     width = check_reward_ckpt(args) if args.reward_ckpt else None
-    hub_id = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
-    cfg = None if hub_id else common.backbone_config(args.backbone)  # a folder's own config files, no weights
-    if cfg:
-        check_fit(args, cfg, size, data, width, args.data)
-    split = data is not None and check_split(data, meta, args, args.data)
+    if not (args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()):  # not a hub id
+        check_inputs(args, common.backbone_config(args.backbone), size, data, meta, width, args.data)  # no weights
     common.check_writable(args.out_dir or "runs")
     common.seed_everything(args.seed)
     dev = common.pick_device(args.device)
@@ -644,29 +573,26 @@ def main(args: Args) -> dict:
     if data is None:  # the toy world, made by the plain tiny generator (before any adapter)
         data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=args.seed, cache_dir=args.toy_cache)
     where = args.data or f"{args.toy_cache} (toy pairs)"
-    geo = check_fit(args, pipe.wan_config, size, data, width, where)  # a hub id's config and a toy cache: only now
-    train_idx, test_idx = split or check_split(data, meta, args, where)
-    args = dataclasses.replace(args, **{k: geo[k] for k in SIZE})  # args.json records the size that runs
+    geo, (train_idx, test_idx) = check_inputs(args, pipe.wan_config, size, data, meta, width, where)  # hub id, toy
+    args = dataclasses.replace(args, **{k: geo[k] for k in ("height", "width", "num_frames")})  # args.json: the size
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
-    run = common.Run("dina_lrm", args, args.out_dir or None)
+    head, rows = add_reward_model(pipe, args, path=args.reward_ckpt)[0] if args.reward_ckpt else None, []
+    run = rundir.Run("dina_lrm", args, args.out_dir or None, args.resume)  # only now: a failed start leaves none
     summary = dict(backbone=args.backbone, pairs=len(data["pref"]),
                    test_strict_pairs=int((data["pref"][test_idx] < 2).sum()), run_dir=str(run.dir))
     prompts = encode_eval_prompts(pipe, data, meta, args) if args.stage != "rm" else None
     common.drop_text_encoder(pipe)  # every prompt is encoded: UMT5-XXL leaves before training
-    if args.reward_ckpt:
-        head, rows = load_reward_model(args.reward_ckpt, pipe, args)[0], []
-    else:
+    if not args.reward_ckpt:
         head, rows = reward_model_stage(pipe, data, train_idx, test_idx, args, run, summary)
         print(common.format_table(rows, ["model", "scoring", "accuracy", "se"]))
     if args.stage != "rm":
         print(common.format_table(run_refl(pipe, head, data, args, run, prompts, summary)))
     summary.update(peak_memory_gib=memory.peak_memory_gib(), accuracy_table=rows)
     run.summary(summary)
-    base = f"WanPipeline.from_pretrained('{pipe.wan_config['repo']}')" if pipe.wan_config["repo"] else "pipe"
-    print(f"summary: {run.dir / 'summary.json'}" + (not args.reward_ckpt) * f"\nreward model (--stage tune "
-          f"--reward-ckpt): {run.dir / 'reward_model.safetensors'}" + (args.stage != "rm") * f"\npolicy LoRA: "
-          f"{run.dir / 'policy_lora'} (load: {base}.load_lora_weights('{run.dir / 'policy_lora'}'))")
+    print(f"summary: {run.dir / 'summary.json'}\nplots: {', '.join(map(str, sorted(run.dir.glob('*.png'))))}"
+          + (not args.reward_ckpt) * f"\nreward model (--reward-ckpt): {run.dir / 'reward_model.safetensors'}"
+          + (args.stage != "rm") * f"\npolicy LoRA (WanPipeline.load_lora_weights): {run.dir / 'policy_lora'}")
     return summary
 
 

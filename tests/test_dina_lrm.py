@@ -4,6 +4,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,8 +52,10 @@ def tiny_args(**kw):
 
 
 def small_args(out, data, **kw):
+    """A quick run; no policy EMA (a few ReFL steps would leave the 8-step EMA at its start: the base model)."""
     base = dict(out_dir=str(out), data=str(data), rm_steps=100, rm_lr=3e-3, test_fraction=0.25, ablation=False,
-                eval_sigmas=[0.1, 0.4, 0.9], tune_steps=3, batch_size=4, num_steps=6, eval_samples=24, save_videos=0)
+                eval_sigmas=[0.1, 0.4, 0.9], tune_steps=3, batch_size=4, num_steps=6, eval_samples=24, save_videos=0,
+                ema=False)
     base.update(kw)
     return tiny_args(**base)
 
@@ -159,7 +163,7 @@ def test_film_is_identity_at_init():
     x, t1, t2 = torch.randn(2, 5, 32), torch.randn(2, 32), 5 * torch.randn(2, 32)
     torch.testing.assert_close(tap.modulate(x, t1), x + tap.layer_embed)
     torch.testing.assert_close(tap(x, t1), tap(x, t2))
-    assert D.ValueGate(32)(x).eq(0.5).all()
+    assert D.value_gate(32)(x).eq(0.5).all()
 
 
 def test_ensemble_concatenates_tokens_not_scores():
@@ -350,8 +354,8 @@ def test_text_encoder_is_dropped_before_any_training(tmp_path, data, monkeypatch
     """Every prompt (training table, held-out prompts, CFG negative) is encoded first; T5 (UMT5-XXL at real
     scale) is gone before stage 1 and stage 2 start."""
     seen = []
-    train_rm, refl = D.train_reward_model, D.run_refl
-    monkeypatch.setattr(D, "train_reward_model", lambda pipe, *a: seen.append(("rm", pipe.text_encoder)) or train_rm(pipe, *a))
+    train_rm, refl = D.reward_model_stage, D.run_refl
+    monkeypatch.setattr(D, "reward_model_stage", lambda pipe, *a: seen.append(("rm", pipe.text_encoder)) or train_rm(pipe, *a))
     monkeypatch.setattr(D, "run_refl", lambda pipe, *a: seen.append(("refl", pipe.text_encoder)) or refl(pipe, *a))
     summary = D.main(small_args(tmp_path / "o", data, rm_steps=2, tune_steps=1, eval_samples=12, guidance_scale=2.0))
     assert seen == [("rm", None), ("refl", None)]
@@ -399,7 +403,7 @@ def test_cli_tune_stage_and_lora_loads(trained, tmp_path, data):
     cmd = [sys.executable, str(ROOT / "dina_lrm.py"), "--stage", "tune", "--reward-ckpt",
            str(out / "reward_model.safetensors"), "--out-dir", str(tmp_path / "cli"), "--data", data,
            "--tune-steps", "2", "--batch-size", "2", "--num-steps", "4",
-           "--eval-samples", "12", "--save-videos", "1"]
+           "--eval-samples", "12", "--save-videos", "1", "--no-ema"]  # 2 steps: the 8-step EMA would still be B = 0
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "true_reward" in res.stdout
@@ -566,9 +570,97 @@ def test_estimate_memory_of_a_folder_backbone_at_a_size(tmp_path, capsys):
 
 def test_reward_ckpt_with_other_head_config_is_rejected(trained, tmp_path):
     _, out, _ = trained
-    with pytest.raises(common.UserError, match="--num-queries 4, this run has 2"):
-        D.main(tiny_args(stage="tune", reward_ckpt=str(out / "reward_model.safetensors"), num_queries=2,
+    with pytest.raises(common.UserError, match="--num-queries 4, this run has 2; --num-heads 8, this run has 4"):
+        D.main(tiny_args(stage="tune", reward_ckpt=str(out / "reward_model.safetensors"), num_queries=2, num_heads=4,
                          data=write_pairs(tmp_path / "d"), out_dir=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the official choices (issue #16)
+def test_lora_init_is_peft_gaussian_as_official_or_peft_default():
+    for init in ("gaussian", "kaiming"):
+        pipe = common.load_backbone("tiny")
+        head = D.add_reward_model(pipe, tiny_args(lora_init=init))[0]
+        D.add_policy(pipe, head, tiny_args(lora_init=init))
+        for adapter, rank in (("reward", 64), ("policy", 32)):
+            a, b = ([p for n, p in pipe.transformer.named_parameters() if f".{part}.{adapter}." in n]
+                    for part in ("lora_A", "lora_B"))
+            std = torch.cat([p.flatten() for p in a]).std().item()
+            assert a and all(p.eq(0).all() for p in b)  # B = 0 either way: both adapters start as the identity
+            if init == "gaussian":  # peft's init_lora_weights="gaussian": A ~ N(0, 1/r)
+                assert abs(std * rank - 1) < 0.05, (adapter, std)
+            else:  # peft's default, kaiming-uniform: |A| <= 1/sqrt(fan_in), fan_in = tiny's width 32
+                assert max(p.abs().max() for p in a) <= 32 ** -0.5 and std * rank > 3, (adapter, std)
+
+
+def test_refl_evaluates_and_saves_the_policy_ema_and_decays_weights(trained, tmp_path, data):
+    # official ReFL: EMA with decay min((1+n)/(10+n), 0.9) after every 8th step (n = 8: 1/2 start + 1/2 trained, and
+    # B = 0 at the start); the stage's checkpoint keeps the trained weights; AdamW weight decay 1e-4
+    run = tmp_path / "ema"
+    D.main(small_args(run, data, stage="tune", reward_ckpt=str(trained[1] / "reward_model.safetensors"), tune_steps=8,
+                      ema=True, eval_samples=2))
+    from safetensors import safe_open
+    with safe_open(str(run / "checkpoints" / "refl.safetensors"), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+        trained_b = {k.split("/", 2)[2]: f.get_tensor(k) for k in f.keys() if k.startswith("model/") and "lora_B" in k}
+    assert state["step"] == 8 and state["optim_groups"][0]["weight_decay"] == 1e-4
+    saved = load_file(str(run / "policy_lora" / "pytorch_lora_weights.safetensors"))
+    assert trained_b and max(v.abs().max() for v in trained_b.values()) > 0
+    for k, v in trained_b.items():  # checkpoint: blocks.0.attn1.to_q.lora_B.policy.weight; saved: transformer.<no name>
+        torch.testing.assert_close(saved["transformer." + k.replace(".policy.", ".")], 0.5 * v, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- long runs (issue #14): run folders, checkpoints, resume
+def same_tensors(a, b):
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_max_steps_then_resume_equals_one_run(trained, tmp_path, data):
+    """Each stage stopped by --max-steps, then --resume'd, ends bit-identical to one run: stage 1 (the reward model
+    resumes; the ablation after it reruns from its start) and ReFL (its LoRA, AdamW, generator and EMA)."""
+    ckpt = str(trained[1] / "reward_model.safetensors")
+    for stage, stop, kw, product, keys in [
+            ("rm", 3, dict(rm_steps=6, ablation=True, eval_sigmas=[0.4]), "reward_model.safetensors",
+             ["acc_sigma_0.4", "acc_ensemble", "ablation_acc_sigma_0.4", "ablation_acc_ensemble"]),
+            ("tune", 9, dict(reward_ckpt=ckpt, tune_steps=10, ema=True, eval_samples=4),  # an EMA update at step 8
+             "policy_lora/pytorch_lora_weights.safetensors", ["dina_reward_gain", "true_reward_gain"])]:
+        one = D.main(small_args(tmp_path / f"{stage}-one", data, stage=stage, **kw))
+        D.main(small_args(tmp_path / f"{stage}-two", data, stage=stage, max_steps=stop, **kw))
+        two = D.main(small_args(tmp_path / f"{stage}-two", data, stage=stage, resume=True, **kw))
+        assert same_tensors(tmp_path / f"{stage}-one" / product, tmp_path / f"{stage}-two" / product), stage
+        assert all(one[k] == two[k] for k in keys), (stage, one, two)
+
+
+def test_sigint_mid_stage_saves_and_resume_gives_the_same_result(tmp_path, data):
+    argv = ["--data", data, "--stage", "rm", "--rm-steps", "40", "--rm-batch", "8", "--rm-lr", "3e-3", "--ablation",
+            "--test-fraction", "0.25", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4", "--checkpoint-every", "7"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "dina_lrm.py"), *argv, "--out-dir", str(tmp_path / "r")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    seen = b""
+    while not re.search(rb"rm-ablation:\s+\d+%\|[^|]*\|\s*[1-9]\d*/40", seen):  # the second stage is under way
+        chunk = p.stderr.read1(4096)
+        assert chunk, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    p.send_signal(signal.SIGINT)
+    err = (seen + p.stderr.read()).decode(errors="replace")
+    assert p.wait(timeout=120) == 130 and "Traceback" not in err, err[-2000:]
+    assert "SIGINT at step" in err and "stage 'rm-ablation'" in err and "--resume" in err.splitlines()[-1]
+    r = run_cli(*argv, "--out-dir", str(tmp_path / "r"), "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = D.main(common.parse_args(D.Args, D.TINY, [*argv, "--out-dir", str(tmp_path / "one")]))
+    two = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert same_tensors(tmp_path / "one" / "reward_model.safetensors", tmp_path / "r" / "reward_model.safetensors")
+    assert two["ablation_acc_sigma_0.4"] == one["ablation_acc_sigma_0.4"] and two["acc_sigma_0.4"] == one["acc_sigma_0.4"]
+
+
+def test_an_existing_out_dir_is_refused_without_resume_and_has_its_plots(trained, data):
+    _, out, _ = trained
+    before = tree_hash(out)
+    with pytest.raises(common.UserError, match="already holds a run; pass --resume"):
+        D.main(small_args(out, data))
+    assert tree_hash(out) == before
+    assert {p.name for p in out.glob("*.png")} == {"rm-reward.png", "accuracy_vs_sigma.png", "refl.png"}
 
 
 # ---------------------------------------------------------------- the defaults mechanism on the command line
