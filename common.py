@@ -1,18 +1,16 @@
-"""common.py: the small shared layer under prfl.py, velr.py, prism.py and dina_lrm.py.
+"""common.py: the model layer every method script shares.
 
-    backbones      load_backbone(name) -> diffusers WanPipeline; WAN_CONFIGS (real configs, no weights needed)
-    text           encode_prompts (once, then drop_text_encoder); flow matching: shift_sigma, sigma_schedule,
-                   add_noise, velocity_target, x0_from_velocity, euler_step, sample_train_sigma, predict_velocity
+    backbones      load_backbone -> diffusers WanPipeline ("tiny", a hub name, a folder); WAN_CONFIGS; geometry
+    text, flow     encode_prompts, drop_text_encoder; shift_sigma, sigma_schedule, add_noise, velocity_target,
+                   x0_from_velocity, euler_step, sample_train_sigma, predict_velocity
     rollout        rollout(transformer, x, embeds, sigmas, start, stop, grad_steps, cfg), sample_latents
     DiT prefix     dit_prefix_features(transformer, x, timestep, embeds, taps) (stops after max(taps))
-    LoRA, VAE      add_lora / save_lora (diffusers format); encode_video / decode_latents
-    plumbing       arg / parse_args / cli (dataclass -> argparse, TINY defaults, `error:` for UserError), Run,
-                   StepTimer, save_safetensors (atomic), export_video, mean_se, paired_summary, format_table
-The dataset format lives in dataset.py, the toy world and the tiny backbone's weights in toy.py, the memory
-estimator in estimate.py.
-Conventions (Wan2.1 / diffusers): x_sigma = (1 - sigma) x0 + sigma eps with sigma in [0, 1]; the transformer's
-timestep is 1000 * sigma and it predicts the velocity eps - x0. Latents are the VAE's normalised latents
-[B, 16, F', H', W'], F' = (frames - 1) // 4 + 1, H' = H / 8.
+    LoRA, VAE      add_lora / save_lora (diffusers format); encode_video / decode_latents; save_safetensors (atomic)
+    arguments      arg / parse_args / cli (dataclass -> argparse with TINY defaults; `error:` for a UserError)
+dataset.py holds the dataset format, rundir.py the run folder (checkpoints, resume, plots, reporting), toy.py the
+toy world and the tiny backbone, estimate.py the memory estimator.
+Conventions (Wan2.1 / diffusers): x_sigma = (1 - sigma) x0 + sigma eps, sigma in [0, 1]; the transformer's timestep
+is 1000 sigma and it predicts the velocity eps - x0. Latents are the VAE's normalised latents [B, 16, F', H', W'].
 """
 from __future__ import annotations
 
@@ -108,12 +106,10 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
     The video size (default: the checkpoint's, backbone_config) is fixed here: backbone_geometry(pipe) returns it."""
     from diffusers import WanPipeline
 
-    device = torch.device(device)
-    dtype = dtype or pick_dtype(None, device)
+    device, dtype = torch.device(device), dtype or pick_dtype(None, device)
     hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
     known = any(name in (k, c["repo"]) for k, c in WAN_CONFIGS.items())
-    # a known name or a folder: its config before any weight loads (a bad folder is a UserError here)
-    cfg = backbone_config(name) if known or not hub_id else None
+    cfg = backbone_config(name) if known or not hub_id else None  # a folder's config before any weight (or an error)
     if name == "tiny":
         import toy
         pipe = toy.build_tiny_pipeline()
@@ -137,8 +133,7 @@ def load_backbone(name: str = "tiny", device: str | torch.device = "cpu", dtype:
         if m.dtype != dtype:
             m.to(dtype=dtype)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
-        if m is not None:
-            m.to(device).requires_grad_(False)
+        m.to(device).requires_grad_(False)
     return pipe
 
 
@@ -442,7 +437,7 @@ def parse_args(cls, tiny: dict, argv=None):
 def cli(main, cls, tiny: dict):
     """A script's entry point: main(parse_args(cls, tiny)). A UserError ends as `error: <cause>` with its exit
     code and no traceback (--debug shows it); programming errors keep their traceback."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # what a job scheduler sends: stop as for Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # what a job scheduler sends: stop as for Ctrl-C
     try:
         return main(parse_args(cls, tiny, [a for a in sys.argv[1:] if a != "--debug"]))
     except UserError as e:  # codes >= 128: a stage stopped by a signal after saving (rundir.Interrupted)
@@ -454,10 +449,6 @@ def cli(main, cls, tiny: dict):
         print("interrupted (outside a training step: --resume continues from the last checkpoint, if there is one)",
               file=sys.stderr)
         sys.exit(130)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def require(ok, why: str, code: int = 1):
