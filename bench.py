@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 import common
+import rundir
 import estimate
 import dina_lrm
 import prfl
@@ -96,7 +97,7 @@ def main():
         row["tiny CPU ms/step"] = f"{tiny['seconds_per_step'] * 1e3:.1f}" if "seconds_per_step" in tiny else "-"
         row["tiny peak MiB"] = f"{tiny['peak_bytes'] / 2**20:.2f}"
         table.append(row)
-    print("\n" + common.format_table(table))
+    print("\n" + rundir.format_table(table))
     print("\nseconds per backbone: " + ", ".join(f"{b} {s:.0f}" for b, s in seconds.items())
           + f"; total {time.perf_counter() - t0:.0f} s")
 

@@ -19,14 +19,11 @@ import dataclasses
 import json
 import math
 import os
-import random
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -41,11 +38,9 @@ class UserError(Exception):
         self.code = code
 
 
-# ==== Backbones
-# The real Wan2.1 text-to-video checkpoints (diffusers format): shapes, parameter counts and memory without weights.
+# ==== Backbones: the real Wan2.1 T2V checkpoints' configs (shapes, parameter counts and memory without weights)
 _WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
-# UMT5-XXL (google/umt5-xxl), Wan's text encoder: 5.7B parameters
-_UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+_UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,  # 5.7B params
                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
 _WAN_DIT = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                 freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
@@ -182,10 +177,9 @@ def encode_prompts(pipe, prompts: list[str], max_sequence_length: int | None = N
 
 
 def drop_text_encoder(pipe):
-    """Free the text encoder (UMT5-XXL: about 21 GiB in fp32 for real Wan) once all prompts are cached."""
+    """Free the text encoder (UMT5-XXL: 11 GiB in bf16) once every prompt is encoded."""
     pipe.text_encoder = None
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op without CUDA
 
 
 # ==== Flow matching (rectified flow, as Wan is trained), one line each, differentiable.
@@ -383,7 +377,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
 
 
-# ==== Plumbing: args, errors, seeding, run folder, logging, timing, statistics
+# ==== Arguments and user errors
 def arg(default, help: str, **kw):
     """A dataclass field with its --help text (every Args field uses this); kw: choices, type (for a None default),
     min / max / gt (parse_args refuses a value outside them, and any non-finite float), nonempty (a list flag)."""
@@ -445,9 +439,8 @@ def cli(main, cls, tiny: dict):
             raise
         print(f"{'error: ' if e.code < 128 else ''}{e}", file=sys.stderr)
         sys.exit(e.code)
-    except KeyboardInterrupt:
-        print("interrupted (outside a training step: --resume continues from the last checkpoint, if there is one)",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # outside a training step (inside one, rundir saves first)
+        print("interrupted: --resume continues from the last checkpoint, if there is one", file=sys.stderr)
         sys.exit(130)
 
 
@@ -455,113 +448,3 @@ def require(ok, why: str, code: int = 1):
     """A user error unless ok: `error: <why>`, exit code 1 (data, files) or 2 (flags)."""
     if not ok:
         raise UserError(why, code)
-
-
-def check_writable(out_dir) -> None:
-    """An --out-dir that cannot be written fails before any model loads: a temp file in its nearest existing folder
-    (os.access is not enough: as root it calls /sys writable)."""
-    import tempfile
-    parent = Path(out_dir).absolute()
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise UserError(f"--out-dir {out_dir}: cannot write in {parent} ({e.strerror})", 2) from None
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
-class Run:
-    """runs/<method>-<backbone>-<time>/ with args.json, metrics.jsonl, summary.json, checkpoints, videos/."""
-
-    def __init__(self, method: str, args, out_dir: str | None = None):
-        backbone = Path(str(getattr(args, "backbone", "tiny"))).name
-        self.dir = Path(out_dir or f"runs/{method}-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_json(dataclasses.asdict(args), self.dir / "args.json")
-        self.metrics = open(self.dir / "metrics.jsonl", "a")
-
-    def log(self, step: int, stage: str, **values):
-        row = dict(step=step, stage=stage, time=round(time.time(), 3),
-                   **{k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()})
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
-
-    def summary(self, summary: dict):
-        save_json(summary, self.dir / "summary.json")
-
-
-class StepTimer:
-    """`with timer:` around each step: seconds per step (the first, warm-up, step left out) and peak memory
-    (the CUDA allocator's peak, or the process's peak RSS on a CPU)."""
-
-    def __init__(self, device):
-        self.cuda, self.times = torch.device(device).type == "cuda", []
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self.t0)
-
-    @property
-    def seconds_per_step(self) -> float:
-        t = self.times[1:] or self.times
-        return sum(t) / max(1, len(t))
-
-    def peak_memory_gib(self) -> float:
-        import resource  # ru_maxrss: KiB on Linux
-        return (torch.cuda.max_memory_allocated() if self.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GiB
-
-
-def mean_se(x) -> tuple[float, float]:
-    """Mean and standard error of the mean."""
-    x = torch.as_tensor(x, dtype=torch.float64).flatten()
-    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
-
-
-def paired_summary(before: dict, after: dict) -> tuple[dict, list[dict]]:
-    """Evaluations before and after fine-tuning on the same prompts and seeds ({metric: [n] tensor}) ->
-    ({f"{metric}_before" / "_after" / "_gain": [mean, se]}, table rows); the gain is paired, sample by sample."""
-    summary, rows = {}, []
-    for key in before:
-        for name, x in (("before", before[key]), ("after", after[key]), ("gain", after[key] - before[key])):
-            summary[f"{key}_{name}"] = list(mean_se(x))
-            rows.append(dict(metric=key, samples=f"{name}{' (paired)' * (name == 'gain')} (n={len(x)})",
-                             mean=summary[f"{key}_{name}"][0], se=summary[f"{key}_{name}"][1]))
-    return summary, rows
-
-
-def export_video(video: torch.Tensor, path, fps: int = 8):
-    """One video [3, F, H, W] in [-1, 1] -> mp4 (diffusers' export_to_video, imageio-ffmpeg)."""
-    from diffusers.utils import export_to_video
-    frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    export_to_video(list(frames), str(path), fps=fps)
-    return path
-
-
-def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A plain markdown table (also valid for the README)."""
-    columns = columns or list(rows[0])
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"
-    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
-

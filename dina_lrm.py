@@ -326,10 +326,10 @@ def reward_model_stage(pipe, data, train_idx, test_idx, args: Args, run, summary
             r_win, r_lose = dina_reward(tr, head, torch.cat([win, lose]), torch.cat([emb, emb]),
                                         torch.cat([mask, mask]), sigmas, eps, args.taps).float().cpu().chunk(2)
             correct.append((r_win > r_lose).float())
-        return common.mean_se(torch.cat(correct))
+        return rundir.mean_se(torch.cat(correct))
     train = train_idx[data["pref"][train_idx] < 2] if args.ties == "drop" else train_idx
     for name, loss in [("reward", args.loss)] + [("ablation", "thurstone-constant")] * args.ablation:
-        margs, timer = dataclasses.replace(args, loss=loss), common.StepTimer(dev)
+        margs, timer = dataclasses.replace(args, loss=loss), rundir.StepTimer(dev)
         head, lora = add_reward_model(pipe, args, name)  # dina_reward activates its adapter
         params, g = lora + list(head.parameters()), torch.Generator().manual_seed(args.seed)
         opt = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=args.rm_weight_decay)
@@ -452,7 +452,7 @@ def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
     policy = add_policy(pipe, head, args)
     z_before, before = evaluate()
     opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=args.weight_decay)
-    gen, timer = torch.Generator().manual_seed(args.seed + 1), common.StepTimer(dev)
+    gen, timer = torch.Generator().manual_seed(args.seed + 1), rundir.StepTimer(dev)
     ema = [p.detach().clone() for p in policy] if args.ema else []  # the policy's EMA, in the stage's checkpoints
     for step in stage_steps(run, "refl", args.tune_steps, args, modules=dict(policy=tr), optimizer=opt,
                             generators=dict(refl=gen), tensors={f"ema{i}": e for i, e in enumerate(ema)}):
@@ -471,8 +471,8 @@ def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
     common.save_lora(tr, run.dir / "policy_lora", "policy")
     for tag, z in (("before", z_before), ("after", z_after)):
         for i in range(min(args.save_videos, len(z))):
-            common.export_video(common.decode_latents(pipe, z[i:i + 1].to(dev))[0], run.dir / f"videos/{tag}_{i}.mp4")
-    paired, table = common.paired_summary(before, after)
+            rundir.export_video(common.decode_latents(pipe, z[i:i + 1].to(dev))[0], run.dir / f"videos/{tag}_{i}.mp4")
+    paired, table = rundir.paired_summary(before, after)
     summary.update(paired, tune_steps=min(args.tune_steps, args.max_steps or args.tune_steps), eval_samples=len(rows),
                    tune_seconds_per_step=timer.seconds_per_step)
     return table
@@ -565,10 +565,10 @@ def main(args: Args) -> dict:
     width = check_reward_ckpt(args) if args.reward_ckpt else None
     if not (args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()):  # not a hub id
         check_inputs(args, common.backbone_config(args.backbone), size, data, meta, width, args.data)  # no weights
-    common.check_writable(args.out_dir or "runs")
-    common.seed_everything(args.seed)
-    dev = common.pick_device(args.device)
-    memory = common.StepTimer(dev)  # resets the CUDA peak-memory counter
+    rundir.check_writable(args.out_dir or "runs")
+    rundir.seed_everything(args.seed)
+    dev = rundir.pick_device(args.device)
+    memory = rundir.StepTimer(dev)  # resets the CUDA peak-memory counter
     pipe = common.load_backbone(args.backbone, dev, common.pick_dtype(args.dtype, dev), **size)
     if data is None:  # the toy world, made by the plain tiny generator (before any adapter)
         data, meta = toy.toy_dataset(pipe, "pairs", args.toy_size, seed=args.seed, cache_dir=args.toy_cache)
@@ -585,9 +585,9 @@ def main(args: Args) -> dict:
     common.drop_text_encoder(pipe)  # every prompt is encoded: UMT5-XXL leaves before training
     if not args.reward_ckpt:
         head, rows = reward_model_stage(pipe, data, train_idx, test_idx, args, run, summary)
-        print(common.format_table(rows, ["model", "scoring", "accuracy", "se"]))
+        print(rundir.format_table(rows, ["model", "scoring", "accuracy", "se"]))
     if args.stage != "rm":
-        print(common.format_table(run_refl(pipe, head, data, args, run, prompts, summary)))
+        print(rundir.format_table(run_refl(pipe, head, data, args, run, prompts, summary)))
     summary.update(peak_memory_gib=memory.peak_memory_gib(), accuracy_table=rows)
     run.summary(summary)
     print(f"summary: {run.dir / 'summary.json'}\nplots: {', '.join(map(str, sorted(run.dir.glob('*.png'))))}"

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common
+import rundir
 import dataset
 
 
@@ -533,7 +534,7 @@ def main(args: Args) -> dict:
     position = {p: i for i, p in enumerate(table)}
 
     # 2) the backbone on the CPU (the DiT in bf16, never used here); the VAE, then T5, go to the device
-    device = common.pick_device(args.device)
+    device = rundir.pick_device(args.device)
     pipe = common.load_backbone(args.backbone, "cpu", None if args.backbone == "tiny" else torch.bfloat16)
     common.backbone_geometry(pipe, geo["height"], geo["width"], geo["num_frames"])  # the authoritative check
 
@@ -604,7 +605,7 @@ def main(args: Args) -> dict:
         summary["dropped_by_vote"] = dropped
     if with_videos:
         summary["latent_shape"] = "x".join(map(str, data["latents_a" if kind == "pairs" else "latents"].shape[1:]))
-    print(common.format_table([summary]))
+    print(rundir.format_table([summary]))
     if n_bad:
         print(f"{n_bad} bad row(s) left out: {out / 'bad_rows.json'}")
     return summary

@@ -306,7 +306,7 @@ def train_pavrm(args, pavrm, data, idx, device, run):
     opt = torch.optim.AdamW([dict(params=pavrm.dit.blocks.parameters(), lr=args.rm_lr_blocks),
                              dict(params=pavrm.head_parameters(), lr=args.rm_lr_head)],
                             betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
-    timer, pavrm, pools = common.StepTimer(device), pavrm.train(), [idx[data["label"][idx] == c] for c in (1, 0)]
+    timer, pavrm, pools = rundir.StepTimer(device), pavrm.train(), [idx[data["label"][idx] == c] for c in (1, 0)]
     for step in run.steps("rm", args.rm_steps, dict(pavrm=pavrm), opt, every=args.checkpoint_every,
                           stop_at=args.max_steps, desc="PAVRM"):
         with timer:
@@ -392,7 +392,7 @@ def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
     params = prepare_prfl(args, tr, pavrm)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(device)
-    timer, _ = common.StepTimer(device), tr.train()
+    timer, _ = rundir.StepTimer(device), tr.train()
     for step in run.steps("tune", args.tune_steps, dict(transformer=tr), opt, every=args.checkpoint_every,
                           stop_at=args.max_steps, desc="PRFL"):
         with timer:
@@ -431,7 +431,7 @@ def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, on_toy: b
         out = dict(true_reward=toy.true_reward(pipe, lat, [prompts[i] for i in rows]), **out)
     for i in range(min(args.save_videos, n)):
         video = common.decode_latents(pipe, lat[i:i + 1].to(pipe.vae.device))[0]
-        common.export_video(video, run.dir / "videos" / f"{tag}_seed{seeds[i]}.mp4")
+        rundir.export_video(video, run.dir / "videos" / f"{tag}_seed{seeds[i]}.mp4")
     return out
 
 
@@ -461,7 +461,7 @@ def read_inputs(args) -> dict:
     hub = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
     cfg = None if hub and all(args.backbone != c["repo"] for c in common.WAN_CONFIGS.values()) else \
         common.backbone_config(args.backbone)
-    common.check_writable(args.out_dir or "runs")
+    rundir.check_writable(args.out_dir or "runs")
     ckpt = args.reward_ckpt  # --stage tune needs one
     common.require(args.stage != "tune" or ckpt, "--stage tune needs --reward-ckpt (a PAVRM from --stage rm)", 2)
     rm = read_pavrm_meta(ckpt) if ckpt else {}  # a PAVRM from elsewhere: its recorded configuration = the flags
@@ -543,8 +543,8 @@ def main(args: Args) -> dict:
     if args.estimate_memory:
         return estimate_memory(args)
     inputs = read_inputs(args)  # every file and dataset checked before any model loads
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    rundir.seed_everything(args.seed)
+    device = rundir.pick_device(args.device)
     pipe = common.load_backbone(args.backbone, device, common.pick_dtype(args.dtype, device), *inputs["size"])
     data, meta, train_idx, test_idx, sft = load_data(args, pipe, inputs)
     geo, ckpt, on_toy = common.backbone_geometry(pipe), inputs["ckpt"], not args.data
@@ -571,7 +571,7 @@ def main(args: Args) -> dict:
         r["auc"] for r in rows]), majority_class=(mid, chance)), "PAVRM on held-out latents (Tab. 5)", "sigma (middle)")
     rows.append(dict(noise_interval="mean", pavrm_accuracy=ev["pavrm_accuracy_mean"],
                      auc=sum(ev["pavrm_auc"].values()) / len(rows)))
-    tables = [common.format_table(rows) + f"\nchance: accuracy {ev['pavrm_majority_class']:.3f} (majority class of "
+    tables = [rundir.format_table(rows) + f"\nchance: accuracy {ev['pavrm_majority_class']:.3f} (majority class of "
               f"{len(test_idx)} held-out latents), AUC 0.5" + ("" if pavrm.loss == "bce" else
               f"; a {pavrm.loss}-trained logit has no fixed zero, so accuracy of s > 0 is arbitrary: read the AUC")]
     saved = f"PAVRM: {ckpt or run.dir / 'pavrm.safetensors'} (--reward-ckpt it; in Python prfl.load_pavrm)"
@@ -585,10 +585,10 @@ def main(args: Args) -> dict:
         saved += (f"\n  fine-tuned {out.name}: {out}/ -> WanPipeline.from_pretrained('{args.backbone}'" +
                   (f", transformer=WanTransformer3DModel.from_pretrained('{out}'))" if args.full_finetune else
                    f").load_lora_weights('{out}')"))
-        paired, rows = common.paired_summary(before, after)
+        paired, rows = rundir.paired_summary(before, after)
         summary.update(paired, tune_seconds_per_step=t.seconds_per_step, tune_peak_memory_gib=t.peak_memory_gib(),
                        eval_prompts=len(prompts), eval_samples=args.eval_samples)
-        tables.append(common.format_table(rows))
+        tables.append(rundir.format_table(rows))
         rundir.plot_metrics(run, "tune", ["sft", "prfl", "pavrm_reward"], "PRFL: L_SFT, L_PRFL, PAVRM reward r")
     run.summary(summary)
     print("\n\n".join(tables) + f"\nrun folder: {run.dir}\n  {saved}\n  plots: " +

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import signal
 import sys
@@ -28,7 +29,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from common import UserError, save_json, save_safetensors
+from common import GiB, UserError, save_json, save_safetensors
 
 # flags that may differ between a run and its --resume (they change when it stops or what it prints, not what it trains)
 RESUMABLE = {"resume", "max_steps", "checkpoint_every", "device", "save_videos", "eval_samples", "out_dir"}
@@ -248,3 +249,93 @@ def plot_metrics(run: Run, stage: str, keys: list[str], title: str = "") -> Path
     rows = run.read_metrics(stage)
     curves = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
     return plot(run.dir / f"{stage}.png", curves, title or stage)
+
+
+# ==== Timing, statistics, tables, videos: what every script reports
+class StepTimer:
+    """`with timer:` around each step: seconds per step (the first, warm-up, step left out) and peak memory
+    (the CUDA allocator's peak, or the process's peak RSS on a CPU)."""
+
+    def __init__(self, device):
+        self.cuda, self.times = torch.device(device).type == "cuda", []
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.t0)
+
+    @property
+    def seconds_per_step(self) -> float:
+        t = self.times[1:] or self.times
+        return sum(t) / max(1, len(t))
+
+    def peak_memory_gib(self) -> float:
+        import resource  # ru_maxrss: KiB on Linux
+        return (torch.cuda.max_memory_allocated() if self.cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / GiB
+
+
+def mean_se(x) -> tuple[float, float]:
+    """Mean and standard error of the mean."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    return x.mean().item(), (x.std() / math.sqrt(len(x))).item() if len(x) > 1 else 0.0
+
+
+def paired_summary(before: dict, after: dict) -> tuple[dict, list[dict]]:
+    """Evaluations before and after fine-tuning on the same prompts and seeds ({metric: [n] tensor}) ->
+    ({f"{metric}_before" / "_after" / "_gain": [mean, se]}, table rows); the gain is paired, sample by sample."""
+    summary, rows = {}, []
+    for key in before:
+        for name, x in (("before", before[key]), ("after", after[key]), ("gain", after[key] - before[key])):
+            summary[f"{key}_{name}"] = list(mean_se(x))
+            rows.append(dict(metric=key, samples=f"{name}{' (paired)' * (name == 'gain')} (n={len(x)})",
+                             mean=summary[f"{key}_{name}"][0], se=summary[f"{key}_{name}"][1]))
+    return summary, rows
+
+
+def export_video(video: torch.Tensor, path, fps: int = 8):
+    """One video [3, F, H, W] in [-1, 1] -> mp4 (diffusers' export_to_video, imageio-ffmpeg)."""
+    from diffusers.utils import export_to_video
+    frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    export_to_video(list(frames), str(path), fps=fps)
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain markdown table (also valid for the README)."""
+    columns = columns or list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
+
+
+def check_writable(out_dir) -> None:
+    """An --out-dir that cannot be written fails before any model loads: a temp file in its nearest existing folder
+    (os.access is not enough: as root it calls /sys writable)."""
+    import tempfile
+    parent = Path(out_dir).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write in {parent} ({e.strerror})", 2) from None
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)

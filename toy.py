@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import dataset
 from common import (WAN_CONFIGS, add_noise, backbone_geometry, decode_latents, encode_prompts, encode_video,
-                    format_table, predict_velocity, sample_latents, save_safetensors, velocity_target)
+                    predict_velocity, sample_latents, save_safetensors, velocity_target)
+from rundir import format_table
 
 # The tiny backbone's fitted weights (VAE, transformer, text encoder; 1 MB), made by `python common.py
 # fit-tiny`. Random tiny components cannot show a reward method working: a random VAE's decode is

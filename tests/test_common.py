@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common as C
+import rundir
 import dataset
 import toy
 
@@ -441,7 +442,7 @@ def test_cli_prints_user_errors_without_traceback(tmp_path):
 
 
 def test_run_dir_and_atomic_checkpoint(tmp_path):
-    run = C.Run("m", _Args(), out_dir=tmp_path / "run")
+    run = rundir.Run("m", _Args(), out_dir=tmp_path / "run")
     run.log(1, "rm", loss=torch.tensor(0.5))
     run.summary(dict(acc=0.9))
     C.save_safetensors(dict(w=torch.ones(2)), run.dir / "ckpt.safetensors")
@@ -451,21 +452,21 @@ def test_run_dir_and_atomic_checkpoint(tmp_path):
 
 
 def test_mean_se():
-    m, se = C.mean_se([1.0, 2.0, 3.0, 4.0])
+    m, se = rundir.mean_se([1.0, 2.0, 3.0, 4.0])
     assert m == 2.5 and abs(se - (1.6666667 ** 0.5) / 2) < 1e-6
 
 
 def test_paired_summary_pairs_sample_by_sample():
     before, after = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([2.0, 2.5, 5.0, 4.5])
-    s, rows = C.paired_summary(dict(r=before), dict(r=after))
-    assert s["r_before"] == list(C.mean_se(before)) and s["r_after"] == list(C.mean_se(after))
+    s, rows = rundir.paired_summary(dict(r=before), dict(r=after))
+    assert s["r_before"] == list(rundir.mean_se(before)) and s["r_after"] == list(rundir.mean_se(after))
     d = after - before  # the paired SE is the SE of the differences, not of either side
     assert s["r_gain"] == pytest.approx([d.mean().item(), (d.std() / 2).item()])
     assert [r["samples"] for r in rows] == ["before (n=4)", "after (n=4)", "gain (paired) (n=4)"]
 
 
 def test_export_video(tmp_path):
-    p = C.export_video(toy.make_toy_clips(1)[0], tmp_path / "a.mp4")
+    p = rundir.export_video(toy.make_toy_clips(1)[0], tmp_path / "a.mp4")
     import imageio.v3 as iio
     frames = iio.imread(p)
     assert frames.shape[0] == 9 and frames.shape[-1] == 3

@@ -359,7 +359,7 @@ def test_prfl_raises_its_objective_on_the_training_prompts(demo, toy_cache, tmp_
     seeds = list(range(500, 572))
     before = prfl.process_reward_eval(args, pipe, rm, embeds, seeds)
     prfl.train_prfl(args, pipe, rm, sft, torch.zeros(1, 32, 32), torch.device("cpu"), rundir.Run("prfl", args, tmp_path / "r"))
-    gain, se = common.mean_se(prfl.process_reward_eval(args, pipe, rm, embeds, seeds) - before)
+    gain, se = rundir.mean_se(prfl.process_reward_eval(args, pipe, rm, embeds, seeds) - before)
     assert gain > 2 * se and gain > 0, (gain, se)
 
 
