@@ -8,15 +8,23 @@ Anonymous ICLR submission: no arXiv id and no official code, so Sec. 4, Alg. 1 a
 Equation -> code: Eq. (4) ResBlock3D; (5) LatentRewardModel.cross_attn; (6) huber_loss; (7) aggregate, the one
 place the ensemble becomes a reward, ensemble_var its uncertainty; (8) velr_loss, kl_velocity; Sec. 4.3
 truncated_mid_step, ReplayBuffer, align_lrm; Alg. 1 fit_members, pretrain_lrm, tune_step, finetune; Table 3 table3.
-Ours where the paper is silent ("(ours)" in the code): the Huber delta; the KL's form (squared velocity difference at
-the last gradient step: the KL of two equal-variance Gaussian steps, up to scale); mean pooling; one encoder layer;
-stride 2 on every latent axis longer than 2; a standardised text token; the alignment round size; the cadence: App.
-C.2's "every 10 epochs" as passes over the prompts would never run in 1000 updates past 400 prompts, so --align-every
-counts updates (10). TINY: CPU-scale sizes, rates, lengths; beta 1 (10 holds the toy LoRA still). --data: its scores
-are the LRMs' targets (--relabel: --teacher's), alignment and evaluation use --teacher; evaluation samples held-out
-prompts with Wan's CFG (the training rollout has none, as in Alg. 1).
+Ours, where the paper is silent or contradicts itself:
+- KL: |v - v_init|^2 at the K-step window's last state, held fixed (gradient to the weights via v only), mean over
+  latent elements, weighed by beta = 10 (App. C.2); a Gaussian step's KL: dsigma^2 N/(2 s^2) times it (N = 2.1M, 480p).
+- Eq. (5) prints Q = K = text, V = video, App. C.7 video as Q and K: the code follows the prose (P_f is "the key and
+  value"; the printed softmax over one text key would ignore the prompt).
+- Eq. (7): mean; conservative (the paper's word): --aggregate min, or lcb = mean - std; every report uses the chosen
+  one. Buffer variances: re-scored by each aligned ensemble. Alg. 1 aligns on Enc(Dec(z0)), the code on z0 (no VAE).
+- The Huber delta; mean pooling; one encoder layer; stride 2 on latent axes longer than 2; a standardised text token;
+  the alignment round size; --align-every counts updates (App. C.2's "every 10 epochs" of 400 prompts: never in 1000).
+TINY: CPU-scale sizes, rates, lengths; beta 1 (10 holds the toy LoRA still). --data: its scores are the LRMs' targets
+(--relabel: --teacher's), alignment and evaluation use --teacher; evaluation samples held-out prompts with Wan's CFG
+(none in the training rollout, as in Alg. 1). Run folders, checkpoints, --resume: rundir.
 """
-import contextlib, importlib, json, math, time  # noqa: E401
+import contextlib
+import importlib
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
-import common, dataset, estimate, toy  # noqa: E401
+import common
+import dataset
+import estimate
+import rundir
+import toy
 from common import UserError, arg
 
 
@@ -37,12 +48,14 @@ class Args:
     reward: str = arg("latent", "latent: VELR; pixel: RGB ReFL (decode + R in the graph)", choices=["latent", "pixel"])
     compare: list = arg(None, "extra runs, same draws: pixel (RGB ReFL), no-align (VELR without online alignment)",
                         factory=list, choices=["pixel", "no-align"])
-    reward_ckpt: str = arg("", "lrm.safetensors of an earlier --stage rm run (default: <out-dir>/lrm.safetensors)")
-    out_dir: str = arg("", "run directory (default runs/velr-<backbone>-<time>)")
+    reward_ckpt: str = arg("", "lrm.safetensors of a --stage rm run (--stage tune needs one; --ensemble-size, --lrm-*)")
+    out_dir: str = arg("", "run folder (default: a new runs/velr-<backbone>-<time>); an existing one needs --resume")
+    resume: bool = arg(False, "continue the run in --out-dir from its checkpoints (the same arguments)")
+    checkpoint_every: int = arg(100, "save a checkpoint of the stage every N optimiser steps (and at its end)", min=1)
     seed: int = arg(0, "random seed", min=0)
     device: str = arg("auto", "cuda / cpu / auto", choices=["auto", "cpu", "cuda"])
     dtype: str = arg(None, "DiT dtype (default: bf16 on CUDA, else fp32)", type=str, choices=["bf16", "fp32"])
-    max_steps: int = arg(None, "cap on the optimiser steps of every stage (a smoke run: 2)", type=int, min=1)
+    max_steps: int = arg(None, "stop each stage at this step (a smoke run: 2; --resume goes on)", type=int, min=1)
     save_videos: int = arg(2, "mp4 samples written into <run>/videos/ before and after each fine-tuning run", min=0)
     estimate_memory: bool = arg(False, "only print each stage step's peak GPU memory and TFLOPs at the video size")
     # backbone and data
@@ -64,7 +77,8 @@ class Args:
     pickscore_model: str = arg("yuvalkirstain/PickScore_v1", "PickScore checkpoint (hub id or folder)")
     # reward model (Sec. 4.1-4.2, App. C.1)
     ensemble_size: int = arg(10, "number of independently initialised LRMs (Sec. 4.2)", min=1)
-    aggregate: str = arg("mean", "Eq. (7) aggregation of the ensemble", choices=["mean", "min", "max"])
+    aggregate: str = arg("mean", "Eq. (7) (mean: ours; conservative: min, lcb = mean - std)", choices=["mean", "min",
+                         "max", "lcb"])
     lrm_dim: int = arg(512, "LRM feature width d_v (~0.02B params per LRM at Wan scale, App. C.9)", min=4)
     lrm_heads: int = arg(8, "attention heads of the LRM's cross-attention and encoder", min=1)
     lrm_layers: int = arg(1, "transformer-encoder layers after the cross-attention (ours)", min=1)
@@ -93,7 +107,7 @@ class Args:
 
 TINY = dict(num_steps=10, mid_step=[3, 5], truncated_steps=2, lrm_dim=32, rm_lr=2e-3, rm_batch=32, rm_epochs=8,
             align_lr=1e-3, buffer_size=64, align_every=4, tune_steps=100, lr=2e-3, lora_rank=8, beta=1.0,
-            eval_samples=96, guidance_scale=1.0, compare=["no-align", "pixel"])
+            eval_samples=96, guidance_scale=1.0, compare=["no-align", "pixel"], checkpoint_every=50)
 
 
 # ==== Latent reward model (Sec. 4.1) and the ensemble (Sec. 4.2)
@@ -124,8 +138,7 @@ class LatentRewardModel(nn.Module):
         self.blocks = nn.Sequential(*blocks)              # Wan 480p [16,21,60,104] -> [512,3,8,13]
         self.pos_t = nn.Parameter(torch.randn(grid[0], dim) * 0.02)             # temporal P_v
         self.pos_s = nn.Parameter(torch.randn(grid[1] * grid[2], dim) * 0.02)   # spatial P_v
-        # (ours) the text token is standardised with statistics of the training prompts: T5 ends in an
-        # RMS norm, so the last tokens of different prompts share a large common part.
+        # (ours) standardised over the training prompts: T5 ends in an RMS norm, its last tokens share a large part
         self.register_buffer("text_mean", torch.zeros(text_dim))
         self.register_buffer("text_std", torch.ones(text_dim))
         self.text_proj = nn.Linear(text_dim, dim)                                # W_p
@@ -141,8 +154,7 @@ class LatentRewardModel(nn.Module):
         tokens = self.blocks(z.float()).flatten(2).transpose(1, 2)            # Z^vf [B, T'H'W', D], time-major
         tokens = tokens + (self.pos_t[:, None] + self.pos_s[None]).flatten(0, 1)
         p = self.text_proj((text.float() - self.text_mean) / self.text_std)[:, None]  # P_f [B, 1, D]
-        # Eq. (5): video tokens query the text token. With a single key the attention weights are 1, so
-        # this adds a prompt-dependent vector to every token; the encoder makes text and video interact.
+        # Eq. (5), video tokens query the text token: one key, weight 1, a prompt vector added to every token
         tokens = tokens + self.cross_attn(self.norm_q(tokens), p, p, need_weights=False)[0]
         return self.head(self.encoder(tokens).mean(1)).squeeze(-1)
 
@@ -176,9 +188,9 @@ def ensemble_var(preds):
     return preds.var(0) if len(preds) > 1 else torch.zeros_like(preds[0])
 
 
-def aggregate(preds, how: str = "mean"):
-    """Eq. (7): R_l = Agg over the members of [N, B]; the one place the ensemble becomes a reward (see docstring)."""
-    return {"mean": lambda p: p.mean(0), "min": lambda p: p.min(0).values, "max": lambda p: p.max(0).values}[how](preds)
+def aggregate(p, how: str = "mean", k: float = 1.0):
+    """Eq. (7): R_l = Agg over the members of [N, B], the one place the ensemble becomes a reward; lcb: mean - k std."""
+    return dict(mean=p.mean(0), min=p.amin(0), max=p.amax(0), lcb=p.mean(0) - k * ensemble_var(p).sqrt())[how]
 
 
 def last_text_token(embeds, mask):
@@ -186,15 +198,18 @@ def last_text_token(embeds, mask):
     return embeds[torch.arange(len(embeds)), mask.long().sum(1).clamp(min=1) - 1]
 
 
-def load_lrm(path, latent_shape=None, weights: bool = True):
-    """A --stage rm checkpoint: its ensemble, or (weights=False) only its config from the safetensors metadata."""
+def load_lrm(path, args, latent_shape=None, weights: bool = True):
+    """A --stage rm checkpoint: its ensemble, or (weights=False) its config, which must be the flags' and latents'."""
     try:
         with safe_open(str(path), "pt") as f:
             cfg, state = json.loads((f.metadata() or {})["config"]), weights and {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: not a --stage rm run's lrm.safetensors ({type(e).__name__}: {e})") from None
-    common.require(latent_shape is None or list(latent_shape) == cfg["latent_shape"], f"{path}: LRM made for latents "
-            f"{cfg['latent_shape']}, this run makes {list(latent_shape or [])}")
+    want = zip(("n", "dim", "heads", "layers", "latent_shape"), ("--ensemble-size", "--lrm-dim", "--lrm-heads",
+               "--lrm-layers", "latents"), (args.ensemble_size, args.lrm_dim, args.lrm_heads, args.lrm_layers,
+                                             list(latent_shape or [])))
+    differ = [f"{f} {v} (its metadata: {cfg.get(k)})" for k, f, v in want if v and v != cfg.get(k)]
+    common.require(not differ, f"--reward-ckpt {path} is another ensemble: {', '.join(differ)}", 2)
     if not weights:
         return cfg
     lrm = EnsembleLRM(**cfg)
@@ -202,15 +217,13 @@ def load_lrm(path, latent_shape=None, weights: bool = True):
     return lrm.eval().requires_grad_(False)
 
 
-# ==== Pixel-space reward models (the teacher R)
 def pickscore_reward(model, tokenize, video, prompts):
     """PickScore (a CLIP image reward) averaged over frames; differentiable in the video [B,3,F,H,W]."""
     (B, _, Fr, H, W), size = video.shape, model.config.vision_config.image_size
     frames = (video.transpose(1, 2).flatten(0, 1) + 1) / 2                 # [B*F, 3, H, W] in [0, 1]
     h, w = max(size, round(H * size / min(H, W))), max(size, round(W * size / min(H, W)))
     frames = F.interpolate(frames, size=(h, w), mode="bicubic", align_corners=False)  # short side -> size
-    top, left = (h - size) // 2, (w - size) // 2                                       # centre crop
-    frames = frames[:, :, top:top + size, left:left + size]
+    frames = frames[:, :, (h - size) // 2:(h - size) // 2 + size, (w - size) // 2:(w - size) // 2 + size]  # centre
     mean, std = (torch.tensor(v, device=video.device).view(1, 3, 1, 1) for v in  # CLIP's normalisation
                  ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
     features = lambda out: getattr(out, "pooler_output", out)  # transformers 5 returns an output object
@@ -222,9 +235,7 @@ def pickscore_reward(model, tokenize, video, prompts):
 
 def load_teacher(args, device):
     """The pixel reward model R(video, prompts) -> [B] that the LRMs regress (Sec. 4.1)."""
-    if args.teacher == "toy":
-        return toy.toy_reward
-    module, _, name = args.teacher.partition(":")
+    module, _, name = ("toy:toy_reward" if args.teacher == "toy" else args.teacher).partition(":")
     try:
         if args.teacher == "pickscore":
             from transformers import AutoProcessor, CLIPModel
@@ -250,15 +261,21 @@ def pixel_reward(pipe, teacher, latents, prompts, batch_size: int = 8):
     return r
 
 
-# ==== Losses
+# ==== Losses (Eq. 6, 8), the truncated mid-step rollout (Sec. 4.3) and the replay buffer of online alignment
 def huber_loss(pred, target, delta: float = 1.0):
     """Eq. (6): 1/2 d^2 if |d| <= delta else delta (|d| - delta/2), d = R(Dec(z), c) - R_l(z, c); batch mean."""
     return F.huber_loss(pred, target, delta=delta)
 
 
-def kl_velocity(v, v_ref):
-    """Alg. 1's KL[pi || pi_old] at the last gradient step: for Gaussian steps of equal variance ~ |v - v_ref|^2."""
-    return ((v - v_ref) ** 2).mean()
+def kl_velocity(transformer, x, sigma, embeds):
+    """Alg. 1's KL[pi || pi_old] (see docstring): mean |v(x) - v_init(x)|^2 at the window's last state x, held fixed
+    (detached): its gradient reaches the LoRA only through v; v_init with the adapters off (no weight copy)."""
+    x = x.detach()
+    with torch.no_grad():
+        transformer.disable_adapters()
+        v_ref = common.predict_velocity(transformer, x, sigma, embeds)
+        transformer.enable_adapters()
+    return ((common.predict_velocity(transformer, x, sigma, embeds) - v_ref) ** 2).mean()
 
 
 def velr_loss(reward, kl, beta: float):
@@ -266,38 +283,30 @@ def velr_loss(reward, kl, beta: float):
     return -(reward.mean() - beta * kl)
 
 
-# ==== Truncated mid-step rollout (Sec. 4.3) and the replay buffer of online alignment
 def truncated_mid_step(transformer, noise, embeds, sigmas, start: int, K: int):
-    """No-grad rollout to step `start`, K denoising steps with gradient, then z0 from the last velocity; returns
-    (z0, v, v_ref), v_ref of the initial model (adapters disabled: no weight copy) at the K-th step's input (KL)."""
+    """No-grad rollout to `start`, K steps with gradient, z0 from the last velocity; returns z0 and the K-th input."""
     x, _ = common.rollout(transformer, noise, embeds, sigmas, 0, start)  # no grad_steps: no graph, no activations
     last = start + K - 1
     x, _ = common.rollout(transformer, x, embeds, sigmas, start, last, grad_steps=range(start, last))
-    # the K-th step is written out because its input also goes to the reference model
-    v = common.predict_velocity(transformer, x, sigmas[last], embeds)
-    with torch.no_grad():
-        transformer.disable_adapters()
-        v_ref = common.predict_velocity(transformer, x, sigmas[last], embeds)
-        transformer.enable_adapters()
-    return common.x0_from_velocity(x, v, sigmas[last]), v, v_ref
+    return common.x0_from_velocity(x, common.predict_velocity(transformer, x, sigmas[last], embeds), sigmas[last]), x
 
 
 class ReplayBuffer:
-    """B = {(z, prompt, R, sigma^2)}, the `size` highest-variance samples seen so far (App. C.2)."""
+    """B = {(z, prompt, R, sigma^2)}: the `size` highest-variance samples so far (App. C.2); fixed size, empty: -inf"""
 
-    def __init__(self, size: int):
-        self.size, self.z, self.prompt_idx, self.reward, self.var = size, None, None, None, None
+    def __init__(self, size: int, shape=(1,), dtype=torch.float32):
+        self.tensors = dict(z=torch.zeros(size, *shape, dtype=dtype), prompt_idx=torch.zeros(size, dtype=torch.long),
+                            reward=torch.zeros(size), var=torch.full((size,), -math.inf))
+        self.z, self.prompt_idx, self.reward, self.var = self.tensors.values()
 
-    def add(self, z, prompt_idx, reward, var):
-        new = [z.detach().cpu(), prompt_idx.cpu(), reward.detach().cpu().float(), var.detach().cpu().float()]
-        if self.var is not None:
-            new = [torch.cat([a, b]) for a, b in zip([self.z, self.prompt_idx, self.reward, self.var], new)]
-        keep = new[3].argsort(descending=True)[:self.size]  # new samples replace the lowest-variance ones
-        self.z, self.prompt_idx, self.reward, self.var = (t[keep] for t in new)
+    def add(self, *new):  # (z, prompt_idx, reward, var) of a batch
+        new = [torch.cat([x.detach().cpu().to(t.dtype), t]) for t, x in zip(self.tensors.values(), new)]
+        keep = new[3].argsort(descending=True, stable=True)[:len(self.var)]  # the lowest variances go; a tie: the new
+        for a, b in zip(self.tensors.values(), new):
+            a.copy_(b[keep])
 
-    def sample(self, n: int, generator=None):
-        """Indices drawn with probability proportional to sigma^2 (Sec. 4.3)."""
-        return torch.multinomial(self.var.clamp(min=1e-12), n, replacement=True, generator=generator)
+    def sample(self, n: int, generator=None):  # indices of stored samples drawn with probability ~ sigma^2 (Sec. 4.3)
+        return torch.multinomial((self.var > -math.inf) * self.var.clamp(min=1e-12), n, True, generator=generator)
 
 
 # ==== Stage 1: pretrain the ensemble (Sec. 4.1, App. C.1); Table 3 in miniature
@@ -308,21 +317,20 @@ def lrm_step(args, lrm, i: int, z, text, target) -> float:
     return loss.item()
 
 
-def fit_members(lrm, opts, z, text, target, steps: int, args, draw, desc: str):
-    """Huber regression (Eq. 6) of each member on its own batches, draw(n) -> indices (independent training)."""
+def fit_members(lrm, opt, z, text, target, steps, args, draw):
+    """Huber regression (Eq. 6) of each member on its own batches, draw(n) -> indices (independent training: AdamW is
+    per tensor, and a member's step moves only it); yields (step, loss) over `steps` (run.steps, or a range)."""
     lrm.train().requires_grad_(True)
-    losses = []
-    for _ in tqdm(range(min(steps, args.max_steps or steps)), desc=desc, leave=False):  # --max-steps caps
-        total = 0.0
-        for i, opt in enumerate(opts):
-            opt.zero_grad(set_to_none=True)
+    for step in steps:
+        total, n = 0.0, len(lrm.members)
+        for i in range(n):
             for _ in range(args.grad_accum):
                 idx = draw(args.rm_batch).to(z.device)
-                total += lrm_step(args, lrm, i, z[idx], text[idx], target[idx]) / len(opts) / args.grad_accum
+                total += lrm_step(args, lrm, i, z[idx], text[idx], target[idx]) / n / args.grad_accum
             opt.step()
-        losses.append(total)
+            opt.zero_grad(set_to_none=True)  # no grad left behind (finetune's next LoRA step would apply it)
+        yield step, total
     lrm.eval().requires_grad_(False)
-    return losses
 
 
 @torch.no_grad()
@@ -330,55 +338,57 @@ def predict(lrm, z, text, batch_size: int = 256):
     return torch.cat([lrm(z[i:i + batch_size], text[i:i + batch_size]) for i in range(0, len(z), batch_size)], 1)
 
 
-def table3(p_train, y_train, p_test, y_test, how: str = "mean", sizes=(1, 3, 5, 10)) -> list[dict]:
-    """Ensemble of k = Eq. (7) over k members; metrics averaged over the disjoint groups of k members
-    (k = 1: every member alone, i.e. the expected single LRM rather than a lucky or unlucky one)."""
+def table3(p_train, y_train, p_test, y_test, agg=aggregate, sizes=(1, 3, 5, 10)) -> list[dict]:
+    """Eq. (7) over k members, metrics averaged over disjoint groups of k (k = 1: the expected single LRM)."""
     metrics = lambda p, y: dict(MSE=((p - y) ** 2).mean().item(), PCC=torch.corrcoef(torch.stack([p, y]))[0, 1].item())
     rows, n = [], len(p_train)
     for k in sorted(k for k in {*sizes, n} if k <= n):
         groups, row = [list(range(i, i + k)) for i in range(0, n - k + 1, k)], {"LRM": f"en-{k}"}
         for split, p, y in (("train", p_train, y_train), ("test", p_test, y_test)):
             for key in ("MSE", "PCC"):
-                row[f"{split} {key}"] = sum(metrics(aggregate(p[g], how), y)[key] for g in groups) / len(groups)
+                row[f"{split} {key}"] = sum(metrics(agg(p[g]), y)[key] for g in groups) / len(groups)
         rows.append(dict(row, groups=len(groups)))
     return rows
 
 
 def pretrain_lrm(args, data, text_tokens, latent_shape, device, run):
-    """Offline Huber pretraining of every member (Alg. 1, first loop); returns the ensemble and Table 3."""
+    """Offline Huber pretraining of every member (Alg. 1, first loop; stage 'rm'); returns the ensemble, Table 3."""
     train, test = dataset.split_indices(len(data["latents"]), args.test_fraction, args.seed)
     z, y = data["latents"].float().to(device), data["score"].float().to(device)
     text = text_tokens[data["prompt_idx"]].to(device)
     lrm = EnsembleLRM(args.ensemble_size, latent_shape, text_tokens.shape[1], args.lrm_dim, args.lrm_heads,
                       args.lrm_layers, seed=args.seed).to(device)
     lrm.set_text_statistics(text_tokens.to(device))
-    opts = [torch.optim.AdamW(m.parameters(), lr=args.rm_lr, weight_decay=1e-4) for m in lrm.members]
-    steps = args.rm_epochs * max(1, len(train) // (args.rm_batch * args.grad_accum))
-    g = torch.Generator().manual_seed(args.seed)
-    losses = fit_members(lrm, opts, z[train], text[train], y[train], steps, args,
-                         lambda n: torch.randint(0, len(train), (n,), generator=g), "pretrain LRMs")
-    for s in range(0, len(losses), max(1, len(losses) // 50)):
-        run.log(s, "rm", huber=losses[s])
+    opt, g = torch.optim.AdamW(lrm.parameters(), lr=args.rm_lr, weight_decay=1e-4), torch.Generator()
+    steps = run.steps("rm", args.rm_epochs * max(1, len(train) // (args.rm_batch * args.grad_accum)), dict(lrm=lrm),
+                      opt, generators=dict(data=g.manual_seed(args.seed)), every=args.checkpoint_every,
+                      stop_at=args.max_steps, desc="pretrain LRMs")
+    for step, loss in fit_members(lrm, opt, z[train], text[train], y[train], steps, args,
+                                  lambda n: torch.randint(0, len(train), (n,), generator=g)):
+        run.log(step, "rm", huber=loss)
+        run.resume = False  # it trained on: a later stage's checkpoint is stale, that stage starts afresh
     return lrm, table3(predict(lrm, z[train], text[train]), y[train], predict(lrm, z[test], text[test]), y[test],
-                       args.aggregate)
+                       lambda p: aggregate(p, args.aggregate))
 
 
-def align_lrm(lrm, opts, buffer: ReplayBuffer, text_tokens, args, generator) -> float:
-    """Online alignment (Alg. 1, else-branch): Huber re-fit on buffer samples drawn by variance."""
-    dev = next(lrm.parameters()).device
-    steps = args.align_rounds * max(1, args.buffer_size // (args.rm_batch * args.grad_accum))
-    return fit_members(lrm, opts, buffer.z.to(dev), text_tokens[buffer.prompt_idx].to(dev), buffer.reward.to(dev),
-                       steps, args, lambda n: buffer.sample(n, generator), "align LRMs")[-1]
+def align_lrm(lrm, opt, buffer: ReplayBuffer, text_tokens, args, generator) -> float:
+    """Online alignment (Alg. 1, else-branch): Huber re-fit on buffer samples drawn by variance, then re-scored."""
+    dev, full = next(lrm.parameters()).device, buffer.var > -math.inf
+    z, text = buffer.z.to(dev), text_tokens[buffer.prompt_idx].to(dev)
+    *_, (_, loss) = fit_members(lrm, opt, z, text, buffer.reward.to(dev), range(args.align_rounds * max(
+        1, args.buffer_size // (args.rm_batch * args.grad_accum))), args, lambda n: buffer.sample(n, generator))
+    buffer.var[full] = ensemble_var(predict(lrm, z[full], text[full])).cpu()
+    return loss
 
 
 # ==== Stage 2: fine-tune the generator (Sec. 4.3, Alg. 1), or the RGB ReFL baseline (--reward pixel)
 def tune_step(args, pipe, lrm, noise, embeds, text, sigmas, start: int, K: int, teacher=None, names=None):
     """Forward + backward of one micro-batch of Alg. 1's update (finetune, --estimate-memory): R_l = Eq. (7) of the
     frozen ensemble on z0, or given a teacher RGB ReFL's R(Dec(z0), c); Eq. (8), divided over --grad-accum."""
-    z0, v, v_ref = truncated_mid_step(pipe.transformer, noise, embeds, sigmas, start, K)
+    z0, x = truncated_mid_step(pipe.transformer, noise, embeds, sigmas, start, K)
     preds = lrm(z0, text) if teacher is None else None  # [N, B]: the members' rewards
     reward = aggregate(preds, args.aggregate) if teacher is None else teacher(common.decode_latents(pipe, z0), names)
-    kl = kl_velocity(v, v_ref)
+    kl = kl_velocity(pipe.transformer, x, sigmas[start + K - 1], embeds)
     loss = velr_loss(reward, kl, args.beta)
     (loss / args.grad_accum).backward()
     return dict(z0=z0.detach(), preds=preds if preds is None else preds.detach(), reward=reward.detach(),
@@ -386,23 +396,23 @@ def tune_step(args, pipe, lrm, noise, embeds, text, sigmas, start: int, K: int, 
 
 
 def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, align: bool, run, name: str):
-    """Alg. 1 on a fresh LoRA adapter `name`; mode 'latent' = VELR (online alignment if `align`), 'pixel' = RGB
-    ReFL (VAE + R in the graph). Prompts, noise and start steps come from one seeded stream: all runs see the same."""
-    tr, dev = pipe.transformer, pipe.transformer.device
-    params = common.add_lora(tr, args.lora_rank, args.lora_rank, adapter_name=name)
-    tr.set_adapter(name)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    align_opts = [torch.optim.AdamW(m.parameters(), lr=args.align_lr, weight_decay=1e-4)
-                  for m in lrm.members] if align else []
-    buffer, g = ReplayBuffer(args.buffer_size), torch.Generator().manual_seed(args.seed + 1)
-    g_align = torch.Generator().manual_seed(args.seed + 2)  # own stream: every run sees the same draws from g
+    """Alg. 1 on a fresh LoRA `name` (stage 'tune-<name>'): 'latent' = VELR (aligning if `align`), 'pixel' = RGB ReFL;
+    all runs share prompts, noise, starts (one stream), LoRA init. Checkpoint: LoRA, AdamW, streams, buffer, LRMs."""
+    tr, dev, _ = pipe.transformer, pipe.transformer.device, torch.manual_seed(args.seed)  # LoRA init: as in every run
+    params = common.add_lora(tr, args.lora_rank, args.lora_rank, adapter_name=name)  # (and makes it the active one)
+    opt = torch.optim.AdamW([dict(params=params, lr=args.lr, weight_decay=0.0)] + ([dict(  # moves what has grads
+        params=list(lrm.parameters()), lr=args.align_lr, weight_decay=1e-4)] if align else []))
     geo = common.backbone_geometry(pipe)  # the latent shape, and the schedule's shift (the checkpoint's)
     shape, sigmas = geo["latent_shape"], common.sigma_schedule(args.num_steps, geo["flow_shift"])
+    buffer, g, g_align = ReplayBuffer(args.buffer_size, shape, tr.dtype), torch.Generator(), torch.Generator()
+    state = dict(buffer.tensors, **{f"lrm.{k}": v for k, v in lrm.state_dict().items()}) if align else {}
     with contextlib.suppress(OSError):  # reset the peak RSS (Linux): on a CPU each run reports its own peak
         Path("/proc/self/clear_refs").write_text("5")
-    timer, t0, log = common.StepTimer(dev), time.perf_counter(), []
-    for step in tqdm(range(min(args.tune_steps, args.max_steps or args.tune_steps)), desc=f"fine-tune {name}"):
-        batches = []
+    timer = rundir.StepTimer(dev)
+    for step in run.steps(f"tune-{name}", args.tune_steps, dict(lora=tr), opt, tensors=state, stop_at=args.max_steps,
+                          generators=dict(data=g.manual_seed(args.seed + 1), align=g_align.manual_seed(args.seed + 2)),
+                          every=args.checkpoint_every, desc=f"fine-tune {name}"):  # g_align: g's draws the same in all
+        batches, rows = [], []
         with timer:  # the generator update only: what latent vs pixel reward changes
             for _ in range(args.grad_accum):
                 idx = torch.randint(0, len(prompts), (args.batch_size,), generator=g)
@@ -417,30 +427,28 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        for b in batches:  # one row per micro-batch; VELR: its pixel reward (no gradient), the buffer's labels
-            row = dict(loss=b["loss"].item(), reward=b["reward"].mean().item(), kl=b["kl"].item(), start=b["start"])
+        for b in batches:  # VELR: each micro-batch's pixel reward (no gradient), the buffer's labels
+            rows.append(dict({k: b[k].mean().item() for k in ("loss", "reward", "kl")}, start=b["start"]))
             if mode == "latent":
                 r_pix, var = pixel_reward(pipe, teacher, b["z0"], b["names"]), ensemble_var(b["preds"])
-                row.update(pixel_reward=r_pix.mean().item(), gap=(b["reward"].cpu() - r_pix).abs().mean().item(),
-                           variance=var.mean().item())
+                rows[-1].update(pixel_reward=r_pix.mean().item(), variance=var.mean().item(),
+                                gap=(b["reward"].cpu() - r_pix).abs().mean().item())
                 if align:
                     buffer.add(b["z0"], b["idx"], r_pix, var)
-            log.append(row)
+        row = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}  # the step: its micro-batches' mean
         if align and (step + 1) % args.align_every == 0:
-            row["align_huber"] = align_lrm(lrm, align_opts, buffer, text_tokens, args, g_align)
-        for row in log[-len(batches):]:
-            run.log(step, f"tune-{name}", **row)
+            row["align_huber"] = align_lrm(lrm, opt, buffer, text_tokens, args, g_align)
+        run.log(step, f"tune-{name}", **row)
     common.save_lora(tr, run.dir / f"lora-{name}", name)
+    log = run.read_metrics(f"tune-{name}")  # with the steps before a --resume
     q = max(1, len(log) // 4)  # |R_l - R| on the training batches, first and last quarter of the updates
     gap = [sum(r["gap"] for r in part) / q for part in (log[:q], log[-q:])] if "gap" in log[0] else None
-    return dict(seconds_per_step=timer.seconds_per_step, peak_memory_gib=timer.peak_memory_gib(),
-                wall_seconds=time.perf_counter() - t0, gap_first_last=gap, log=log)
+    return dict(seconds_per_step=timer.seconds_per_step, peak_memory_gib=timer.peak_memory_gib(), gap_first_last=gap)
 
 
 @torch.no_grad()
 def evaluate(pipe, teacher, prompts, embeds, n: int, num_steps: int, guidance_scale: float = 1.0, negative=None):
-    """Pixel reward (the toy truth) of n fresh samples, seed 10^6 + i and prompt i * P // n: paired before/after;
-    guidance_scale > 1: CFG with `negative` (the empty prompt's embedding [1, L, D])."""
+    """Pixel reward (the toy truth) of n fresh samples, seed 10^6 + i, prompt i * P // n; CFG > 1 with `negative`."""
     which = torch.arange(n) * len(prompts) // n
     z = common.sample_latents(pipe, embeds[which], [10**6 + i for i in range(n)], num_steps=num_steps,
                               guidance_scale=guidance_scale, negative_embeds=negative if guidance_scale > 1 else None)
@@ -456,8 +464,7 @@ def read_prompts(path, flag: str) -> list[str]:
 
 
 def check_inputs(args: Args) -> dict:
-    """Flags; the video size (typed, else --data's meta.json, else the backbone's: args.json records it); --out-dir;
-    --data; the prompt files, held-out evaluation prompts, --reward-ckpt. A failed start loads and writes nothing."""
+    """Flags, video size (typed, --data's, the backbone's), data, prompts, --reward-ckpt, --out-dir: before loading."""
     (a, b), mid = (list(args.mid_step) + [-1, -1])[:2], " ".join(map(str, args.mid_step))
     common.require(len(args.mid_step) == 2 and 0 <= a <= b <= args.num_steps - args.truncated_steps, f"--mid-step "
                    f"{mid} with K={args.truncated_steps} does not fit {args.num_steps} steps (need a <= b <= N - K)", 2)
@@ -476,10 +483,11 @@ def check_inputs(args: Args) -> dict:
     vars(args).update(size)
     geo = cfg and common.geometry(cfg, *size.values())  # the size checked against the backbone, no weights
     if args.estimate_memory:
-        return {}
-    common.check_writable(args.out_dir or "runs")
+        return None, None, None, None
+    rundir.check_writable(args.out_dir or "runs")
     if data:
-        geo and dataset.check_latents(data, geo, args.data, keys=("latents",))  # the size's shape, and VAE scale
+        if geo:  # the size's shape, and VAE scale (a hub id's: in main, with the weights)
+            dataset.check_latents(data, geo, args.data, keys=("latents",))
         data = dataset.drop_repeats(data, "score", args.on_duplicates, args.data)
         common.require(args.relabel or len(set(data["score"].tolist())) > 1, f"{args.data}: every score is the same")
     prompts = read_prompts(args.prompts, "--prompts") if args.prompts else meta.get("prompts") or toy.toy_prompts()
@@ -495,26 +503,26 @@ def check_inputs(args: Args) -> dict:
     toy_ok = all(w & toy.TOY_COLOURS.keys() and w & toy.TOY_DIRECTIONS.keys() for w in words)  # a colour, a direction
     common.require(toy_ok or args.teacher != "toy" or args.stage == "rm" and not args.relabel, "--teacher toy scores "
                    "toy-world prompts only: pass --teacher pickscore or module:function", 2)
-    ckpt = args.reward_ckpt or (args.stage == "tune" and (args.reward == "latent" or "no-align" in args.compare)
-                                and str(Path(args.out_dir or "<a new run folder>") / "lrm.safetensors"))
-    common.require(not ckpt or Path(ckpt).is_file(), f"{ckpt}: no trained ensemble there; pass --reward-ckpt "
-                   "<run>/lrm.safetensors, or the --out-dir of a --stage rm run")
-    ckpt and load_lrm(ckpt, geo and geo["latent_shape"], weights=False)  # its metadata, against the latents
-    return dict(data=data and (data, meta), prompts=prompts, keep=keep, eval_prompts=eval_prompts, ckpt=ckpt)
+    common.require(args.reward_ckpt or args.stage != "tune" or args.reward == "pixel" and "no-align" not in
+                   args.compare, "--stage tune needs --reward-ckpt (a --stage rm run's lrm.safetensors)", 2)
+    if args.reward_ckpt:  # its metadata: this run's flags and latents
+        load_lrm(args.reward_ckpt, args, geo and geo["latent_shape"], weights=False)
+    out = Path(args.out_dir) if args.out_dir else None  # rundir.Run's rule, here before anything loads
+    common.require(bool(out and out.is_dir() and any(out.iterdir())) == args.resume, f"--out-dir {out} " + (
+        "holds no run to --resume" if args.resume else "already holds a run: --resume it, or choose another folder"), 2)
+    return data and (data, meta), prompts, keep, eval_prompts
 
 
 def estimate_memory(args) -> dict:
     """The load phase, then the real lrm_step and tune_step on fake tensors at the video size, batch 1."""
-    def member_step(lrm, z, text):  # lrm_step of member 0; in fit_members the others hold their grads meanwhile
-        for p in lrm.members[1:].parameters():
-            p.grad = torch.zeros_like(p)
-        lrm_step(args, lrm, 0, z, text, torch.zeros(len(z)))
     with estimate.StageEstimates("VELR", args.backbone, args.height, args.width, args.num_frames) as est:
         (x0, embeds, mask), K, _ = est.inputs(), args.truncated_steps, est.load_phase()
         text, sigmas = last_text_token(embeds, mask), common.sigma_schedule(args.num_steps, est.cfg["flow_shift"])
         new_lrm = lambda: EnsembleLRM(args.ensemble_size, x0.shape[1:], text.shape[1], args.lrm_dim, args.lrm_heads,
                                       args.lrm_layers)
-        est.step("LRM step (1 member)", member_step, est.build(lambda: (est.pipeline(), new_lrm()))[1], x0, text)
+        est.step(f"LRM step ({args.ensemble_size} members in turn)", lambda lrm, z, t: [lrm_step(  # (all grads kept)
+            args, lrm, i, z, t, torch.zeros(len(z))) for i in range(len(lrm.members))], est.build(lambda: (
+            est.pipeline(), new_lrm()))[1], x0, text)
         pipe, lrm = est.build(lambda: (est.pipeline(args.lora_rank, args.gradient_checkpointing),
                                        new_lrm().requires_grad_(False)))  # pretrain_lrm: the DiT is on the GPU
         run = lambda k, *teacher: est.step("", tune_step, args, pipe, lrm, x0, embeds, text, sigmas, 0, k, *teacher,
@@ -527,49 +535,53 @@ def estimate_memory(args) -> dict:
 
 
 def main(args: Args) -> dict:
-    inputs = check_inputs(args)  # nothing has loaded yet, and no run folder exists
+    inputs, prompts, keep, eval_prompts = check_inputs(args)  # nothing has loaded yet, and no run folder exists
     if args.estimate_memory:
         return estimate_memory(args)
-    common.seed_everything(args.seed)
-    device, relabel = common.pick_device(args.device), args.relabel or (not args.data and args.teacher != "toy")
+    rundir.seed_everything(args.seed)
+    device, relabel = rundir.pick_device(args.device), args.relabel or (not args.data and args.teacher != "toy")
     teacher = load_teacher(args, device) if args.stage != "rm" or relabel else None  # none for --data's own scores
     pipe = common.load_backbone(args.backbone, device, common.pick_dtype(args.dtype, device), args.height, args.width,
                                 args.num_frames)
-    args.gradient_checkpointing and pipe.transformer.enable_gradient_checkpointing()
+    if args.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     geo = common.backbone_geometry(pipe)
-    data, meta = inputs["data"] or toy.toy_dataset(pipe, "score", args.toy_size, args.seed, cache_dir=args.toy_cache)
+    data, meta = inputs or toy.toy_dataset(pipe, "score", args.toy_size, args.seed, cache_dir=args.toy_cache)
     dataset.check_latents(data, geo, args.data or args.toy_cache, keys=("latents",))  # (a hub id's: only now)
     if relabel:  # (the toy world's scores are the toy teacher's)
         print(f"re-labelling {len(data['latents'])} latents with the teacher '{args.teacher}'")
         data["score"] = pixel_reward(pipe, teacher, data["latents"], [meta["prompts"][i] for i in data["prompt_idx"]])
-    prompts, keep, eval_prompts = inputs["prompts"], inputs["keep"], inputs["eval_prompts"]
-    L, n_eval, shape, ckpt = data["prompt_embeds"].shape[1], len(eval_prompts), geo["latent_shape"], inputs["ckpt"]
+    L, n_eval, shape, ckpt = data["prompt_embeds"].shape[1], len(eval_prompts), geo["latent_shape"], args.reward_ckpt
     embeds, mask = common.encode_prompts(pipe, prompts, L) if args.prompts else [data[k] for k in dataset.PROMPT_KEYS]
     prompts, embeds, mask = [prompts[i] for i in keep], embeds[keep], mask[keep]  # held-out prompts only evaluate
     eval_embeds, eval_mask = common.encode_prompts(pipe, eval_prompts + [""] * (args.guidance_scale > 1), L)
     negative, eval_tokens = eval_embeds[n_eval:], last_text_token(eval_embeds, eval_mask)  # CFG: the empty prompt
     common.drop_text_encoder(pipe)
-    run = common.Run("velr", args, args.out_dir or None)  # only now: a failed start leaves no run folder
-    needs_lrm = args.stage == "rm" or args.reward == "latent" or "no-align" in args.compare
-    summary, lrm = dict(run_dir=str(run.dir), runs={}), load_lrm(ckpt, shape).to(device) if ckpt and needs_lrm else None
-    if needs_lrm and not ckpt:
+    run = rundir.Run("velr", args, args.out_dir or None, args.resume)  # only now: a failed start leaves no folder
+    needs = args.stage == "rm" or args.reward == "latent" or "no-align" in args.compare  # LRMs (Eq. 7: every report)
+    summary, lrm = dict(run_dir=str(run.dir), runs={}), ckpt and needs and load_lrm(ckpt, args, shape).to(device)
+    if needs and not ckpt:
         lrm, summary["lrm"] = pretrain_lrm(args, data, last_text_token(data["prompt_embeds"], data["prompt_mask"]),
                                            shape, device, run)
-        common.save_safetensors(lrm.state_dict(), run.dir / "lrm.safetensors", metadata=dict(  # Table 3's Eq. (7)
-            config=json.dumps(lrm.config), aggregate=args.aggregate))
+        common.save_safetensors(lrm.state_dict(), run.dir / "lrm.safetensors", dict(config=json.dumps(lrm.config)))
         summary.update({f"lrm_{r['LRM']}_test_{k.lower()}": r[f"test {k}"]  # single LRM vs the whole ensemble
                         for r in (summary["lrm"][0], summary["lrm"][-1]) for k in ("MSE", "PCC")})
-        print(f"\nTable 3 in miniature (en-k: {args.aggregate} of k LRMs)\n{common.format_table(summary['lrm'])}")
+        print(f"\nTable 3 in miniature (en-k: {args.aggregate} of k LRMs)\n{rundir.format_table(summary['lrm'])}")
+        ks = [int(r["LRM"][3:]) for r in summary["lrm"]]
+        rundir.plot_metrics(run, "rm", ["huber"], "LRM pretraining: Huber (Eq. 6), mean of the members")
+        rundir.plot(run.dir / "table3.png", {f"{s} {m}": (ks, [r[f"{s} {m}"] for r in summary["lrm"]]) for s in (
+            "train", "test") for m in ("MSE", "PCC")}, f"Table 3: {args.aggregate} of k LRMs", "ensemble size k")
     lrm_state = lrm and {k: v.clone() for k, v in lrm.state_dict().items()}
 
     def sample(tag):  # the current generator's evaluation samples (and mp4s): true reward and R_l
-        lrm and lrm.load_state_dict(lrm_state)  # the pretrained ensemble scores, and every run starts from it
+        if lrm:  # the pretrained ensemble scores, and every run starts from it
+            lrm.load_state_dict(lrm_state)
         r, z, which = evaluate(pipe, teacher, eval_prompts, eval_embeds[:n_eval], args.eval_samples, args.num_steps,
                                args.guidance_scale, negative)
         for i in range(min(args.save_videos, len(z))):
-            common.export_video(common.decode_latents(pipe, z[i:i + 1].to(pipe.vae.device))[0],
+            rundir.export_video(common.decode_latents(pipe, z[i:i + 1].to(pipe.vae.device))[0],
                                 run.dir / "videos" / f"{tag}-{i}.mp4")
-        return dict(true_reward=r, **({} if lrm is None else {  # R_l through Eq. (7), as in training
+        return dict(true_reward=r, **({} if not lrm else {  # R_l through Eq. (7), as in training
             "lrm_reward": aggregate(predict(lrm, z.to(device), eval_tokens[which].to(device)), args.aggregate).cpu()}))
     latent = args.reward == "latent"  # velr: VELR; velr_noalign: without online alignment; pixel: RGB ReFL
     names = [n for n, on in (("velr", latent), ("velr_noalign", latent and "no-align" in args.compare),
@@ -578,21 +590,24 @@ def main(args: Args) -> dict:
     for name in names:
         stats = finetune(args, pipe, lrm, teacher, prompts, embeds, last_text_token(embeds, mask),
                          "pixel" if name == "pixel" else "latent", name == "velr", run, name)
-        paired, table = common.paired_summary(before, sample(name))
+        rundir.plot_metrics(run, f"tune-{name}", ["loss", "reward", "kl"] + ["pixel_reward", "gap"] * (name != "pixel"),
+                            f"fine-tune {name}: Eq. (8)")
+        paired, table = rundir.paired_summary(before, sample(name))
         pipe.transformer.delete_adapters(name)  # the next run starts from the base model again
-        summary["runs"][name] = dict(paired, **{k: v for k, v in stats.items() if k != "log"})
+        summary["runs"][name] = dict(paired, **stats)
         summary.update({f"{name}_true_reward_gain": paired["true_reward_gain"], **{
             f"{name}_{k}": stats[k] for k in ("seconds_per_step", "peak_memory_gib")}})
         rows += [dict(run=name, **row) for row in table]
         costs.append({"run": name, "s/step": stats["seconds_per_step"], "peak GiB": stats["peak_memory_gib"],
                       "|R_l - R|": " → ".join(f"{x:.3f}" for x in stats["gap_first_last"] or []) or "n/a"})
-    print(f"\nFine-tuning: true_reward R and R_l of the pretrained ensemble on {args.eval_samples} fresh samples of "
-          f"{n_eval} held-out prompts, paired gains; the update's cost, |R_l - R| on the training batches (first -> "
-          f"last quarter)\n{common.format_table(rows)}\n{common.format_table(costs)}" if names else "")
+    print(f"\nFine-tuning: R (true_reward), R_l (pretrained ensemble) of {args.eval_samples} fresh samples of {n_eval} "
+          f"held-out prompts, paired gains; the update's cost, |R_l - R| in training (first -> last quarter)\n"
+          f"{rundir.format_table(rows)}\n{rundir.format_table(costs)}" if names else "")
     run.summary(summary)
-    print(f"\nrun folder {run.dir}" + f"\n  LRM ensemble: {run.dir / 'lrm.safetensors'} (reuse: --stage tune "
-          f"--reward-ckpt <it>)" * ("lrm" in summary) + "".join(f"\n  LoRA: WanPipeline.from_pretrained("
-          f"'{args.backbone}').load_lora_weights('{run.dir / f'lora-{n}'}')" for n in names))
+    print(f"\nrun folder {run.dir} (plots: {', '.join(sorted(p.name for p in run.dir.glob('*.png')))})" + f"\n  LRM "
+          f"ensemble: {run.dir / 'lrm.safetensors'} (reuse: --stage tune --reward-ckpt <it>)" * ("lrm" in summary) +
+          "".join(f"\n  LoRA: WanPipeline.from_pretrained('{args.backbone}').load_lora_weights('{run.dir}/lora-{n}')"
+                  for n in names))
     return summary
 
 

@@ -1,4 +1,5 @@
-"""Tests of velr.py: equations, the replay buffer, gradient isolation, toy-world behaviour, CLI, bad input.
+"""Tests of velr.py: equations, the replay buffer, gradient isolation, toy-world behaviour, CLI, bad input, run
+folders, checkpoints and resume.
 
 CPU, offline; the toy dataset is cached in a temporary folder. Fine-tuning tests use few updates.
 """
@@ -7,29 +8,30 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import common
 import dataset
+import rundir
 import toy
 import velr
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class NoRun:
-    """Stands in for common.Run where a test calls a stage function directly."""
-
-    def __init__(self, folder):
-        self.dir = Path(folder)
-
-    def log(self, *a, **k):
-        pass
+def new_run(folder, **kw):
+    """A fresh run folder, for a test that calls a stage function directly."""
+    return rundir.Run("velr", tiny_args(**kw), folder)
 
 
 def tiny_args(**kw):
@@ -50,7 +52,8 @@ def ensemble(world, tmp_path_factory):
     data, meta, _ = world
     tokens = velr.last_text_token(data["prompt_embeds"], data["prompt_mask"])
     args = tiny_args(ensemble_size=5, rm_epochs=16)  # 205 training latents: more epochs than the 1024 demo
-    lrm, rows = velr.pretrain_lrm(args, data, tokens, (16, 3, 4, 4), "cpu", NoRun(tmp_path_factory.mktemp("rm")))
+    run = new_run(tmp_path_factory.mktemp("rm") / "r")
+    lrm, rows = velr.pretrain_lrm(args, data, tokens, (16, 3, 4, 4), "cpu", run)
     return lrm, rows, tokens
 
 
@@ -78,22 +81,21 @@ def test_aggregate_and_last_text_token():
     assert velr.aggregate(preds, "max").tolist() == [3.0, 4.0]
     assert velr.ensemble_var(preds).tolist() == pytest.approx([1.0, 4.0])  # unbiased, as the buffer always used
     one = preds[:1]  # a one-member ensemble: spread 0 (not NaN), every aggregation is the member itself
+    assert velr.aggregate(preds, "lcb", 0.5).tolist() == pytest.approx([1.5, 1.0])  # mean - k std (std 1, 2)
     assert velr.ensemble_var(one).tolist() == [0.0, 0.0]
-    assert all(velr.aggregate(one, how).tolist() == [1.0, 4.0] for how in ("mean", "min", "max"))
+    assert all(velr.aggregate(one, how).tolist() == [1.0, 4.0] for how in ("mean", "min", "max", "lcb"))
     embeds = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).bool()
     assert torch.equal(velr.last_text_token(embeds, mask), torch.stack([embeds[0, 2], embeds[1, 4]]))
 
 
-def test_a_changed_aggregation_reaches_table3_and_the_training_reward(monkeypatch):
-    """The fork of issue 15 (mean minus one std): changing `aggregate` alone changes Table 3's ensemble rows and the
-    reward tune_step optimises, and a single member stays itself (std 0)."""
+def test_a_conservative_aggregation_reaches_table3_and_the_training_reward():
+    """--aggregate lcb (mean - k std, issue 15's fork, now a choice): Table 3's ensemble rows change, a single member
+    stays itself (std 0), and tune_step optimises it."""
     g = torch.Generator().manual_seed(0)
     y = torch.randn(40, generator=g)
     preds = y + torch.randn(4, 40, generator=g)  # 4 members
-    before = velr.table3(preds, y, preds, y)
-    monkeypatch.setattr(velr, "aggregate", lambda p, how="mean": p.mean(0) - velr.ensemble_var(p).sqrt())
-    after = velr.table3(preds, y, preds, y)
+    before, after = (velr.table3(preds, y, preds, y, lambda p: velr.aggregate(p, how)) for how in ("mean", "lcb"))
     assert [r["LRM"] for r in after] == ["en-1", "en-3", "en-4"]
     assert after[0] == before[0]  # en-1: one member, std 0
     assert all(a["test MSE"] != b["test MSE"] for a, b in zip(after[1:], before[1:]))
@@ -101,14 +103,61 @@ def test_a_changed_aggregation_reaches_table3_and_the_training_reward(monkeypatc
     pipe = common.load_backbone("tiny")
     common.add_lora(pipe.transformer, 4, 4, adapter_name="t")
     noise, embeds, text = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 32, 32), torch.randn(2, 32)
-    out = velr.tune_step(tiny_args(), pipe, lrm, noise, embeds, text, common.sigma_schedule(10, 3.0), 3, 2)
+    sigmas = common.sigma_schedule(10, 3.0)
+    out = velr.tune_step(tiny_args(aggregate="lcb"), pipe, lrm, noise, embeds, text, sigmas, 3, 2)
     assert torch.allclose(out["reward"], out["preds"].mean(0) - out["preds"].var(0).sqrt())
 
 
-def test_velr_loss_and_kl():
-    v, v_ref = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])
-    assert velr.kl_velocity(v, v_ref).item() == pytest.approx(2.0)  # mean of (0, 4)
+def test_a_conservative_aggregation_changes_table3_and_the_reported_delta_r_l(world, tmp_path):
+    """Issue #16: every report uses the chosen Eq. (7): with --aggregate lcb Table 3's ensemble row and the evaluation's
+    R_l (before, after, the paired gain) differ from mean's; the one-member row is the same."""
+    s = {how: velr.main(tiny_args(aggregate=how, toy_cache=str(world[2]), toy_size=256, ensemble_size=3, rm_epochs=1,
+                                  rm_batch=64, tune_steps=2, batch_size=2, eval_samples=2, out_dir=str(tmp_path / how)))
+         for how in ("mean", "lcb")}
+    assert s["mean"]["lrm"][0] == s["lcb"]["lrm"][0] and s["mean"]["lrm"][1]["LRM"] == "en-3"
+    assert s["mean"]["lrm"][1]["test MSE"] != s["lcb"]["lrm"][1]["test MSE"]
+    mean, lcb = s["mean"]["runs"]["velr"], s["lcb"]["runs"]["velr"]
+    assert lcb["lrm_reward_before"][0] < mean["lrm_reward_before"][0]  # mean - std < mean, on the same samples
+    assert lcb["lrm_reward_gain"] != mean["lrm_reward_gain"]
+
+
+def test_velr_loss():
     assert velr.velr_loss(torch.tensor([0.5, 1.5]), torch.tensor(0.2), beta=10.0).item() == pytest.approx(-1.0 + 2.0)
+
+
+def test_kl_gradient_is_the_weights_gradient_at_the_fixed_state():
+    """Issue #16: the KL is |v(x) - v_init(x)|^2 (mean) at the window's last state x, x held fixed. Its autograd
+    gradient along a random direction of the LoRA weights (float64; LoRA B != 0, so the models differ) matches central
+    finite differences of that function, and not those of the KL with x rolled out again (x depends on the weights)."""
+    pipe = common.load_backbone("tiny")
+    emb = common.encode_prompts(pipe, ["a red box moving up"])[0].double()
+    tr = pipe.transformer
+    params = common.add_lora(tr, 4, 4, adapter_name="t")
+    tr.set_adapter("t")
+    tr.double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    sigmas, noise = common.sigma_schedule(10, 3.0).double(), torch.randn(1, 16, 3, 4, 4, generator=g).double()
+    _, x = velr.truncated_mid_step(tr, noise, emb, sigmas, 3, 2)
+    assert x.requires_grad  # the state depends on the weights
+    grads = torch.autograd.grad(velr.kl_velocity(tr, x, sigmas[4], emb), params)
+    d = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    autograd = sum((a * b).sum() for a, b in zip(grads, d)).item()
+
+    def slope(kl, eps=1e-3):  # central difference of kl() along d
+        out = []
+        with torch.no_grad():
+            for e in (eps, -2 * eps, eps):  # to +eps, to -eps, back
+                for p, di in zip(params, d):
+                    p.add_(e * di)
+                out.append(kl().item())
+        return (out[0] - out[1]) / (2 * eps)
+    fixed = slope(lambda: velr.kl_velocity(tr, x, sigmas[4], emb))
+    moved = slope(lambda: velr.kl_velocity(tr, velr.truncated_mid_step(tr, noise, emb, sigmas, 3, 2)[1], sigmas[4],
+                                           emb))
+    assert autograd == pytest.approx(fixed, rel=1e-3) and autograd != pytest.approx(moved, rel=1e-2), (fixed, moved)
 
 
 def test_replay_buffer_keeps_highest_variance_and_samples_by_variance():
@@ -116,9 +165,9 @@ def test_replay_buffer_keeps_highest_variance_and_samples_by_variance():
     z = torch.arange(6, dtype=torch.float32).view(6, 1)
     var = torch.tensor([0.1, 5.0, 0.3, 2.0, 0.2, 1.0])
     buf.add(z[:3], torch.arange(3), torch.zeros(3), var[:3])
-    assert len(buf.var) == 3
+    assert (buf.var > -math.inf).sum() == 3 and set(buf.sample(100).tolist()) == {0, 1, 2}  # never an empty slot
     buf.add(z[3:], torch.arange(3, 6), torch.ones(3), var[3:])
-    assert len(buf.var) == 4
+    assert (buf.var > -math.inf).sum() == 4
     assert sorted(buf.z.flatten().tolist()) == [1.0, 2.0, 3.0, 5.0]  # var 5, 0.3, 2, 1 kept; 0.1 and 0.2 dropped
     assert buf.var.min().item() == pytest.approx(0.3)
     # a new low-variance sample does not displace anything
@@ -151,10 +200,12 @@ def test_truncated_mid_step_kl_zero_and_exactly_k_grad_steps():
     sigmas = common.sigma_schedule(10, 3.0)
     emb = common.encode_prompts(pipe, ["a red box moving up", "a blue box moving left"])[0]
     start, K = 3, 4
-    z0, v, v_ref = velr.truncated_mid_step(tr, torch.randn(2, 16, 3, 4, 4), emb, sigmas, start, K)
+    z0, x = velr.truncated_mid_step(tr, torch.randn(2, 16, 3, 4, 4), emb, sigmas, start, K)
+    assert len(calls) == start + K and sum(calls) == K  # start no-grad steps, K with grad
+    kl = velr.kl_velocity(tr, x, sigmas[start + K - 1], emb)
     hook.remove()
-    assert len(calls) == start + K + 1 and sum(calls) == K  # start no-grad steps, K with grad, 1 reference
-    assert velr.kl_velocity(v, v_ref).item() == 0.0  # LoRA B = 0 at init: current == initial model exactly
+    assert calls[start + K:] == [False, True]  # the KL: the initial model without grad, the current one with
+    assert kl.item() == 0.0  # LoRA B = 0 at init: current == initial model exactly
     z0.square().mean().backward()
     assert all(p.grad is not None for p in params)
     assert any(p.grad.abs().sum() > 0 for p in params)
@@ -177,46 +228,62 @@ def test_latent_mode_keeps_vae_and_pixel_rm_out_of_the_graph(world, ensemble, tm
         return toy.toy_reward(video, prompts)
 
     args = tiny_args(tune_steps=2, batch_size=2)
-    velr.finetune(args, pipe, lrm, teacher, meta["prompts"], data["prompt_embeds"], tokens, "latent", False,
-                  NoRun(tmp_path), "velr")
+    run = new_run(tmp_path / "run")
+    velr.finetune(args, pipe, lrm, teacher, meta["prompts"], data["prompt_embeds"], tokens, "latent", False, run,
+                  "velr")
     assert decode_grad and not any(decode_grad) and not any(teacher_grad)  # only no-grad labelling
     assert all(torch.equal(v, lrm.state_dict()[n]) for n, v in lrm_before.items())  # LRM frozen w/o alignment
     assert all(torch.equal(p, base[n.replace(".base_layer", "")]) for n, p in tr.named_parameters() if "lora_" not in n)
-    assert (tmp_path / "lora-velr" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "lora-velr" / "pytorch_lora_weights.safetensors").is_file()
     # the RGB ReFL baseline is the opposite: decode and pixel reward with gradient
     tr.delete_adapters("velr")
     decode_grad.clear(), teacher_grad.clear()
-    velr.finetune(args, pipe, None, teacher, meta["prompts"], data["prompt_embeds"], tokens, "pixel", False,
-                  NoRun(tmp_path), "pixel")
+    velr.finetune(args, pipe, None, teacher, meta["prompts"], data["prompt_embeds"], tokens, "pixel", False, run,
+                  "pixel")
     assert any(decode_grad) and any(teacher_grad)
 
 
-def test_online_alignment_updates_the_lrm_from_the_buffer(world, ensemble, tmp_path):
+def test_online_alignment_updates_the_lrm_and_refreshes_the_buffers_variances(world, ensemble, tmp_path, monkeypatch):
+    """Alignment re-fits every member from the buffer; afterwards each stored variance is the aligned ensemble's on
+    that sample (issue #16: not the one from when it was added, which ranked and weighted by stale uncertainty)."""
     data, meta, _ = world
     lrm, _, tokens = ensemble
-    state = {n: p.clone() for n, p in lrm.state_dict().items()}
+    state, buffers = {n: p.clone() for n, p in lrm.state_dict().items()}, []
+
+    class Spy(velr.ReplayBuffer):  # the run's buffer, to look into afterwards
+        def __init__(self, *a):
+            super().__init__(*a)
+            buffers.append(self)
+    monkeypatch.setattr(velr, "ReplayBuffer", Spy)
     pipe = common.load_backbone("tiny")
-    args = tiny_args(tune_steps=2, batch_size=2, align_every=2, buffer_size=8, rm_batch=4)
-    stats = velr.finetune(args, pipe, lrm, toy.toy_reward, meta["prompts"], data["prompt_embeds"], tokens,
-                          "latent", True, NoRun(tmp_path), "velr")
+    args = tiny_args(tune_steps=4, batch_size=2, align_every=2, buffer_size=4, rm_batch=4)
+    run = new_run(tmp_path / "run")
+    velr.finetune(args, pipe, lrm, toy.toy_reward, meta["prompts"], data["prompt_embeds"], tokens, "latent", True, run,
+                  "velr")
     changed = [n for n, v in state.items() if not torch.equal(v, lrm.state_dict()[n])]
+    (buf,) = buffers
+    now = velr.ensemble_var(velr.predict(lrm, buf.z, tokens[buf.prompt_idx]))  # the last step aligned
     lrm.load_state_dict(state)  # leave the shared fixture as it was
-    assert "align_huber" in stats["log"][1] and "align_huber" not in stats["log"][0]
+    assert ["align_huber" in r for r in run.read_metrics("tune-velr")] == [False, True, False, True]
     assert any(n.startswith("members.0.") for n in changed) and any(n.startswith("members.4.") for n in changed)
     assert not any("text_mean" in n or "text_std" in n for n in changed)
+    assert torch.isfinite(buf.var).all() and torch.allclose(buf.var, now, rtol=1e-5, atol=0)
 
 
 def test_a_one_member_ensemble_trains_aligns_and_reports(world, tmp_path):
     """N = 1: Table 3 has the single row, the buffer's variance is 0 (not NaN) and alignment still runs."""
     data, meta, _ = world
     tokens = velr.last_text_token(data["prompt_embeds"], data["prompt_mask"])
-    args = tiny_args(ensemble_size=1, rm_epochs=1, tune_steps=2, batch_size=2, align_every=1, buffer_size=4, rm_batch=2)
-    lrm, rows = velr.pretrain_lrm(args, data, tokens, (16, 3, 4, 4), "cpu", NoRun(tmp_path))
+    args = tiny_args(ensemble_size=1, rm_epochs=1, tune_steps=2, batch_size=2, align_every=1, buffer_size=4, rm_batch=2,
+                     aggregate="lcb")  # mean - std of one member: itself
+    run = new_run(tmp_path / "run")
+    lrm, rows = velr.pretrain_lrm(args, data, tokens, (16, 3, 4, 4), "cpu", run)
     assert [r["LRM"] for r in rows] == ["en-1"] and all(math.isfinite(rows[0][k]) for k in ("test MSE", "test PCC"))
-    stats = velr.finetune(args, common.load_backbone("tiny"), lrm, toy.toy_reward, meta["prompts"],
-                          data["prompt_embeds"], tokens, "latent", True, NoRun(tmp_path), "velr")
-    assert [r["variance"] for r in stats["log"]] == [0.0, 0.0]
-    assert all(math.isfinite(r["align_huber"]) and math.isfinite(r["loss"]) for r in stats["log"])
+    velr.finetune(args, common.load_backbone("tiny"), lrm, toy.toy_reward, meta["prompts"], data["prompt_embeds"],
+                  tokens, "latent", True, run, "velr")
+    log = run.read_metrics("tune-velr")
+    assert [r["variance"] for r in log] == [0.0, 0.0]
+    assert all(math.isfinite(r["align_huber"]) and math.isfinite(r["loss"]) for r in log)
 
 
 # ---------------------------------------------------------------------------------------------- toy world
@@ -244,9 +311,9 @@ def test_velr_raises_the_latent_reward_it_optimises(world, ensemble, tmp_path):
     # lr set here (not the demo default): this checks the sign of the gradient path in 6 steps
     args = tiny_args(tune_steps=6, beta=0.0, lr=3e-3)
     velr.finetune(args, pipe, lrm, toy.toy_reward, prompts, embeds, tokens[idx], "latent", False,
-                  NoRun(tmp_path), "velr")
+                  new_run(tmp_path / "run"), "velr")
     delta = score(fresh()) - before
-    mean, se = common.mean_se(delta)
+    mean, se = rundir.mean_se(delta)
     assert mean > 2 * se and mean > 0.05, (mean, se)
 
 
@@ -273,9 +340,10 @@ def test_truncated_refl_raises_the_true_reward_with_the_pixel_reward(world, tmp_
     prompts, embeds = [meta["prompts"][1]], data["prompt_embeds"][[1]]
     before, _, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 48, 10)
     args = tiny_args(tune_steps=20, beta=0.0)
-    velr.finetune(args, pipe, None, toy.toy_reward, prompts, embeds, None, "pixel", False, NoRun(tmp_path), "pixel")
+    velr.finetune(args, pipe, None, toy.toy_reward, prompts, embeds, None, "pixel", False, new_run(tmp_path / "r"),
+                  "pixel")
     after, _, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 48, 10)
-    mean, se = common.mean_se(after - before)
+    mean, se = rundir.mean_se(after - before)
     assert mean > 2 * se and mean > 0.1, (mean, se)
 
 
@@ -328,15 +396,18 @@ def test_cli_smoke_and_lora_loads_into_wan_pipeline(world, tmp_path):
     assert set(summary["runs"]) == {"velr", "pixel"} and [r["LRM"] for r in summary["lrm"]] == ["en-1", "en-2"]
     assert "| velr " in res.stdout and "| pixel " in res.stdout and "gain (paired) (n=2)" in res.stdout
     assert (out / "lrm.safetensors").is_file() and (out / "videos" / "velr-0.mp4").is_file()
+    plots = ["rm.png", "table3.png", "tune-pixel.png", "tune-velr.png"]
+    assert f"(plots: {', '.join(plots)})" in res.stdout and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
     assert json.loads((out / "args.json").read_text())["num_steps"] == 10  # the tiny value
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows if r["stage"].startswith("tune")] == ["tune-velr", "tune-pixel"]  # 1 update each
     pipe = common.load_backbone("tiny")
     pipe.load_lora_weights(str(out / "lora-velr"))
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
-    # a later --stage tune reuses the saved ensemble; --compare typed empty: no side runs
+    # a later --stage tune reuses the saved ensemble (of its --ensemble-size); --compare typed empty: no side runs
     again = velr.main(common.parse_args(velr.Args, velr.TINY, [
-        "--stage", "tune", "--reward-ckpt", str(out / "lrm.safetensors"), "--toy-cache", str(cache), "--toy-size",
+        "--stage", "tune", "--reward-ckpt", str(out / "lrm.safetensors"), "--ensemble-size", "2", "--toy-cache",
+        str(cache), "--toy-size",
         "256", "--eval-prompts", str(prompts), "--eval-samples", "2", "--tune-steps", "1", "--compare",
         "--save-videos", "0", "--out-dir", str(tmp_path / "tune")]))
     assert list(again["runs"]) == ["velr"] and "lrm" not in again
@@ -381,9 +452,9 @@ def test_estimate_memory_runs_the_real_step_functions(monkeypatch, capsys):
         monkeypatch.setattr(velr, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     res = velr.main(tiny_args(estimate_memory=True, ensemble_size=2))
     assert list(res)[0].startswith("load phase") and list(res)[1:] == [
-        "LRM step (1 member)", "fine-tune step (K=2 with grad, LRMs on z0, KL)",
+        "LRM step (2 members in turn)", "fine-tune step (K=2 with grad, LRMs on z0, KL)",
         "RGB ReFL step (--reward pixel, K=2, all frames)"]  # the load phase row first (issue 13)
-    assert calls.count("lrm_step") == 2 and calls.count("tune_step") == 3 * 2  # metered + timed run of each
+    assert calls.count("lrm_step") == 2 * 2 and calls.count("tune_step") == 3 * 2  # metered + timed run of each
     assert capsys.readouterr().out.count("estimated peak:") == 4
 
 
@@ -520,6 +591,10 @@ BAD = {
     "prompts": (["--prompts", "TMP/empty.txt"], 1, "empty.txt: no prompts"),
     "toy teacher": (["--data", "DATA", "--prompts", "TMP/cats.txt"], 2, "--teacher toy"),
     "no toy world": (["--backbone", "wan2.1-1.3b"], 2, "--backbone wan2.1-1.3b"),
+    "other ensemble": (["--stage", "tune", "--reward-ckpt", "TMP/other.safetensors"], 2,
+                       "other.safetensors is another ensemble: --ensemble-size 10 (its metadata: 3), --lrm-dim 32"),
+    "out-dir holds a run": ([], 2, "earlier-run already holds a run: --resume it"),
+    "resume without a run": (["--resume", "--out-dir", "TMP/no_run"], 2, "no_run holds no run to --resume"),
 }
 
 
@@ -537,6 +612,9 @@ def test_bad_input_fails_early_with_a_message_and_changes_nothing(case, tmp_path
     (tmp_path / "cats.txt").write_text("a cat on a sofa\na red box moving left\n")
     (tmp_path / "one.txt").write_text("a red box moving left\n")
     common.save_safetensors(dict(w=torch.ones(2)), tmp_path / "plain.safetensors")
+    other = dict(n=3, latent_shape=[16, 3, 4, 4], text_dim=32, dim=64, heads=8, layers=1)  # made with other flags
+    common.save_safetensors(dict(w=torch.ones(2)), tmp_path / "other.safetensors",
+                            metadata=dict(config=json.dumps(other)))
     before = dict(data=tree_hash(data), run=tree_hash(run))
     argv = [a.replace("DATA", str(data)).replace("TMP", str(tmp_path)) for a in argv]
     argv += [] if "--out-dir" in argv else ["--out-dir", str(run)]
@@ -546,3 +624,86 @@ def test_bad_input_fails_early_with_a_message_and_changes_nothing(case, tmp_path
     assert res.stderr.startswith(("error:", "usage:")) and names in res.stderr, res.stderr
     assert "Traceback" not in res.stderr + res.stdout
     assert dict(data=tree_hash(data), run=tree_hash(run)) == before
+
+
+# ---------------------------------------------------------------------------------------------- run folders (#14)
+RESUME = dict(toy_size=256, ensemble_size=2, rm_epochs=1, rm_batch=64, tune_steps=4, batch_size=2, align_every=2,
+              buffer_size=4, eval_samples=2, compare=["no-align", "pixel"])  # rm: 3 steps; each tune-* stage: 4
+
+
+def run_tensors(folder) -> dict:
+    """Every tensor a run leaves: the ensemble, the LoRAs, every stage's checkpoint (weights, AdamW, RNGs, buffer)."""
+    return {f"{f.relative_to(folder)}:{k}": v for f in sorted(Path(folder).rglob("*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def numbers(summary):  # what a run measured (not where, not how fast)
+    if isinstance(summary, dict):
+        return {k: numbers(v) for k, v in summary.items() if not (k == "run_dir" or "seconds" in k or "memory" in k)}
+    return summary
+
+
+def logged(folder) -> dict:
+    """metrics.jsonl as rundir reads it (the last row of each stage and step), without the time."""
+    rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return {(r["stage"], r["step"]): {k: v for k, v in r.items() if k != "time"} for r in rows}
+
+
+@pytest.fixture(scope="module")
+def unbroken(world, tmp_path_factory):
+    """One run of every stage (rm, tune-velr with alignment, tune-velr_noalign, tune-pixel), never stopped."""
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    return velr.main(tiny_args(out_dir=str(out), toy_cache=str(world[2]), **RESUME)), out
+
+
+def test_every_stage_stopped_by_max_steps_then_resumed_equals_one_run(unbroken, world, tmp_path):
+    """--max-steps 2 stops every stage at step 2; --resume --max-steps 3 finishes the LRMs (3 steps), so each tune-*
+    stage, whose checkpoint was trained against the unfinished ensemble, starts again (0 -> 3); --resume continues each
+    from its step-3 checkpoint (VELR's with its buffer, aligned LRMs and their AdamW state). Every tensor, summary
+    number and logged row equals the unbroken run's. A resume with another training argument is refused, naming it,
+    and changes nothing."""
+    full, ref = unbroken
+    args = lambda **kw: tiny_args(out_dir=str(tmp_path / "r"), toy_cache=str(world[2]), **RESUME, **kw)
+    velr.main(args(max_steps=2, checkpoint_every=1))
+    assert {s: max(r["step"] for (t, _), r in logged(tmp_path / "r").items() if t == s) for s, _ in
+            logged(tmp_path / "r")} == {"rm": 1, "tune-velr": 1, "tune-velr_noalign": 1, "tune-pixel": 1}
+    velr.main(args(max_steps=3, resume=True))
+    summary = velr.main(args(resume=True))
+    assert same_tensors(run_tensors(ref), run_tensors(tmp_path / "r"))
+    assert numbers(summary) == numbers(full) and logged(ref) == logged(tmp_path / "r")
+    before = tree_hash(tmp_path / "r")
+    with pytest.raises(common.UserError, match=r"--beta 1.0 \(now 2.0\)"):
+        velr.main(args(resume=True, beta=2.0))
+    assert tree_hash(tmp_path / "r") == before
+
+
+def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, world, tmp_path):
+    """Ctrl-C in VELR's fine-tuning stage of a CLI run: a checkpoint, how to resume, exit 130, no traceback; the
+    printed command finishes the run with the unbroken run's tensors and numbers."""
+    full, ref = unbroken
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME.items() if k != "compare"]
+    out, ckpt = tmp_path / "r", tmp_path / "r" / "checkpoints" / "tune-velr.safetensors"
+    cmd = [sys.executable, "velr.py", "--out-dir", str(out), "--toy-cache", str(world[2]), "--save-videos", "0",
+           "--compare", *RESUME["compare"], *flags, "--checkpoint-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # the same threads: the same float sums
+    with open(tmp_path / "stderr", "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        deadline = time.time() + 300
+        while not ckpt.exists() and p.poll() is None and time.time() < deadline:  # its first step is done
+            time.sleep(0.005)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=120) == 130
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err and "SIGINT at step" in err and "of stage 'tune-velr'" in err, err[-2000:]
+    with safe_open(str(ckpt), "pt") as f:
+        assert 1 <= json.loads(f.metadata()["state"])["step"] < 4  # stopped mid-stage
+    resume = shlex.split(err.split("resume with: ")[1].splitlines()[0])
+    assert resume[:2] == ["python", "velr.py"] and resume[-1] == "--resume"
+    res = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert same_tensors(run_tensors(ref), run_tensors(out))
+    assert numbers(json.loads((out / "summary.json").read_text())) == numbers(json.loads(json.dumps(full)))
