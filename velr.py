@@ -1,25 +1,21 @@
-"""VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models (ensemble LRM + truncated ReFL).
-Anonymous ICLR submission: no arXiv id and no official code, so Sec. 4, Alg. 1 and App. C are the spec.
-1. N independent LRMs (3D res-convs, cross-attention to the prompt's last text token, transformer encoder) regress
-   a pixel RM's score of the decoded video from the clean latent (Huber); aggregate = reward, variance = uncertainty.
-2. ReFL: no-grad rollout to a random mid step, K steps with gradient, z0 from the last velocity, loss -R_l(z0, c)
-   + beta KL(current || initial); no VAE, no pixel RM in the graph (Sec. 4.3). `--reward pixel`: RGB ReFL.
-3. Online alignment (Alg. 1): every --align-every updates, a Huber re-fit on a variance-ranked buffer drawn ~ var.
-Equation -> code: Eq. (4) ResBlock3D; (5) LatentRewardModel.cross_attn; (6) huber_loss; (7) aggregate, the one
-place the ensemble becomes a reward, ensemble_var its uncertainty; (8) velr_loss, kl_velocity; Sec. 4.3
-truncated_mid_step, ReplayBuffer, align_lrm; Alg. 1 fit_members, pretrain_lrm, tune_step, finetune; Table 3 table3.
-Ours, where the paper is silent or contradicts itself:
-- KL: |v - v_init|^2 at the K-step window's last state, held fixed (gradient to the weights via v only), mean over
-  latent elements, weighed by beta = 10 (App. C.2); a Gaussian step's KL: dsigma^2 N/(2 s^2) times it (N = 2.1M, 480p).
-- Eq. (5) prints Q = K = text, V = video, App. C.7 video as Q and K: the code follows the prose (P_f is "the key and
-  value"; the printed softmax over one text key would ignore the prompt).
-- Eq. (7): mean; conservative (the paper's word): --aggregate min, or lcb = mean - std; every report uses the chosen
-  one. Buffer variances: re-scored by each aligned ensemble. Alg. 1 aligns on Enc(Dec(z0)), the code on z0 (no VAE).
-- The Huber delta; mean pooling; one encoder layer; stride 2 on latent axes longer than 2; a standardised text token;
-  the alignment round size; --align-every counts updates (App. C.2's "every 10 epochs" of 400 prompts: never in 1000).
-TINY: CPU-scale sizes, rates, lengths; beta 1 (10 holds the toy LoRA still). --data: its scores are the LRMs' targets
-(--relabel: --teacher's), alignment and evaluation use --teacher; evaluation samples held-out prompts with Wan's CFG
-(none in the training rollout, as in Alg. 1). Run folders, checkpoints, --resume: rundir.
+"""VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models (anonymous ICLR submission, no official
+code: Sec. 4, Alg. 1 and App. C are the spec). 1. N LRMs (3D res-convs, cross-attention to the prompt's last text
+token, transformer encoder) regress a pixel RM's score of the decoded video from the clean latent (Huber); their
+aggregate is the reward, their variance the uncertainty. 2. ReFL: no-grad rollout to a random mid step, K steps with
+gradient, loss -R_l(z0, c) + beta KL(current || initial); no VAE, no pixel RM in the graph. 3. Online alignment:
+every --align-every updates a Huber re-fit on a variance-ranked replay buffer. `--reward pixel`: RGB ReFL.
+Equation -> code: Eq. (4) ResBlock3D; (5) LatentRewardModel.cross_attn; (6) huber_loss; (7) aggregate (the one place
+the ensemble becomes a reward), ensemble_var; (8) velr_loss, kl_velocity; Sec. 4.3 truncated_mid_step, ReplayBuffer,
+align_lrm; Alg. 1 fit_members, pretrain_lrm, tune_step, finetune; Table 3 table3.
+Ours, where the paper is silent or contradicts itself: KL = |v - v_init|^2 at the window's last state, held fixed
+(gradient via v only), mean over latent elements, beta = 10 (App. C.2; a Gaussian step's KL is dsigma^2 N / (2 s^2)
+times it, N = 2.1M at 480p). Eq. (5): the prose's reading (video is Q, text K and V; the printed softmax over one
+text key would ignore the prompt). Eq. (7): mean, or the conservative --aggregate min / lcb (mean - std), used by every
+report. Buffer variances re-scored after each alignment. Alg. 1 aligns on Enc(Dec(z0)), the code on z0. The Huber
+delta, mean pooling, one encoder layer, stride 2 on axes longer than 2, a standardised text token, the alignment
+round size; --align-every counts updates (App. C.2's "every 10 epochs" of 400 prompts would never come in 1000).
+TINY: CPU-scale sizes, rates and lengths; beta 1. --data scores are the targets (--relabel: --teacher's); evaluation
+samples held-out prompts with Wan's CFG (none in the training rollout, Alg. 1). Run folders and --resume: rundir.
 """
 import contextlib
 import importlib
