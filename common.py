@@ -331,7 +331,10 @@ def save_lora(transformer, out_dir, adapter_name: str = "default"):
     """Write out_dir/pytorch_lora_weights.safetensors: WanPipeline.load_lora_weights(out_dir) loads it."""
     from diffusers import WanPipeline
     # the adapter's config (alpha!) goes into the file's metadata, or it would reload with alpha = r
-    WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=lora_state_dict(transformer, adapter_name),
+    state = full_tensors(lora_state_dict(transformer, adapter_name))
+    if not is_main():
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+    WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=state,
                                   transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict())
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
@@ -340,7 +343,11 @@ GiB = 2**30
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None):
-    """Atomic write: a temp file in the same folder, then rename (never a half-written file)."""
+    """Atomic write: a temp file in the same folder, then rename (never a half-written file). Under torchrun every
+    rank calls it (sharded tensors are gathered) and rank 0 alone writes."""
+    tensors = full_tensors(tensors)
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -350,6 +357,8 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
 
 
 def save_json(obj, path):
+    if not is_main():
+        return
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -375,6 +384,73 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
     return vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+
+# ==== Multi-GPU: `torchrun --nproc_per_node N <script>.py ...` is data parallel with FSDP2-sharded transformer blocks
+# Every rank draws the same global batch from the same seeded generators and keeps its slice (local_batch); FSDP2
+# averages the gradients, so N ranks train what one process trains on the same global batch. Files are written by
+# rank 0 (save_safetensors / save_json), other ranks print nothing. One process never starts torch.distributed.
+def dist_init(device: str = "auto") -> torch.device:
+    """This rank's device; under torchrun (WORLD_SIZE > 1) first the process group: NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if dist.get_rank() != 0:  # one rank reports: tqdm honours TQDM_DISABLE, prints go nowhere
+            os.environ["TQDM_DISABLE"] = "1"
+            sys.stdout = open(os.devnull, "w")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(
+        "cpu" if device == "auto" else device)
+
+
+def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def local_batch(x):
+    """This rank's contiguous share of a global batch (dim 0) that every rank holds whole."""
+    rank, world = rank_world()
+    if world == 1:
+        return x
+    require(len(x) % world == 0, f"a batch of {len(x)} does not split over {world} processes: choose batch sizes "
+                                 f"and --eval-samples divisible by the number of GPUs", 2)
+    return x.chunk(world)[rank]
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of local_batch: every rank's slice, concatenated in rank order (e.g. evaluation results)."""
+    import torch.distributed as dist
+    if rank_world()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(rank_world()[1])]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def shard(transformer, *heads):
+    """FSDP2 under torchrun (else nothing): fully_shard each transformer block (its LoRA included) and each small
+    trainable head whole. The transformer's root stays unsharded: dit_prefix_features calls its embeddings and
+    blocks one by one, and its own parameters never train."""
+    if rank_world()[1] == 1:
+        return
+    from torch.distributed.fsdp import fully_shard
+    for block in transformer.blocks:
+        fully_shard(block)
+    for head in heads:
+        fully_shard(head)
+
+
+def full_tensors(tensors: dict) -> dict:
+    """Sharded (DTensor) values gathered whole on every rank (a collective: all ranks call it)."""
+    from torch.distributed.tensor import DTensor
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
 
 
 # ==== Arguments and user errors

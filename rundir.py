@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from common import GiB, UserError, save_json, save_safetensors
+from common import GiB, UserError, dist_init, is_main, rank_world, save_json, save_safetensors
 
 # flags that may differ between a run and its --resume (they change when it stops or what it prints, not what it trains)
 RESUMABLE = {"resume", "max_steps", "checkpoint_every", "device", "save_videos", "eval_samples", "out_dir"}
@@ -43,7 +43,23 @@ class Run:
     """The run folder (see the module docstring). `args` is the script's Args dataclass (with out_dir, resume)."""
 
     def __init__(self, method: str, args, out_dir: str | None = None, resume: bool = False):
-        self.resume = resume
+        self.resume, self.main = resume, is_main()
+        failed = None
+        if self.main:  # under torchrun, rank 0 makes (or checks) the folder and tells the other ranks its name
+            try:
+                self._make(method, args, out_dir, resume)
+            except UserError as e:
+                failed = (str(e), e.code)
+        if rank_world()[1] > 1:
+            import torch.distributed as dist
+            shared = [str(getattr(self, "dir", "")), failed]
+            dist.broadcast_object_list(shared, src=0)
+            self.dir, failed = Path(shared[0]), shared[1]
+        if failed:
+            raise UserError(*failed)
+        self.metrics = open(self.dir / "metrics.jsonl", "a") if self.main else None
+
+    def _make(self, method, args, out_dir, resume):
         if out_dir:
             self.dir = Path(out_dir)
             if resume:
@@ -65,7 +81,6 @@ class Run:
                 except FileExistsError:
                     continue
         save_json(dataclasses.asdict(args), self.dir / "args.json")
-        self.metrics = open(self.dir / "metrics.jsonl", "a")
 
     def _check_resume(self, args):
         if not (self.dir / "args.json").is_file():
@@ -77,6 +92,8 @@ class Run:
                 f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})" for k in differ), 2)
 
     def log(self, step: int, stage: str, **values):
+        if not self.main:
+            return
         row = dict(step=step, stage=stage, time=round(time.time(), 3),
                    **{k: (v.item() if torch.is_tensor(v) else v) for k, v in values.items()})
         self.metrics.write(json.dumps(row) + "\n")
@@ -135,13 +152,13 @@ class Run:
         for name, module in modules.items():
             own = trainable_state(module)
             for key, t in own.items():
-                t.data.copy_(saved[f"model/{name}/{key}"])
+                t.data.copy_(_like(t, saved[f"model/{name}/{key}"]))
         if optimizer is not None:
-            state = {}
+            state, params = {}, [p for g in optimizer.param_groups for p in g["params"]]
             for k, v in saved.items():
                 if k.startswith("optim/"):
                     _, i, key = k.split("/", 2)
-                    state.setdefault(int(i), {})[key] = v
+                    state.setdefault(int(i), {})[key] = _like(params[int(i)], v) if v.dim() else v
             optimizer.load_state_dict(dict(state=state, param_groups=meta["optim_groups"]))
         if scheduler is not None:
             scheduler.load_state_dict(meta["scheduler"])
@@ -167,7 +184,7 @@ class Run:
         start = self.load_checkpoint(stage, **kw) if self.resume else 0
         end = min(total, stop_at or total)
         with StopSignals() as stop:
-            for step in tqdm(range(start, end), initial=start, total=end, desc=desc or stage):
+            for step in tqdm(range(start, end), initial=start, total=end, desc=desc or stage, disable=not self.main):
                 yield step
                 done = step + 1
                 if stop.signum or (every and done % every == 0) or done == end:
@@ -185,6 +202,14 @@ def trainable_state(module: torch.nn.Module) -> dict:
     owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in out}
     out.update({n: b for n, b in module.named_buffers() if (n.rsplit(".", 1)[0] if "." in n else "") in owners})
     return out
+
+
+def _like(param, full: torch.Tensor) -> torch.Tensor:
+    """A saved whole tensor as `param` holds it: this rank's shard when FSDP2 shards `param` (a DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor):
+        return full
+    return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements)
 
 
 def _jsonable(x):
@@ -224,7 +249,9 @@ class StopSignals:
 
 
 def plot(path, curves: dict, title: str = "", xlabel: str = "step", ylabel: str = "", logy: bool = False):
-    """curves {label: (xs, ys)} -> one PNG (matplotlib, no display needed)."""
+    """curves {label: (xs, ys)} -> one PNG (matplotlib, no display needed); rank 0 alone under torchrun."""
+    if not is_main():
+        return path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -246,6 +273,8 @@ def plot(path, curves: dict, title: str = "", xlabel: str = "step", ylabel: str 
 
 def plot_metrics(run: Run, stage: str, keys: list[str], title: str = "") -> Path:
     """The stage's curves from metrics.jsonl (each key against the step) -> <run>/<stage>.png."""
+    if not run.main:
+        return run.dir / f"{stage}.png"
     rows = run.read_metrics(stage)
     curves = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
     return plot(run.dir / f"{stage}.png", curves, title or stage)
@@ -302,6 +331,8 @@ def paired_summary(before: dict, after: dict) -> tuple[dict, list[dict]]:
 def export_video(video: torch.Tensor, path, fps: int = 8):
     """One video [3, F, H, W] in [-1, 1] -> mp4 (diffusers' export_to_video, imageio-ffmpeg)."""
     from diffusers.utils import export_to_video
+    if not is_main():
+        return path
     frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).numpy()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     export_to_video(list(frames), str(path), fps=fps)
@@ -338,4 +369,5 @@ def seed_everything(seed: int):
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    """--device (auto: CUDA if there is one); under torchrun this rank's device, after joining the process group."""
+    return dist_init(device)

@@ -12,3 +12,16 @@ torch.set_num_threads(1)
 
 # the method scripts and common.py live at the repository root (no package)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_toy_cache(tmp_path_factory):
+    """One toy-data cache folder for the whole session, shared by the xdist workers (the parent of their base temp
+    folders), so a dataset that two files need (PRISM's and DiNa-LRM's pairs) is built once. toy.toy_dataset writes
+    meta.json last, so a worker never reads a half-written dataset; two workers may both build it, harmlessly."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "toy_data"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -1,0 +1,96 @@
+"""common.py's multi-GPU layer on CPU (gloo): `torchrun --nproc_per_node 2` trains what one process trains.
+
+This file is also the worker: run as a script it trains a LoRA and a small head for a few steps of flow matching on
+the tiny transformer through common.shard / local_batch / save_lora and rundir.Run (checkpoints, --resume), and
+writes the result. The method scripts' own torchrun tests are in their test files."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def train(out: str, dtype: str = "fp32", resume: bool = False, stop: int | None = None, batch: int = 8):
+    import dataclasses
+    import common
+    import rundir
+
+    Args = dataclasses.make_dataclass("Args", [("backbone", str, "tiny"), ("dtype", str, dtype)])
+
+    device = rundir.pick_device("cpu")
+    rundir.seed_everything(0)  # every rank builds the same LoRA and head
+    pipe = common.load_backbone("tiny", device, dtype=common.pick_dtype(dtype, device))
+    transformer = pipe.transformer.requires_grad_(False)
+    common.add_lora(transformer, 4)
+    head = torch.nn.Linear(16, 1)
+    common.shard(transformer, head)
+    opt = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-2)
+    run = rundir.Run("dist", Args(), out, resume=resume)
+    g, shape = torch.Generator().manual_seed(0), common.backbone_geometry(pipe)["latent_shape"]
+    embeds = torch.randn(batch, 32, 32, generator=torch.Generator().manual_seed(1))
+    for step in run.steps("tune", 4, modules=dict(transformer=transformer, head=head), optimizer=opt,
+                          generators=dict(g=g), stop_at=stop):
+        x0, eps, sigma = torch.randn(batch, *shape, generator=g), torch.randn(batch, *shape, generator=g), torch.rand(batch, generator=g)
+        x0, eps, sigma, e = (common.local_batch(t) for t in (x0, eps, sigma, embeds))  # this rank's share
+        v = common.predict_velocity(transformer, common.add_noise(x0, eps, sigma), sigma, e)
+        loss = (v - common.velocity_target(x0, eps)).pow(2).mean() + head(v.mean((2, 3, 4))).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        run.log(step, "tune", loss=loss.item())
+    common.save_lora(transformer, run.dir)
+    common.save_safetensors(dict(head.state_dict()), run.dir / "head.safetensors")
+
+
+def launch(out, *extra, procs: int = 2):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 else
+           [sys.executable]) + [__file__, str(out), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def weights(out) -> dict:
+    return {**load_file(str(Path(out) / "pytorch_lora_weights.safetensors")),
+            **{f"head.{k}": v for k, v in load_file(str(Path(out) / "head.safetensors")).items()}}
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path):
+    launch(tmp_path / "one", procs=1)
+    r = launch(tmp_path / "two")
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) > 100
+    assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    # one run folder, written by rank 0 only: one metrics line per step, one LoRA
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert r.stdout.count("tune") <= 1  # the other rank prints nothing
+
+
+def test_two_processes_resume_bit_identical(tmp_path):
+    launch(tmp_path / "whole")
+    launch(tmp_path / "split", "new", "2")
+    launch(tmp_path / "split", "resume")
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    for k in whole:
+        assert torch.equal(whole[k], split[k]), k
+
+
+def test_uneven_batch_is_a_clear_error(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path / "o"),
+           "new", "4", "7"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and "does not split over 2 processes" in r.stderr
+
+
+if __name__ == "__main__":
+    out, mode = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "new"
+    stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    train(out, resume=mode == "resume", stop=stop, batch=int(sys.argv[4]) if len(sys.argv) > 4 else 8)
