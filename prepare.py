@@ -5,7 +5,8 @@ toy world writes (the layout of dataset.save / dataset.load), for any backbone:
 
     prompts.safetensors   prompt_embeds [P, L, D] (T5, zero-padded as Wan does), prompt_mask [P, L]
     shard-NNNNN.safetensors   per-row tensors: prompt_idx, row (the manifest row) and
-                          binary: latents, label | score: latents, score | pairs: latents_a, latents_b,
+                          binary: latents, label | score: latents, score | pairs: latents (each distinct
+                          video of the shard once), index_a, index_b,
                           pref (0 = A, 1 = B, 2 = tie) | prompts: latents when the manifest has videos
     meta.json             {"kind", "prompts": [P strings], backbone, geometry, source, counts}, written last
     progress.json         the rows in each finished shard (a rerun skips them); bad_rows.json (--skip-bad)
@@ -91,6 +92,8 @@ class Args:
     # work
     shard_size: int = common.arg(64, "rows per shard (a shard is the unit of resuming; Wan 480p pairs: ~17 MB a row)",
                                  min=1)
+    latent_dtype: str = common.arg("fp32", "latents on disk: bf16 halves them (the DiT runs in bf16 on a GPU anyway)",
+                                   choices=["fp32", "bf16"])
     workers: int = common.arg(8, "threads probing and decoding videos ahead of the VAE", min=1)
 
 
@@ -436,7 +439,8 @@ def fingerprint(args, kind: str, geo: dict, rows: list[dict]) -> dict:
     plan = hashlib.sha256(json.dumps([[r["_row"], r["prompt"], [str(v) for v in r["videos"]], r.get("target")]
                                       for r in rows]).encode()).hexdigest()
     return dict(input=str(Path(args.input).resolve()), kind=kind, pair_label=args.pair_label, backbone=args.backbone,
-                fps=args.fps, shard_size=args.shard_size, rows=len(rows), plan_sha256=plan, **geo)
+                fps=args.fps, shard_size=args.shard_size, latent_dtype=args.latent_dtype, rows=len(rows), plan_sha256=plan,
+                **geo)
 
 
 def open_output(out: Path, fp: dict, replace: bool) -> dict:
@@ -465,12 +469,17 @@ def open_output(out: Path, fp: dict, replace: bool) -> dict:
     return progress
 
 
-def shard_tensors(kind: str, rows: list[dict], latents: list[list[torch.Tensor]] | None, prompt_idx: list[int]) -> dict:
-    """The per-row tensors of one shard, in the dtypes the toy world uses."""
+def shard_tensors(kind: str, rows: list[dict], latents: list[list[torch.Tensor]] | None, prompt_idx: list[int],
+                  video_offset: int = 0) -> dict:
+    """The per-row tensors of one shard, in the dtypes the toy world uses. Pairs store each distinct video of the
+    shard once (`latents`) and point at it (index_a / index_b, counted over all shards: video_offset before this)."""
     t = dict(prompt_idx=torch.tensor(prompt_idx, dtype=torch.long), row=torch.tensor([r["_row"] for r in rows]))
     if kind == "pairs":
-        t.update(latents_a=torch.stack([z[0] for z in latents]), latents_b=torch.stack([z[1] for z in latents]),
-                 pref=torch.tensor([r["target"] for r in rows], dtype=torch.long))
+        videos = list(dict.fromkeys(v for r in rows for v in r["videos"]))
+        at = {v: video_offset + i for i, v in enumerate(videos)}
+        first = {v: z for r, zs in zip(rows, latents) for v, z in zip(r["videos"], zs)}
+        t.update(latents=torch.stack([first[v] for v in videos]), pref=torch.tensor([r["target"] for r in rows]).long(),
+                 index_a=torch.tensor([at[r["videos"][0]] for r in rows]), index_b=torch.tensor([at[r["videos"][1]] for r in rows]))
     elif latents is not None:
         t["latents"] = torch.stack([z[0] for z in latents])
     if kind in ("binary", "score"):
@@ -507,6 +516,9 @@ def encode_shard(pipe, rows: list[dict], geo: dict, args, failed: list[dict]):
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
+LATENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def main(args: Args) -> dict:
     t0 = time.time()
     if not args.input or not args.out_dir:
@@ -555,7 +567,12 @@ def main(args: Args) -> dict:
         offset = sum(len(progress["shards"][f"shard-{j:05d}.safetensors"]) for j in range(s))
         idx = [offset + i for i in range(len(kept))] if per_row else [position[r["prompt"]] for r in kept]
         if kept:
-            save_shard(shard_tensors(kind, kept, latents, idx), out / name)
+            counts = progress.setdefault("videos", {})  # videos stored per shard: index_a / index_b count over all
+            stored = sum(counts.get(f"shard-{j:05d}.safetensors", 0) for j in range(s))
+            tensors = shard_tensors(kind, kept, latents, idx, stored)
+            save_shard({k: v.to(LATENT_DTYPES[args.latent_dtype]) if k == "latents" else v for k, v in tensors.items()},
+                       out / name)
+            counts[name] = len(tensors.get("latents", ()))
         failed += new_failed
         progress["shards"][name], progress["failed"] = [r["_row"] for r in kept], failed
         common.save_json(progress, out / "progress.json")
@@ -590,7 +607,7 @@ def main(args: Args) -> dict:
                 bad_rows=n_bad, pair_label=args.pair_label if kind == "pairs" else None,
                 dropped_by_vote=dropped, **geo, **({"teacher": args.score_source} if args.score_source else {}))
     common.save_json(meta, out / "meta.json")
-    data, _ = dataset.load(out, kind)  # what every method will read; fails loudly if anything is off
+    data, _ = dataset.load(out, kind, lazy=True)  # what every method will read; fails loudly if anything is off
     if beside:  # 6) the new dataset is complete and valid: only now does it replace the old one
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -152,6 +152,15 @@ def test_videogen_rewardbench_pairs(pairs_csv, videos, tmp_path):
     assert torch.equal(data["latents_a"][0], data["latents_b"][2])       # v0 is A in row 1, B in row 3
     assert torch.equal(data["latents_b"][0], data["latents_a"][1])       # v1
     assert not torch.equal(data["latents_a"][0], data["latents_b"][0])
+    # ... on disk: each distinct video of a shard once, index_a / index_b counted over the shards; bf16 halves it
+    from safetensors.torch import load_file
+    shards = [load_file(str(f)) for f in sorted((tmp_path / "overall").glob("shard-*.safetensors"))]
+    distinct = [len(set(PAIRS[i][j] for i in range(k, min(k + 3, len(PAIRS))) for j in (0, 1))) for k in (0, 3)]
+    assert [len(t["latents"]) for t in shards] == distinct
+    assert torch.cat([t["index_a"] for t in shards]).max() < sum(distinct) <= torch.cat([t["index_b"] for t in shards]).max() + 1
+    _prepare(pairs_csv, tmp_path / "bf16", video_root=str(videos.parent), shard_size=3, latent_dtype="bf16")
+    lazy, _ = dataset.load(tmp_path / "bf16", "pairs", lazy=True)
+    assert torch.equal(lazy["latents_b"][torch.arange(4)], data["latents_b"].bfloat16().float())
     _prepare(pairs_csv, tmp_path / "mq", video_root=str(videos.parent), pair_label="MQ")
     assert dataset.load(tmp_path / "mq", "pairs")[0]["pref"].tolist() == [0, 2, 2, 1]
     # PRISM's vote over VQ/MQ/TA: row 4 (A, B, same) conflicts and is dropped, row 3 (all same) is a tie
