@@ -56,7 +56,8 @@ def all_steps(backbone: str) -> list[tuple[str, str, dict]]:
     return rows + [("baseline", label, est) for label, est in reference_steps(backbone).items()]
 
 
-def timed_steps(backbone: str) -> tuple[list, float]:
+def timed_steps(backbone: str, gpus: int = 8) -> tuple[list, float]:
+    estimate.GPUS = gpus  # (a spawned process starts from the module's default)
     torch.set_num_threads(1)  # tiny CPU kernels: threads cost more than they save on a shared machine
     t0 = time.perf_counter()
     return all_steps(backbone), time.perf_counter() - t0
@@ -74,14 +75,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backbones", nargs="*", default=["wan2.1-1.3b", "wan2.1-14b"])
     p.add_argument("--jobs", type=int, default=2, help="processes: the backbones run in parallel (1: in this one)")
+    p.add_argument("--gpus", type=int, default=8, help="the N of the 14B per-GPU column (torchrun, FSDP2)")
     args = p.parse_args()
+    estimate.GPUS = args.gpus  # the column's name
     backbones, t0 = args.backbones, time.perf_counter()
     todo = backbones[::-1] + ["tiny"]  # the slowest first
     if args.jobs > 1 and len(todo) > 1:  # its lines then interleave; each names its backbone
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = dict(zip(todo, pool.map(timed_steps, todo)))
+            done = dict(zip(todo, pool.map(timed_steps, todo, [args.gpus] * len(todo))))
     else:
-        done = {b: timed_steps(b) for b in todo}
+        done = {b: timed_steps(b, args.gpus) for b in todo}
     runs, seconds = {b: r for b, (r, _) in done.items()}, {b: s for b, (_, s) in done.items()}
     table = []
     for i, (method, label, _) in enumerate(runs[backbones[0]] if backbones else runs["tiny"]):
@@ -93,6 +96,8 @@ def main():
             row[f"{short} GiB"] = f"{gib:.1f}"
             row[f"{short} TFLOPs"] = tflops(est["flops"] / 1e12) + (f" (+{rollout:.0f})" if rollout else "")
             row[f"{short} fits"] = fits(gib)
+            if b == "wan2.1-14b":  # under torchrun every rank loads the pipeline whole, then shards its blocks
+                row[f"{short} GiB/GPU ({estimate.GPUS}x FSDP)"] = f"{est.get('per_gpu_bytes', est['peak_bytes']) / 2**30:.1f}"
         tiny = runs["tiny"][i][2]
         row["tiny CPU ms/step"] = f"{tiny['seconds_per_step'] * 1e3:.1f}" if "seconds_per_step" in tiny else "-"
         row["tiny peak MiB"] = f"{tiny['peak_bytes'] / 2**20:.2f}"

@@ -165,6 +165,25 @@ def estimate_training_step(step_fn, *args, **kwargs) -> dict:
     return est
 
 
+GPUS = 8  # the N of the per-GPU figure (bench.py --gpus)
+
+
+def fsdp_per_gpu(est: dict, modules, gpus: int) -> int:
+    """Peak bytes per GPU when `gpus` ranks run the step data-parallel with common.shard (FSDP2): every transformer
+    block's weights and all trainable state (grads, AdamW moments; heads are sharded whole) split N ways, plus two
+    gathered blocks (the one computing and the one prefetched); activations, the VAE and the rest stay per rank."""
+    blocks = {id(p): p for m in modules for name, sub in m.named_modules() if name.endswith("blocks")
+              and isinstance(sub, torch.nn.ModuleList) for p in sub.parameters()}
+    block_bytes = sum(p.numel() * p.element_size() for p in blocks.values())
+    largest = max((sum(p.numel() * p.element_size() for p in b.parameters()) for m in modules
+                   for name, sub in m.named_modules() if name.endswith("blocks") and isinstance(sub, torch.nn.ModuleList)
+                   for b in sub), default=0)
+    trainable = {id(p): p for m in modules for p in m.parameters() if p.requires_grad and id(p) not in blocks}
+    state = est["breakdown"].get("optimizer", 0)  # grads + moments of every trainable parameter
+    spread = block_bytes + sum(p.numel() * p.element_size() for p in trainable.values()) + state
+    return int(est["peak_bytes"] - spread * (1 - 1 / gpus) + 2 * largest * (gpus > 1))
+
+
 def format_estimate(est: dict, label: str = "") -> str:
     """One line: `estimated peak: 14.2 GiB (weights .. + optimizer .. + activations .. GiB), .. TFLOPs  label`."""
     parts = " + ".join(f"{k} {v / GiB:.2f}" for k, v in est["breakdown"].items())
@@ -445,6 +464,7 @@ class StageEstimates:
             est["seconds_per_step"] = (time.perf_counter() - t0) / self.steps
         for m in mods:
             m.zero_grad(set_to_none=True)
+        est["per_gpu_bytes"], est["gpus"] = fsdp_per_gpu(est, mods, GPUS), GPUS
         if rollout_forwards:
             key = id(self.generator)
             if key not in self._forward_flops:
@@ -458,6 +478,9 @@ class StageEstimates:
         extra = (f" (+ {est['rollout_flops'] / 1e12:.0f} TFLOPs of no-grad rollout forwards, not run)"
                  if est.get("rollout_flops") else "")
         print(format_estimate(est, f"| {self.method} {label}: {self.size}{extra} [{est['seconds']:.0f} s]"), flush=True)
+        if "per_gpu_bytes" in est and not self.real:
+            print(f"    per GPU with torchrun on {est['gpus']} GPUs (FSDP2, batch 1 each): "
+                  f"{est['per_gpu_bytes'] / GiB:.1f} GiB", flush=True)
         if "seconds_per_step" in est:
             print(f"    measured on the CPU: {est['seconds_per_step'] * 1e3:.1f} ms/step ({self.steps} steps after a "
                   f"warm-up), peak of live tensors {est['peak_bytes'] / 2**20:.2f} MiB", flush=True)
