@@ -258,13 +258,13 @@ def rollout(transformer, x, embeds, sigmas, start: int = 0, stop: int | None = N
 
 @torch.no_grad()
 def sample_latents(pipe, embeds, seeds: list[int], num_steps: int = 20, shift: float | None = None,
-                   guidance_scale: float = 1.0, negative_embeds=None, batch_size: int = 16):
-    """Fresh samples (no gradient) from fixed seeds: one latent per (embedding row, seed)."""
+                   guidance_scale: float = 1.0, negative_embeds=None, batch_size: int = 16, desc: str | None = None):
+    """Fresh samples (no gradient) from fixed seeds: one latent per (embedding row, seed); desc: a progress bar."""
     geo = backbone_geometry(pipe)
     dev = pipe.transformer.device
     sigmas = sigma_schedule(num_steps, shift or geo["flow_shift"])
     out = []
-    for i in range(0, len(seeds), batch_size):
+    for i in tqdm(range(0, len(seeds), batch_size), desc=desc, disable=desc is None, leave=False):
         e = embeds[i:i + batch_size].to(dev)
         noise = torch.stack([torch.randn(geo["latent_shape"], generator=torch.Generator().manual_seed(s))
                              for s in seeds[i:i + batch_size]]).to(dev)

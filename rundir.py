@@ -140,6 +140,14 @@ class Run:
         out.update({f"loop/{k}": v for k, v in (tensors or {}).items()})
         save_safetensors(out, self.checkpoint_path(stage), metadata=dict(state=json.dumps(meta, default=_jsonable)))
 
+    def start_step(self, stage: str) -> int:
+        """The step run.steps(stage) will start from: the checkpoint's on --resume, else 0 (e.g. for dataset.batches)."""
+        path = self.checkpoint_path(stage)
+        if not (self.resume and path.is_file()):
+            return 0
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["state"])["step"]
+
     def load_checkpoint(self, stage: str, modules: dict, optimizer=None, scheduler=None,
                         generators: dict | None = None, tensors: dict | None = None) -> int:
         """Restore what save_checkpoint wrote (in place); returns the step, 0 without a checkpoint."""

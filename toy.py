@@ -175,7 +175,7 @@ def build_toy_dataset(pipe, kind: str, n: int, seed: int = 0, generated_fraction
             z[clip_rows] = encode_video(pipe, clips)
         if len(gen_rows):
             z[gen_rows] = sample_latents(pipe, embeds[idx[gen_rows]], [seed * 100003 + offset + i for i in gen_rows.tolist()],
-                                         num_steps=num_steps)
+                                         num_steps=num_steps, desc=f"toy {kind}: sampling {len(gen_rows)} latents")
         return z
 
     prompt_idx = torch.randint(0, len(prompts), (n,), generator=g)
@@ -211,6 +211,8 @@ def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data
     folder = Path(cache_dir) / f"{kind}-{n}-{seed}-{h.hexdigest()[:8]}"
     if (folder / "meta.json").is_file():
         return dataset.load(folder, kind)
+    print(f"building the toy '{kind}' dataset ({n} rows, seed {seed}) into {folder} (once; later runs reuse it)",
+          flush=True)
     tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
     dataset.save(folder, tensors, meta)
     return tensors, meta

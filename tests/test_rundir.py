@@ -71,7 +71,10 @@ def _train(run, stop_at=None, every=0):
 
 def test_stopped_by_max_steps_then_resumed_equals_one_run(tmp_path):
     full, full_opt, full_mem = _train(rundir.Run("m", Args(), out_dir=tmp_path / "a"))
-    _train(rundir.Run("m", Args(max_steps=5), out_dir=tmp_path / "b"), stop_at=5, every=2)
+    first = rundir.Run("m", Args(max_steps=5), out_dir=tmp_path / "b")
+    assert first.start_step("rm") == 0
+    _train(first, stop_at=5, every=2)
+    assert rundir.Run("m", Args(resume=True), out_dir=tmp_path / "b", resume=True).start_step("rm") == 5
     part, part_opt, part_mem = _train(rundir.Run("m", Args(resume=True), out_dir=tmp_path / "b", resume=True))
     for a, b in zip(full.state_dict().values(), part.state_dict().values()):
         assert torch.equal(a, b)
