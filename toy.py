@@ -313,15 +313,21 @@ def fit_tiny_world(out=TINY_WEIGHTS, vae_steps: int = 1500, generator_steps: int
 
 
 def summarize(root) -> str:
-    """One table of the headline numbers in root/*/summary.json (what `make demo` prints)."""
-    rows = []
+    """What `make demo` prints: each run's claims (summary.json "claims": claim, mean, se) with their margin in SE,
+    then one table of the other headline numbers in root/*/summary.json."""
+    rows, claims = [], []
     for path in sorted(Path(root).glob("*/summary.json")):
+        for c in json.loads(path.read_text()).get("claims", []):
+            claims.append(dict(method=path.parent.name, claim=c["claim"], value=f"{c['mean']:+.3f} ± {c['se']:.3f}",
+                               SE=f"{c['mean'] / c['se']:.1f}" if c["se"] > 0 else "-"))
         for key, value in json.loads(path.read_text()).items():
             if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
                 value = f"{value[0]:.3f} ± {value[1]:.3f}"  # [mean, se]
-            if isinstance(value, (int, float, str)):
+            if isinstance(value, (int, float, str)) and key != "claims":
                 rows.append(dict(method=path.parent.name, metric=key, value=value))
-    return format_table(rows) if rows else f"no summary.json under {root}"
+    if not rows:
+        return f"no summary.json under {root}"
+    return (format_table(claims) + "\n\n" if claims else "") + format_table(rows)
 
 
 
