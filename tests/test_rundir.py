@@ -130,3 +130,13 @@ def test_a_signal_mid_stage_saves_a_checkpoint_that_resumes_to_the_same_result(s
     from safetensors.torch import load_file
     resumed = load_file(str(tmp_path / "r" / "final.safetensors"))
     assert all(torch.equal(v, resumed[k]) for k, v in full.state_dict().items())
+
+
+def test_demo_summary_prints_each_claim_with_its_margin(tmp_path):
+    import json
+    import toy
+    for m, claims in (("a", [dict(claim="gain", mean=0.2, se=0.05)]), ("b", [])):
+        (tmp_path / m).mkdir()
+        (tmp_path / m / "summary.json").write_text(json.dumps(dict(claims=claims, accuracy=0.75)))
+    out = toy.summarize(tmp_path)
+    assert "| a      | gain  | +0.200 ± 0.050 | 4.0 |" in out and out.count("0.750") == 2 and "claims" not in out
