@@ -12,6 +12,7 @@ Usage: python toy.py fit-tiny [VAE_STEPS GENERATOR_STEPS] | summarize RUNS_DIR
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import sys
@@ -209,13 +210,16 @@ def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data
     for p in [*pipe.vae.parameters(), *pipe.transformer.parameters()]:
         h.update(p.detach().float().cpu().numpy().tobytes())
     folder = Path(cache_dir) / f"{kind}-{n}-{seed}-{h.hexdigest()[:8]}"
-    if (folder / "meta.json").is_file():
-        return dataset.load(folder, kind)
-    print(f"building the toy '{kind}' dataset ({n} rows, seed {seed}) into {folder} (once; later runs reuse it)",
-          flush=True)
-    tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
-    dataset.save(folder, tensors, meta)
-    return tensors, meta
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a parallel run building the same dataset (make demo, xdist): wait, reuse
+        if (folder / "meta.json").is_file():
+            return dataset.load(folder, kind)
+        print(f"building the toy '{kind}' dataset ({n} rows, seed {seed}) into {folder} (once; later runs reuse it)",
+              flush=True)
+        tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
+        dataset.save(folder, tensors, meta)
+        return tensors, meta
 
 
 # ----------------------------------------------------------------------------------------------
