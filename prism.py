@@ -14,7 +14,7 @@ Equation -> code
     Eq. (4)   L_BTT = -E_t log P_eta(y | z_t^A, z_t^B, c, t)                rao_kupper_nll, head_step, train_head
     --loss    rao-kupper | bradley-terry (ablation), the one switch          preference_nll, loss_config
     Tab. 1    accuracy w/o ties and tie-calibrated accuracy vs t            accuracy_without_ties, accuracy_with_ties
-    Fig. 3    early Best-of-N at step k                                     early_best_of_n, evaluate_bon
+    Fig. 3    early Best-of-N at step k (toy: read off one rollout of all N)  early_best_of_n, evaluate_bon
 
 Where this differs from the paper text (no official code; notes in shared/reference/prism.md):
   * Printed Eq. (3) has P(A>B) = e^rA / (e^rB + eta e^rA), which does not normalise; standard Rao-Kupper is used.
@@ -22,15 +22,15 @@ Where this differs from the paper text (no official code; notes in shared/refere
     before the projection, text pads masked. 21.2M trainable parameters at D = 1536 (paper: 21.8M).
   * Training: t ~ U{0..999}, sigma = t/1000 (unshifted); Best-of-N scores at the shifted sigma the sampler reached,
     with common.rollout's Euler (not UniPC) at the checkpoint's own flow shift (a folder's scheduler_config.json).
-  * Accuracy w/ ties: the max over thresholds eps in {|m_i|} (Ties Matter, arXiv 2305.14324). VideoAlign's code (that of
-    VideoGen-RewardBench, which the paper follows) also scores part-way through pairs of equal |m| (in data order): up
-    to 0.22 higher with integer scores, the same for distinct |m| (real rewards). --tie-sweep videoalign computes it.
+  * Accuracy w/ ties: max over thresholds eps in {|m_i|} (Ties Matter, arXiv 2305.14324). VideoAlign's code (VideoGen-
+    RewardBench's) also scores inside equal |m|: up to 0.22 higher with integer scores (--tie-sweep videoalign).
   * Best-of-N compute is counted (FLOPs of a forward / scoring pass / decode x their numbers; not the oracle's RM).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -61,7 +61,7 @@ class Args:
     max_steps: int = common.arg(None, "cap on the optimiser steps of every stage (here: the head's)", type=int)
     data: str = common.arg("", "'pairs' latent dataset folder (prepare.py); empty = the toy world (tiny only)")
     on_duplicates: str = common.arg("fail", "duplicate / contradicting rows in --data", choices=["fail", "drop"])
-    toy_size: int = common.arg(2048, "toy world: labelled pairs (the DiNa-LRM demo's dataset: one cache)", min=2)
+    toy_size: int = common.arg(1024, "toy world: labelled pairs (the DiNa-LRM demo's dataset: one cache)", min=2)
     toy_cache: str = common.arg("runs/toy_data", "toy world: dataset cache folder")
     test_fraction: float = common.arg(0.25, "share of PROMPTS held out (prompt-disjoint, as VLRM-Bench)", min=0, max=1)
     estimate_memory: bool = common.arg(False, "only print each stage's peak GPU memory and TFLOPs (no weights, data)")
@@ -101,9 +101,9 @@ class Args:
     save_videos: int = common.arg(2, "mp4s of the picks at each k, for the first draws (into <run>/videos/)", min=0)
 
 
-# The parser's defaults on --backbone tiny (a typed value always wins). 1000 steps: on the toy world's 2048 pairs 300
-# steps reach 0.66 w/o ties at t = 0, 1000 steps 0.70 (a minute on one core). 168 draws = 21 toy prompts x 8 seeds.
-TINY = dict(head_dim=64, rm_lr=1e-3, rm_batch=32, rm_steps=1000, guidance_scale=1.0, bon_batch=64, eval_samples=168)
+# The parser's defaults on --backbone tiny (a typed value always wins); why these values: docs/prism.md.
+TINY = dict(head_dim=64, rm_lr=1e-3, rm_batch=32, rm_steps=1000, guidance_scale=1.0, num_steps=20,
+            bon_steps=[1, 2, 5, 10, 20], eval_samples=252, bon_batch=64)
 
 
 # ==== Features and head: Eqs. (1)-(2), §3.2
@@ -144,12 +144,11 @@ class PRISMHead(nn.Module):
         else:
             q = self.queries.expand(len(tokens), -1, -1)
             agg = self.attn(q, tokens, tokens, key_padding_mask=~keep, need_weights=False)[0].mean(1)
-        return self.mlp(agg).squeeze(-1)
+        return self.mlp(agg).sum(-1)  # [B, 1] -> [B] (sum: not a view, which FSDP2 warns of)
 
 
-def new_head(args, transformer_config) -> PRISMHead:
-    """A fresh head of the Args' shape over a transformer of this config (its inner width is the head's input)."""
-    c = transformer_config
+def new_head(args, c) -> PRISMHead:
+    """A fresh head of the Args' shape over a transformer of config c (its inner width is the head's input)."""
     return PRISMHead(c["num_attention_heads"] * c["attention_head_dim"], args.head_dim, args.num_heads,
                      args.num_queries, args.mlp_layers, args.pooling)
 
@@ -165,10 +164,8 @@ def rao_kupper_probs(r_a, r_b, eta: float):
     """Eq. (3), direct form (standard Rao-Kupper; see the module docstring for the printed typo).
     Returns [..., 3] = P(A>B), P(B>A), P(A=B) in the label order. Overflows for large r: reference only."""
     pa, pb = r_a.exp(), r_b.exp()
-    p_a = pa / (pa + eta * pb)
-    p_b = pb / (eta * pa + pb)
-    p_tie = (eta ** 2 - 1) * pa * pb / ((pa + eta * pb) * (eta * pa + pb))
-    return torch.stack([p_a, p_b, p_tie], -1)
+    return torch.stack([pa / (pa + eta * pb), pb / (eta * pa + pb),
+                        (eta ** 2 - 1) * pa * pb / ((pa + eta * pb) * (eta * pa + pb))], -1)
 
 
 def rao_kupper_log_probs(r_a, r_b, eta: float):
@@ -194,9 +191,8 @@ def bradley_terry_nll(r_a, r_b, pref):
     return F.binary_cross_entropy_with_logits(r_a - r_b, target)
 
 
-# The one switch of the likelihood (--loss): head_step (training and --estimate-memory), the flag check in
-# check_args, the test NLL of evaluate_accuracy, the checkpoint metadata and the summary all go through these two
-# functions, so a fork that changes the loss changes it here and nowhere else.
+# The one switch of the likelihood (--loss): head_step (training, --estimate-memory), check_args, evaluate_accuracy's
+# NLL, the checkpoint metadata and the summary all go through these two: a fork changes the loss here and nowhere else.
 def preference_nll(args, r_a, r_b, pref):
     """Mean NLL of the labels pref {0: A, 1: B, 2: tie} under --loss."""
     if args.loss == "bradley-terry":
@@ -232,18 +228,27 @@ def accuracy_with_ties(h, m, sweep: str = "distinct") -> float:
 
 
 # ==== Stage 1: train the head on the frozen backbone (§3.3, §4.1), evaluate accuracy vs t (Tab. 1)
-def batch_pairs(data, idx, device):
-    """Clean latents of A and B, prompt embeddings and mask, labels of the pairs idx, on the device."""
-    p = data["prompt_idx"][idx]
-    return [x.to(device) for x in (data["latents_a"][idx], data["latents_b"][idx], data["prompt_embeds"][p],
-                                   data["prompt_mask"][p], data["pref"][idx])]
+PAIR_KEYS = ("latents_a", "latents_b", "pref", "prompt_idx")  # per pair; the prompt table stays in memory
+
+
+def batch_pairs(data, b, device):
+    """Clean latents of A and B, prompt embeddings and mask, labels of the pairs b ({PAIR_KEYS: rows}), on the device."""
+    p = b["prompt_idx"]
+    return [x.to(device) for x in (b["latents_a"], b["latents_b"], data["prompt_embeds"][p], data["prompt_mask"][p], b["pref"])]
+
+
+def on_ranks(fn, *xs):
+    """Evaluation split over the torchrun ranks: fn on this rank's share of the rows of xs (padded with the last row
+    to a multiple of the ranks), its outputs gathered whole on every rank; one process: fn(*xs)."""
+    n, pad = len(xs[0]), -len(xs[0]) % common.rank_world()[1]
+    out = fn(*(common.local_batch(torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) if pad else x) for x in xs))
+    return tuple(common.gather(o)[:n] for o in out) if isinstance(out, tuple) else common.gather(out)[:n]
 
 
 def pair_rewards(transformer, head, z_a, z_b, sigma, embeds, mask, num_blocks):
     """r_A, r_B in one batched backbone call."""
-    r = prism_reward(transformer, head, torch.cat([z_a, z_b]), torch.cat([sigma, sigma]),
-                     torch.cat([embeds, embeds]), torch.cat([mask, mask]), num_blocks)
-    return r.chunk(2)
+    two = (torch.cat([x, x]) for x in (sigma, embeds, mask))
+    return prism_reward(transformer, head, torch.cat([z_a, z_b]), *two, num_blocks).chunk(2)
 
 
 def head_step(args, transformer, head, x_a, x_b, embeds, mask, pref, sigma, eps):
@@ -258,25 +263,26 @@ def head_step(args, transformer, head, x_a, x_b, embeds, mask, pref, sigma, eps)
 
 def train_head(args, pipe, head, data, train_idx, run, device):
     """AdamW at a constant lr; each of --rm-steps (at most --max-steps) steps: --grad-accum micro-batches of
-    --rm-batch pairs drawn with replacement. Stage 'rm': run.steps checkpoints the head, AdamW, the batch generator
-    and the losses so far; a --resume'd run ends bit-identical to an unbroken one."""
+    --rm-batch pairs, read through dataset.batches (every train pair once per epoch, the order a function of (seed,
+    step)). run.steps checkpoints the head, AdamW, the noise generator and the losses: --resume is bit-identical.
+    torchrun: each rank reads and trains its share of the global batch (per-pair mean; FSDP2 averages the grads)."""
     opt = torch.optim.AdamW(head.parameters(), lr=args.rm_lr, weight_decay=args.weight_decay)
-    g = torch.Generator().manual_seed(args.seed)
+    g, B = torch.Generator().manual_seed(args.seed), args.rm_batch * args.grad_accum  # g: noise and t, saved by run.steps
     timer, losses = rundir.StepTimer(device), torch.full((args.rm_steps,), math.nan, dtype=torch.float64)
     steps = min(args.rm_steps, args.max_steps or args.rm_steps)
+    feed = dataset.batches(data, PAIR_KEYS, B, args.seed, run.start_step("rm"), rows=train_idx)  # this rank's share
     head.train()
-    for step in run.steps("rm", args.rm_steps, dict(head=head), opt, generators=dict(batches=g),
-                          tensors=dict(losses=losses), every=args.checkpoint_every, stop_at=args.max_steps,
-                          desc="PRISM head"):
+    for step, b in zip(run.steps("rm", args.rm_steps, dict(head=head), opt, generators=dict(batches=g),
+                                 tensors=dict(losses=losses), every=args.checkpoint_every, stop_at=args.max_steps,
+                                 desc="PRISM head"), feed):
         with timer:
             opt.zero_grad(set_to_none=True)
-            loss = 0.0
-            for _ in range(args.grad_accum):
-                idx = train_idx[torch.randint(len(train_idx), (args.rm_batch,), generator=g)]
-                sigma = torch.randint(0, 1000, (len(idx),), generator=g) / 1000       # t ~ U{0..999}, sigma = t / T
-                eps = torch.randn(len(idx), *data["latents_a"].shape[1:], generator=g)     # one noise per pair
-                loss += head_step(args, pipe.transformer, head, *batch_pairs(data, idx, device), sigma.to(device),
-                                  eps.to(device)).item() / args.grad_accum
+            sigma = common.local_batch(torch.randint(0, 1000, (B,), generator=g) / 1000)   # t ~ U{0..999}: the rows of b
+            eps, loss = common.local_batch(torch.randn(B, *data["latents_a"].shape[1:], generator=g)), 0.0  # one per pair
+            for c in torch.arange(len(sigma)).chunk(args.grad_accum):                 # --grad-accum micro-batches
+                loss += head_step(args, pipe.transformer, head, *batch_pairs(data, {k: b[k][c] for k in PAIR_KEYS},
+                                  device), sigma[c].to(device), eps[c].to(device)).item() / args.grad_accum
+            loss = common.gather(torch.tensor([loss], dtype=torch.float64, device=device)).mean().item()  # all ranks'
             common.require(math.isfinite(loss), f"PRISM head: the loss is {loss} at step {step}: lower --rm-lr ({args.rm_lr})")
             opt.step()
         losses[step] = loss
@@ -288,23 +294,22 @@ def train_head(args, pipe, head, data, train_idx, run, device):
 
 @torch.no_grad()
 def evaluate_accuracy(args, pipe, head, data, test_idx, device, batch: int = 64) -> list[dict]:
-    """Tab. 1: every test pair at each fixed t, one fixed noise per pair shared by A and B (and by all t); also the
-    test NLL of --loss."""
-    g = torch.Generator().manual_seed(12345)
-    eps_all = torch.randn(data["latents_a"][test_idx].shape, generator=g)
-    h = torch.tensor([1.0, -1.0, 0.0])[data["pref"][test_idx]]  # pref {0: A, 1: B, 2: tie} -> the sign of r_A - r_B
-    rows = []
+    """Tab. 1: every test pair at each fixed t, one noise per pair shared by A and B and all t (its chunk's seed); the
+    NLL of --loss (a function of m = r_A - r_B). Read `batch` rows at a time, each rank a share (margins gathered)."""
+    h = torch.tensor([1.0, -1.0, 0.0])[pref := data["pref"][test_idx]]  # pref {0: A, 1: B, 2: tie} -> sign of r_A - r_B
+    chunks, rows = test_idx.split(batch), []
+    def margins(idx, eps, t):
+        x_a, x_b, e, msk, _ = batch_pairs(data, {k: data[k][idx] for k in PAIR_KEYS}, device)
+        sigma = torch.full((len(idx),), t / 1000, device=device)
+        return torch.sub(*pair_rewards(pipe.transformer, head, *noisy_pair(x_a, x_b, sigma, eps.to(device)), sigma, e, msk,
+                                       args.num_blocks))  # m = r_A - r_B
     for t in tqdm(args.eval_timesteps, desc="accuracy vs t", leave=False):
-        m, nll = [], 0.0
-        for i in range(0, len(test_idx), batch):
-            x_a, x_b, e, msk, pref = batch_pairs(data, test_idx[i:i + batch], device)
-            sigma = torch.full((len(pref),), t / 1000, device=device)
-            z_a, z_b = noisy_pair(x_a, x_b, sigma, eps_all[i:i + batch].to(device))
-            r_a, r_b = pair_rewards(pipe.transformer, head, z_a, z_b, sigma, e, msk, args.num_blocks)
-            m.append((r_a - r_b).cpu())
-            nll += preference_nll(args, r_a, r_b, pref).item() * len(pref) / len(test_idx)
-        m = torch.cat(m)
-        rows.append(dict(t=t, acc=accuracy_without_ties(h, m), acc_ties=accuracy_with_ties(h, m, args.tie_sweep), nll=nll))
+        m = torch.cat([on_ranks(lambda i, eps: margins(i, eps, t), idx, torch.randn(len(idx), *data["latents_a"].shape[
+            1:], generator=torch.Generator().manual_seed(12345 + j))).cpu() for j, idx in enumerate(chunks)])
+        nll = preference_nll(args, m, torch.zeros_like(m), pref).item()
+        acc = accuracy_without_ties(h, m)  # its binomial SE over the strict (non-tie) pairs
+        rows.append(dict(t=t, acc=acc, acc_se=math.sqrt(acc * (1 - acc) / (h != 0).sum().item()),
+                         acc_ties=accuracy_with_ties(h, m, args.tie_sweep), nll=nll))
     return rows
 
 
@@ -315,19 +320,15 @@ def early_best_of_n(pipe, head, noise, embeds, txt_mask, sigmas, k: int, num_blo
     """noise [P, N, C, F, H, W]: all P*N trajectories take k steps together, the head scores each latent at
     the sigma it has reached (sigmas[k]; k = num_steps scores the clean latent), the argmax per prompt
     finishes alone. Returns (final latents [P, ...] of the winners, winner index [P], scores [P, N])."""
-    P, N = noise.shape[:2]
-    tr = pipe.transformer
-    rep = lambda x: x.repeat_interleave(N, 0)
+    (P, N), tr, rep = noise.shape[:2], pipe.transformer, lambda x: x.repeat_interleave(len(noise[0]), 0)
     neg = None if negative_embeds is None else negative_embeds.expand(P * N, -1, -1)
     x, _ = common.rollout(tr, noise.flatten(0, 1), rep(embeds), sigmas, 0, k, guidance_scale=guidance_scale,
                           negative_embeds=neg)
     scores = prism_reward(tr, head, x, sigmas[k].expand(P * N).to(x.device), rep(embeds), rep(txt_mask),
                           num_blocks).view(P, N)
-    best = scores.argmax(1)
-    x = x.view(P, N, *x.shape[1:])[torch.arange(P), best]                      # prune the other N - 1
+    x = x.view(P, N, *x.shape[1:])[torch.arange(P), best := scores.argmax(1)]  # prune the other N - 1
     neg = None if negative_embeds is None else negative_embeds.expand(P, -1, -1)
-    x, _ = common.rollout(tr, x, embeds, sigmas, k, len(sigmas) - 1, guidance_scale=guidance_scale,
-                          negative_embeds=neg)
+    x, _ = common.rollout(tr, x, embeds, sigmas, k, len(sigmas) - 1, guidance_scale=guidance_scale, negative_embeds=neg)
     return x, best, scores
 
 
@@ -338,18 +339,14 @@ def count_flops(pipe, head, latent_shape, text_len: int, num_blocks: int, device
         tr = type(pipe.transformer).from_config(pipe.transformer.config).requires_grad_(False)
         vae = type(pipe.vae).from_config(pipe.vae.config).requires_grad_(False)
         hd = PRISMHead(**head.config).requires_grad_(False)
-    x = torch.zeros(1, *latent_shape, device=device)
-    e = torch.zeros(1, text_len, pipe.transformer.config.text_dim, device=device)
+    x, e = torch.zeros(1, *latent_shape, device=device), torch.zeros(1, text_len, tr.config.text_dim, device=device)
     mask, t = torch.ones(1, text_len, dtype=torch.bool, device=device), torch.full((1,), 0.5, device=device)
-
     def flops(fn):
         with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as fc:
             fn()
         return fc.get_total_flops()
-
     forward = lambda: tr(hidden_states=x, timestep=1000 * t, encoder_hidden_states=e, return_dict=False)
-    return dict(forward=flops(forward),
-                score=flops(lambda: prism_reward(tr, hd, x, t, e, mask, num_blocks)),
+    return dict(forward=flops(forward), score=flops(lambda: prism_reward(tr, hd, x, t, e, mask, num_blocks)),
                 decode=flops(lambda: vae.decode(x, return_dict=False)))
 
 
@@ -357,55 +354,56 @@ def bon_compute(n: int, k: int | None, steps: int, cfg: int, flops: dict) -> dic
     """Per-prompt cost. k None: finish all n, decode all n (oracle / pixel-RM Best-of-N); n = 1: one sample;
     else the early Best-of-N: n*k + (steps - k) steps, n scoring passes, one decode."""
     fwd, score, dec = (n * steps, 0, n) if k is None else (steps, 0, 1) if n == 1 else (n * k + steps - k, n, 1)
-    fwd *= cfg
-    total = fwd * flops["forward"] + score * flops["score"] + dec * flops["decode"]
-    return dict(forwards=fwd, score_passes=score, decodes=dec, gflop=total / 1e9)
+    total = fwd * cfg * flops["forward"] + score * flops["score"] + dec * flops["decode"]
+    return dict(forwards=fwd * cfg, score_passes=score, decodes=dec, gflop=total / 1e9)
 
 
 @torch.no_grad()
 def evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative=None) -> list[dict]:
-    """Tab. 2: for each k, the reward of the pick vs a random pick (the mean over the N candidates) and the oracle
-    (all N finished and decoded, best reward), same seeds throughout; compute per draw. reward_fn(pipe, latents,
-    prompts): the toy world's true_reward; None (real data): the picks are only saved for an external benchmark."""
-    P, N, S = len(prompts), args.bon_n, args.num_steps
+    """Tab. 2: for each k, the reward of the pick vs a random pick (the mean over the N) and the oracle (all N finished,
+    best reward), same seeds; compute per draw: early_best_of_n's. reward_fn (toy: true_reward) needs all N finished: the
+    sampler being deterministic, the pick at every k is read off that one rollout (tested). None: early_best_of_n per k."""
+    P, N, S, B = len(prompts), args.bon_n, args.num_steps, args.bon_batch * common.rank_world()[1]
     sigmas = common.sigma_schedule(S, sampler_shift(args, pipe)).to(device)
     shape = common.backbone_geometry(pipe)["latent_shape"]
     seed = lambda p, j: 10_000 * (args.seed + 1) + p * N + j              # candidate j of prompt p, every method
     noise = torch.stack([torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed(p, j)))
                                       for j in range(N)]) for p in range(P)])
-    cfg = args.guidance_scale > 1  # CFG needs `negative`, the empty prompt's embedding (encoded in main)
-    neg = negative.to(device) if cfg else None
+    neg = negative.to(device) if (cfg := args.guidance_scale > 1) else None  # CFG: the empty prompt's embedding (main)
     flops = count_flops(pipe, head, shape, embeds.shape[1], args.num_blocks)
     rows = [dict(method=f"random pick (1 of {N})", **bon_compute(1, 0, S, 1 + cfg, flops)),
             dict(method=f"oracle best-of-{N} (pixel reward)", **bon_compute(N, None, S, 1 + cfg, flops))]
-    chunks = [slice(i, i + args.bon_batch) for i in range(0, P, args.bon_batch)]
-    on = lambda c: (noise[c].to(device), embeds[c].to(device), mask[c].to(device))
-    if reward_fn is not None:  # all N finished: what the random pick and the pixel-reward oracle need
-        r_all = []
-        for c in tqdm(chunks, desc=f"all {N} finished", leave=False):
-            z, e, _ = on(c)
-            final, _ = common.rollout(pipe.transformer, z.flatten(0, 1), e.repeat_interleave(N, 0), sigmas,
-                                      guidance_scale=args.guidance_scale,
-                                      negative_embeds=None if neg is None else neg.expand(len(z) * N, -1, -1))
-            r_all.append(reward_fn(pipe, final, [p for p in prompts[c] for _ in range(N)]).view(-1, N))
-        r_all = torch.cat(r_all)
-        rows[0].update(zip(("reward", "se"), rundir.mean_se(r_all.mean(1))))
-        rows[1].update(zip(("reward", "se"), rundir.mean_se(r_all.max(1).values)))
-    picks = {}
-    for k in tqdm(args.bon_steps, desc="early Best-of-N", leave=False):
-        x = torch.cat([early_best_of_n(pipe, head, *on(c), sigmas, k, args.num_blocks, args.guidance_scale, neg)[0]
-                       for c in chunks])
-        picks[f"step{k}"] = x
+    chunks = [slice(i, i + B) for i in range(0, P, B)]  # torchrun: each rank denoises --bon-batch draws of a chunk
+    on, ks = lambda c: (noise[c].to(device), embeds[c].to(device), mask[c].to(device)), sorted(set(args.bon_steps))
+    def draw(z, e, m, rows):  # all N finish; the head's pick among them at the sigma reached after each k
+        x, e, m, i, won = z.flatten(0, 1), e.repeat_interleave(N, 0), m.repeat_interleave(N, 0), 0, []
+        for k in sorted({*ks, S}):
+            x, i = common.rollout(pipe.transformer, x, e, sigmas, i, k, guidance_scale=args.guidance_scale,
+                                  negative_embeds=None if neg is None else neg.expand(len(x), -1, -1))[0], k
+            if k in ks:
+                won.append(prism_reward(pipe.transformer, head, x, sigmas[k].expand(len(x)), e, m,
+                                        args.num_blocks).view(-1, N).argmax(1))
+        r = reward_fn(pipe, x, [prompts[p] for p in rows.tolist() for _ in range(N)]).view(-1, N).to(x.device)
+        return torch.stack(won, 1), x.view(-1, N, *x.shape[1:]), r
+    parts, picks = [on_ranks(draw, *on(c), torch.arange(P)[c]) for c in tqdm(chunks if reward_fn else [], desc=f"Best-of-{N}",
+                                                                               leave=False)], {}
+    if reward_fn:  # the random pick: the mean over the N; the oracle: the best of the N
+        won, final, r_all = (torch.cat([part[i].cpu() for part in parts]) for i in range(3))
+        for r, v in zip(rows, (r_all.mean(1), r_all.max(1).values)): r.update(zip(("reward", "se"), rundir.mean_se(v)))
+    for k in args.bon_steps:
         rows.append(dict(method=f"PRISM step {k}", **bon_compute(N, k, S, 1 + cfg, flops)))
-        if reward_fn is not None:
-            s = rundir.paired_summary(dict(r=r_all.mean(1)), dict(r=reward_fn(pipe, x, prompts)))[0]  # same seeds
+        if reward_fn is None:  # real data: the early Best-of-N itself (only the winner finishes); the picks are saved
+            x = torch.cat([on_ranks(lambda *z: early_best_of_n(pipe, head, *z, sigmas, k, args.num_blocks,
+                                                               args.guidance_scale, neg)[0], *on(c)) for c in chunks])
+        else:  # the pick's true reward, paired with the random pick on the same seeds
+            best = (torch.arange(P), won[:, ks.index(k)])
+            x, s = final[best], rundir.paired_summary(dict(r=r_all.mean(1)), dict(r=r_all[best]))[0]
             rows[-1].update(zip(("reward", "se", "gain_vs_random", "gain_se"), s["r_after"] + s["r_gain"]))
+        picks[f"step{k}"] = x
         for i in range(min(args.save_videos, P)):
             rundir.export_video(common.decode_latents(pipe, x[i:i + 1])[0], run.dir / f"videos/step{k:02d}_p{i}.mp4")
     common.save_safetensors(picks, run.dir / "bon_picks.safetensors", metadata=dict(prompts=prompts, n=N, steps=S))
-    for r in rows:
-        r["rel_flops"] = r["gflop"] / rows[1]["gflop"]  # vs the oracle
-    return rows
+    return [dict(r, rel_flops=r["gflop"] / rows[1]["gflop"]) for r in rows]  # vs the oracle
 
 
 # ==== Data, checkpoints, flags: all checked before any weight loads (a failed start leaves no run folder)
@@ -418,7 +416,7 @@ def read_data(args, cfg):
     size, where = {k: getattr(args, k) for k in SIZE}, args.data
     if not where:  # the toy world, made by tiny once loaded
         return None, None, size
-    data, meta = dataset.load(where, "pairs")
+    data, meta = dataset.load(where, "pairs", lazy=True)  # the latents stay on disk (dataset.Rows)
     size = dataset.video_size(meta, where, **size)  # meta.json's size is the default; a typed one must agree
     dataset.check_latents(data, common.geometry(cfg, **size), where)
     rows = (data["pref"].reshape(-1, 1) != torch.tensor([0, 1, 2])).all(1).nonzero()[:5, 0].tolist()
@@ -446,8 +444,7 @@ def bon_prompt_table(args, pipe, data, meta, test_p):
     prompts = [meta["prompts"][i] for i in test_p.tolist()]
     embeds, mask = data["prompt_embeds"][test_p], data["prompt_mask"][test_p]
     if meta.get("source") == "toy" and pipe.text_encoder is not None:
-        unseen = toy.toy_prompts("eval")
-        e, m = common.encode_prompts(pipe, unseen, max_sequence_length=embeds.shape[1])
+        e, m = common.encode_prompts(pipe, unseen := toy.toy_prompts("eval"), max_sequence_length=embeds.shape[1])
         prompts, embeds, mask = unseen + prompts, torch.cat([e, embeds]), torch.cat([m, mask])
     rows = [i % len(prompts) for i in range(len(prompts) if args.eval_samples is None else args.eval_samples)]
     return [prompts[i] for i in rows], embeds[rows], mask[rows]
@@ -483,8 +480,7 @@ def load_head(path, transformer_config, num_blocks: int, args=None) -> PRISMHead
 def check_args(args: Args) -> dict:
     """Flag checks beyond parse_args' ranges, --out-dir (its nearest existing folder writable) and --reward-ckpt, before
     anything loads. Returns the backbone's config (common.backbone_config: a folder's own config files)."""
-    cfg, run = common.backbone_config(args.backbone), not args.estimate_memory
-    size = {k: getattr(args, k) for k in SIZE}
+    cfg, run, size = common.backbone_config(args.backbone), not args.estimate_memory, {k: getattr(args, k) for k in SIZE}
     common.require(args.stage != "bon" or args.reward_ckpt, "--stage bon needs --reward-ckpt <run>/prism_head.safetensors", 2)
     common.require(args.device in ("auto", "cpu") or args.device.startswith("cuda") and torch.cuda.is_available(), f"--device "
             f"{args.device}: auto, cpu or cuda[:n] (CUDA available here: {torch.cuda.is_available()})", 2)
@@ -504,8 +500,7 @@ def check_args(args: Args) -> dict:
     except ValueError as e:
         raise common.UserError(f"--loss {args.loss}: {e}", 2) from None
     common.geometry(cfg, **size)
-    if args.reward_ckpt:
-        load_head(args.reward_ckpt, cfg["transformer"], args.num_blocks, args)
+    load_head(args.reward_ckpt, cfg["transformer"], args.num_blocks, args) if args.reward_ckpt else None
     return cfg
 
 
@@ -534,7 +529,7 @@ def main(args: Args) -> dict:
         return estimate_memory(args)
     data, meta, size = read_data(args, cfg)  # --data, checked against the backbone and the size; None: the toy world
     split = split_by_prompt(data, args.test_fraction) if data else None  # (a bad split fails before loading too)
-    common.require(args.resume or not args.out_dir or not Path(args.out_dir).is_dir() or not any(Path(args.out_dir).iterdir()),
+    common.require(args.resume or not args.out_dir or not any(Path(args.out_dir).glob("*")) or "RANK" in os.environ,
                    f"--out-dir {args.out_dir} already holds a run; pass --resume to continue it, or choose another folder", 2)
     rundir.seed_everything(args.seed)
     device = rundir.pick_device(args.device)
@@ -550,12 +545,12 @@ def main(args: Args) -> dict:
     common.drop_text_encoder(pipe)
     head = (load_head(args.reward_ckpt, pipe.transformer.config, args.num_blocks, args) if args.reward_ckpt
             else new_head(args, pipe.transformer.config)).to(device)
-    ties, head_file = (data["pref"][test_idx] == 2).float().mean().item(), run.dir / "prism_head.safetensors"
+    before = [p.clone() for p in pipe.transformer.parameters()] if args.backbone == "tiny" else None
+    common.shard(pipe.transformer, head)  # torchrun: FSDP2 of each frozen block (14B fits) and of the head, whole
+    ties, head_file, gains = (data["pref"][test_idx] == 2).float().mean().item(), run.dir / "prism_head.safetensors", {}
     summary = dict(method="prism", backbone=args.backbone, run_dir=str(run.dir), train_pairs=len(train_idx),
                    test_pairs=len(test_idx), test_ties=ties, head_params=sum(p.numel() for p in head.parameters()),
                    tie_sweep=args.tie_sweep, flow_shift=sampler_shift(args, pipe), **loss_config(args))
-    before = [p.clone() for p in pipe.transformer.parameters()] if args.backbone == "tiny" else None
-
     if args.stage in ("rm", "all"):
         if not args.reward_ckpt:
             summary["train"] = train_head(args, pipe, head, data, train_idx, run, device)
@@ -568,11 +563,10 @@ def main(args: Args) -> dict:
                     (("w/o ties", "acc"), ("w/ ties", "acc_ties"), ("always tie, w/ ties", ""))}, "PRISM accuracy vs t", "t")
         print(f"\nPRISM accuracy vs t ({len(test_idx)} held-out pairs; always tie: {ties:.3f} w/ ties; NLL: {args.loss})")
         print(rundir.format_table([{"metric": name, **{str(r["t"]): r[key] for r in rows}} for name, key in
-                                   (("w/o ties", "acc"), ("w/ ties", "acc_ties"), ("NLL", "nll"))]))
+                                   (("w/o ties", "acc"), ("SE", "acc_se"), ("w/ ties", "acc_ties"), ("NLL", "nll"))]))
 
     if args.stage in ("bon", "all"):
-        # only the toy world has a ground truth; on real data the picks are saved for an external benchmark
-        reward_fn = toy.true_reward if meta.get("source") == "toy" else None
+        reward_fn = toy.true_reward if meta.get("source") == "toy" else None  # real data: no ground truth, picks saved
         rows = summary["bon"] = evaluate_bon(args, pipe, head, prompts, embeds, mask, reward_fn, run, device, negative)
         gains = {int(r["method"].split()[-1]): r for r in rows if "gain_vs_random" in r}
         summary.update({f"bon_gain_step{k}": [r["gain_vs_random"], r["gain_se"]] for k, r in gains.items()})
@@ -585,9 +579,15 @@ def main(args: Args) -> dict:
               f"{args.num_steps} steps at flow shift {summary['flow_shift']} (per-draw compute; rel_flops vs the oracle)")
         print(rundir.format_table(rows, ["method", "reward", "se", "gain_vs_random", "gain_se", "forwards",
                                          "score_passes", "decodes", "gflop", "rel_flops"]))
-
+    acc = [r for r in summary.get("accuracy", []) if r["t"] <= 699] or summary.get("accuracy", [])  # make demo's claims
+    w, k = min(acc, key=lambda r: r["acc"], default=None), 5 if 5 in gains else max(gains, default=0)
+    summary["claims"] = ([dict(claim=f"held-out accuracy w/o ties minus chance (0.5), worst of t in {[r['t'] for r in acc]}",
+                               mean=w["acc"] - 0.5, se=w["acc_se"])] if w else []) + ([dict(claim=f"early Best-of-"
+        f"{args.bon_n} gain over a random pick at k = {k} of {args.num_steps} steps, true toy reward, held-out + unseen "
+        "prompts", mean=gains[k]["gain_vs_random"], se=gains[k]["gain_se"])] if k else [])
     if before is not None:  # the backbone is frozen: nothing of it may have moved
-        summary["backbone_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, pipe.transformer.parameters()))
+        after = common.full_tensors(dict(pipe.transformer.named_parameters())).values()  # (sharded: gathered)
+        summary["backbone_unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
     run.summary(summary)
     pngs = ", ".join(sorted(p.name for p in run.dir.glob("*.png")))
     print(f"\nrun folder: {run.dir} (plots: {pngs})\nPRISM head: {args.reward_ckpt or head_file} (--reward-ckpt; in Python: "
