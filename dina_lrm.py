@@ -14,22 +14,11 @@ Equation -> code (numbered in the order the method section derives them; the arX
     Sec. 3   r(x_sigma, sigma, c), noise ensembling           -> dina_reward (several sigmas = ensemble)
     Sec. 3   training step: one sigma and eps per pair        -> rm_step (the loop body of reward_model_stage)
     Sec. 5   ReFL with the learned reward, loss 2 - (r+12)/10 -> refl_loss, refl_step (the loop body of run_refl)
-
-The official code (diffusion-rm, flow-grpo-rm) where it is more specific than the paper: variance 2 sigma^2 + 0.05
-(not 0.1^2), the fidelity loss (not NLL), one sigma and eps per pair and one eps for the ensemble's levels, no
-reward-model EMA (its trainer never applies it), the reward (r + 12) / 10, ReFL's grad accumulation 4, AdamW weight
-decay 0.01 (reward model) and 1e-4 (policy), LoRA A ~ N(0, 1/r) (peft's "gaussian"; --lora-init), reward model and
-policy as two peft adapters on the generator's blocks. Policy EMA (--ema): the official ReFL builds one (0.9, every 8
-steps, warm-up min((1+n)/(10+n), 0.9)) and evaluates and saves through it, but never updates it (so it stays the base
-model); here it is updated, as in flow_grpo. Wan port: one text tap (Wan's text is fixed), FiLM on Wan's time
-embedding, a key-padding mask for the text. Ours: ties dropped or trained with the FRank target 1/2 (--ties); one
-process (official global batches: --rm-batch, --batch-size x --grad-accum); --rm-steps a count (paper: 1 epoch, ~25k).
+    official-code choices, our differences (EMA, Wan port, ties) -> docs/dina_lrm.md, "Differences"
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import warnings
+import contextlib, dataclasses, warnings
 from pathlib import Path
 
 import torch
@@ -37,21 +26,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
-import common
-import dataset
-import estimate
-import rundir
-import toy
+import common, dataset, estimate, rundir, toy
 from common import UserError, arg
 
 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # two adapters: the point here
+PAIR_KEYS = ["latents_a", "latents_b", "pref", "prompt_idx"]  # what stage 1 reads of a pair (dataset.batches)
 SHAPE_KEYS = ("rm_blocks", "taps", "rm_lora_rank", "rm_lora_alpha", "num_queries", "num_heads")  # fix the tensors
 
 
 @dataclasses.dataclass
 class Args:
-    # generic
     stage: str = arg("all", "rm: reward model; tune: ReFL (needs --reward-ckpt); all", choices=["rm", "tune", "all"])
     out_dir: str = arg("", "run folder (default: a new runs/dina_lrm-<backbone>-<time>)")
     resume: bool = arg(False, "continue the run in --out-dir from its stages' checkpoints (same arguments)")
@@ -60,12 +46,11 @@ class Args:
     device: str = arg("auto", "cuda | cpu | auto")
     data: str = arg("", "a prepared 'pairs' dataset folder (prepare.py); empty = the toy world (tiny only)")
     on_duplicates: str = arg("fail", "repeated or contradicting pairs in --data: fail | drop", choices=["fail", "drop"])
-    toy_size: int = arg(2048, "pairs in the toy dataset (without --data); ~30% are strict, the rest ties", min=2)
+    toy_size: int = arg(1024, "pairs in the toy dataset (without --data); ~70% are strict, the rest ties", min=2)
     toy_cache: str = arg("runs/toy_data", "cache folder of the toy dataset")
     reward_ckpt: str = arg("", "reward_model.safetensors of an earlier run: skip stage 1 and use it")
     estimate_memory: bool = arg(False, "only print the estimated peak GPU memory and TFLOPs of each stage's step")
     max_steps: int = arg(None, "stop every stage after this many optimiser steps (a smoke run)", type=int, min=1)
-    # backbone
     backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a local diffusers Wan folder | a hub id")
     dtype: str = arg(None, "DiT dtype (default: bf16 on CUDA, fp32 on CPU)", type=str, choices=["bf16", "fp32"])
     height: int = arg(None, "video height (default: the size of --data, else the backbone's)", type=int, min=1)
@@ -111,9 +96,9 @@ class Args:
     save_videos: int = arg(2, "mp4 samples to write before and after ReFL (into <run>/videos/)", min=0)
 
 
-# --backbone tiny: a CPU-sized demo (python dina_lrm.py); ReFL lr 2e-4: 40 steps are half the EMA, A ~ N(0, 1/r) small
-TINY = dict(rm_lr=1e-3, rm_steps=300, tune_steps=40, batch_size=8, grad_accum=1, lr=2e-4, num_steps=20,
-            guidance_scale=1.0, eval_samples=96, ablation=True, gradient_checkpointing=False, checkpoint_every=50)
+# --backbone tiny: the CPU demo; no EMA (40 steps leave it halfway), the toy pairs' 10 sampling steps, 768 samples
+TINY = dict(rm_lr=1e-3, rm_steps=300, tune_steps=40, batch_size=8, grad_accum=1, lr=2e-4, ema=False, num_steps=10,
+            guidance_scale=1.0, eval_samples=768, gradient_checkpointing=False, checkpoint_every=50)
 
 
 # ==== The noise-calibrated Thurstone likelihood (Sec. 3.2)
@@ -144,8 +129,7 @@ def preference_loss(r_a, r_b, sigma, target, args: Args):
 def value_gate(dim: int) -> nn.Module:
     """A per-token scalar gate sigmoid(MLP(x)) on the values; its last layer starts at zero, so it starts at 1/2."""
     gate = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 1), nn.Sigmoid())
-    nn.init.zeros_(gate[2].weight)
-    nn.init.zeros_(gate[2].bias)
+    nn.init.zeros_(gate[2].weight), nn.init.zeros_(gate[2].bias)
     return gate
 
 
@@ -154,8 +138,7 @@ class FiLMTap(nn.Module):
     def __init__(self, dim: int, cond_dim: int, out_dim: int):
         super().__init__()
         self.cond = nn.Sequential(nn.Linear(cond_dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim))
-        nn.init.zeros_(self.cond[-1].weight)
-        nn.init.zeros_(self.cond[-1].bias)
+        nn.init.zeros_(self.cond[-1].weight), nn.init.zeros_(self.cond[-1].bias)
         self.layer_embed = nn.Parameter(torch.randn(dim) * 0.02)
         self.reduce = nn.Linear(dim, out_dim)
 
@@ -244,9 +227,8 @@ def dina_reward(transformer, head, x0, embeds, text_mask, sigmas, eps, taps):
 def add_lora(transformer, rank: int, alpha: float, name: str, args: Args, blocks=None):
     """common.add_lora (B = 0); --lora-init gaussian: A ~ N(0, 1/r), peft's "gaussian" (official, both adapters)."""
     params = common.add_lora(transformer, rank, alpha, adapter_name=name, blocks=blocks)
-    for n, p in transformer.named_parameters():
-        if args.lora_init == "gaussian" and f".lora_A.{name}." in n:
-            nn.init.normal_(p, std=1 / rank)
+    for p in (p for n, p in transformer.named_parameters() if args.lora_init == "gaussian" and f".lora_A.{name}." in n):
+        nn.init.normal_(p, std=1 / rank)
     return params
 
 
@@ -267,15 +249,23 @@ def add_reward_model(pipe, args: Args, name: str = "reward", path=None):
     return head, params
 
 
+def train_only(transformer, name: str, heads=()) -> list:
+    """Only adapter `name`'s LoRA and the heads of `name` train (all built before FSDP2 shards) -> those parameters."""
+    [getattr(m, "reshard", lambda: None)() for m in (*transformer.modules(), *heads)]  # FSDP2: back to shards first
+    transformer.requires_grad_(False), [h.requires_grad_(h.adapter == name) for h in heads]
+    return [p.requires_grad_(True) for n, p in transformer.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
 def optimiser_step(opt, params, micro_step, grad_accum: int, grad_clip: float, where: str):
     """grad_accum micro_step()s (each loss / grad_accum: the mean's gradient), clip, step -> (mean loss, extras)."""
     opt.zero_grad(set_to_none=True)
     out = []
     for _ in range(grad_accum):
         loss, extra = micro_step()
-        common.require(torch.isfinite(loss), f"{where}: loss is {loss.item()} (lower the learning rate)")
+        losses = common.gather(loss.detach()[None])  # every rank's: all stop together, the global mean is logged
+        common.require(torch.isfinite(losses).all(), f"{where}: loss is {str(losses.tolist())[1:-1]} (lower the lr)")
         (loss / grad_accum).backward()
-        out.append((loss.detach(), extra))
+        out.append((losses.mean(), extra))
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     return torch.stack([loss for loss, _ in out]).mean().item(), [extra for _, extra in out]
@@ -293,53 +283,62 @@ def stage_steps(run, stage: str, total: int, args: Args, **state):
 # ==== Stage 1: train the reward model on preference pairs
 def rm_step(transformer, head, win, lose, embeds, mask, target, args: Args, g: torch.Generator):
     """Stage 1's loss: sigma ~ U(0, 1) (paper), one sigma and eps per pair (official), one pass -> (loss, r_w, r_l)."""
-    sigma = common.sample_train_sigma(len(win), 1.0, generator=g, device=win.device)
-    eps = torch.randn(win.shape, generator=g).to(win.device)
+    n = len(win) * common.rank_world()[1]  # torchrun: win/lose are this rank's; sigma, eps drawn for the global batch
+    sigma = common.local_batch(common.sample_train_sigma(n, 1.0, generator=g, device=win.device))
+    eps = common.local_batch(torch.randn((n, *win.shape[1:]), generator=g)).to(win.device)
     two = lambda t: torch.cat([t, t])
     r_win, r_lose = dina_reward(transformer, head, torch.cat([win, lose]), two(embeds), two(mask), [two(sigma)],
                                 two(eps), args.taps).chunk(2)
     return preference_loss(r_win, r_lose, sigma, target, args).mean(), r_win, r_lose
 
 
-def reward_model_stage(pipe, data, train_idx, test_idx, args: Args, run, summary: dict):
-    """Stage 1: the reward model (and the --ablation one) by rm_step, constant lr (official), each a run stage; held-out
-    accuracy per scoring into `summary` and a .png; reward_model.safetensors (+ shape args) -> (head, table rows)."""
-    tr, dev, rows, curves = pipe.transformer, pipe.transformer.device, [], {}
+def reward_model_stage(pipe, heads: dict, data, train_idx, test_idx, args: Args, run, summary: dict):
+    """Stage 1: each head of `heads` (reward, --ablation; by adapter) by rm_step at constant lr (official), a run stage;
+    held-out accuracy per scoring into `summary` and a .png; reward_model.safetensors (+ shape args) -> table rows."""
+    tr, dev, rows, curves, keys = pipe.transformer, pipe.transformer.device, [], {}, PAIR_KEYS
 
-    def chosen_first(idx):  # pairs ordered (preferred, other) with the target y: 1 for strict pairs, 1/2 for ties
-        pref, a, b, p = data["pref"][idx], data["latents_a"][idx], data["latents_b"][idx], data["prompt_idx"][idx]
+    def chosen_first(b):  # pairs ordered (preferred, other) with the target y: 1 for strict pairs, 1/2 for ties
+        pref, a, o, p = b["pref"], b["latents_a"], b["latents_b"], b["prompt_idx"]
         swap = (pref == 1).view(-1, 1, 1, 1, 1)
-        return tuple(t.to(dev) for t in (torch.where(swap, b, a), torch.where(swap, a, b), data["prompt_embeds"][p],
-                                         data["prompt_mask"][p], torch.where(pref == 2, 0.5, 1.0)))
+        return tuple(t.to(dev) for t in (torch.where(swap, o, a), torch.where(swap, a, o), data["prompt_embeds"][p],
+                                         data["prompt_mask"][p], torch.where(pref == 2, .5, 1)))
 
-    def micro_step():
-        win, lose, emb, mask, target = chosen_first(train[torch.randint(0, len(train), (args.rm_batch,), generator=g)])
+    def micro_step():  # this rank's share of the step's pairs (dataset.batches: a function of seed and step)
+        win, lose, emb, mask, target = chosen_first(next(loader))
         loss, r_win, r_lose = rm_step(tr, head, win, lose, emb, mask, target, margs, g)
-        return loss, (r_win > r_lose).float()[target == 1]  # train accuracy on the strict pairs
+        return loss, common.gather(torch.stack([(r_win > r_lose).float(), target], 1))  # train accuracy: strict pairs
 
     @torch.no_grad()
     def accuracy(sigmas, batch=64):  # held-out strict pairs, one eps per item (official eval), the same for all
         g, test, correct = torch.Generator().manual_seed(1234), test_idx[data["pref"][test_idx] < 2], []
-        for i in range(0, len(test), batch):
-            win, lose, emb, mask, _ = chosen_first(test[i:i + batch])
-            eps = torch.randn((2 * len(win), *win.shape[1:]), generator=g).to(dev)
+        for i in range(0, len(test), batch):  # a chunk: padded to split over the ranks, results gathered, cut back
+            n, pad = len(test[i:i + batch]), -len(test[i:i + batch]) % common.rank_world()[1]
+            eps = torch.randn((2, n, *data["latents_a"].shape[1:]), generator=g)
+            mine = common.local_batch(torch.cat([torch.arange(n), torch.full((pad,), n - 1)]))
+            win, lose, emb, mask, _ = chosen_first({k: data[k][test[i:i + batch][mine]] for k in keys})
             r_win, r_lose = dina_reward(tr, head, torch.cat([win, lose]), torch.cat([emb, emb]),
-                                        torch.cat([mask, mask]), sigmas, eps, args.taps).float().cpu().chunk(2)
-            correct.append((r_win > r_lose).float())
+                                        torch.cat([mask, mask]), sigmas, eps[:, mine].flatten(0, 1).to(dev), args.taps
+                                        ).float().chunk(2)
+            correct.append(common.gather((r_win > r_lose).float()).cpu()[:n])
         return rundir.mean_se(torch.cat(correct))
     train = train_idx[data["pref"][train_idx] < 2] if args.ties == "drop" else train_idx
-    for name, loss in [("reward", args.loss)] + [("ablation", "thurstone-constant")] * args.ablation:
+    for name, head in heads.items():
+        loss = args.loss if name == "reward" else "thurstone-constant"
         margs, timer = dataclasses.replace(args, loss=loss), rundir.StepTimer(dev)
-        head, lora = add_reward_model(pipe, args, name)  # dina_reward activates its adapter
-        params, g = lora + list(head.parameters()), torch.Generator().manual_seed(args.seed)
-        opt = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=args.rm_weight_decay)
-        for step in stage_steps(run, f"rm-{name}", args.rm_steps, args, modules=dict(head=head, lora=tr),
-                                optimizer=opt, generators=dict(data=g)):
+        params = train_only(tr, name, list(heads.values())) + list(head.parameters())
+        g, stage = torch.Generator().manual_seed(args.seed), f"rm-{name}"  # g: sigmas and eps
+        opt, loader = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=args.rm_weight_decay), None
+        for step in stage_steps(run, stage, args.rm_steps, args, modules=dict(head=head, lora=tr), optimizer=opt,
+                                generators=dict(data=g)):
+            if loader is None:  # the first step: a resumed stage's, or 0 (a stale checkpoint is gone by then)
+                loader = dataset.batches(data, keys, args.rm_batch, args.seed, step * args.rm_grad_accum, rows=train)
             with timer:
                 loss_value, hits = optimiser_step(opt, params, micro_step, args.rm_grad_accum, args.grad_clip,
                                                   f"stage 1 step {step} (--rm-lr {args.rm_lr})")
-            run.log(step, f"rm-{name}", loss=loss_value, train_acc=torch.cat(hits).mean().item())
-        rundir.plot_metrics(run, f"rm-{name}", ["loss", "train_acc"], f"reward model '{name}' ({loss})")
+            hits = torch.cat(hits)
+            run.log(step, stage, loss=loss_value, train_acc=hits[hits[:, 1] == 1, 0].mean().item())
+        del loader
+        rundir.plot_metrics(run, stage, ["loss", "train_acc"], f"reward model '{name}' ({loss})")
         for sig in [[s] for s in args.eval_sigmas] + [args.ensemble_sigmas]:
             acc, se = accuracy(sig)
             key = "ensemble" if len(sig) > 1 else f"sigma_{sig[0]}"
@@ -349,24 +348,19 @@ def reward_model_stage(pipe, data, train_idx, test_idx, args: Args, run, summary
         accs = [r["accuracy"] for r in rows[-len(args.eval_sigmas) - 1:]]
         curves[f"{name} ({loss}); ensemble {args.ensemble_sigmas}: {accs[-1]:.3f}"] = (args.eval_sigmas, accs[:-1])
         summary[f"{name}_rm_seconds_per_step"] = timer.seconds_per_step
-        if name == "reward":
-            reward_head, sd = head, {f"head.{k}": v for k, v in head.state_dict().items()}
+        if name == "reward":  # the ablation is only measured (its adapter stays, inactive: FSDP2 holds it)
+            sd = {f"head.{k}": v for k, v in head.state_dict().items()}
             sd.update({f"lora.{k}": v for k, v in common.lora_state_dict(tr, name).items()})
             meta = {k: getattr(args, k) for k in (*SHAPE_KEYS, "loss", "backbone")}  # checked on --reward-ckpt
             common.save_safetensors(sd, run.dir / "reward_model.safetensors", meta)
-        else:  # the ablation is only measured
-            set_active_adapter(tr, "reward")
-            tr.delete_adapters(name)
+    set_active_adapter(tr, "reward")
     rundir.plot(run.dir / "accuracy_vs_sigma.png", curves, "held-out accuracy on strict pairs", "sigma", "accuracy")
-    return reward_head, rows
+    return rows
 
 
 # ==== Stage 2: ReFL with the learned reward (flow-grpo-rm train_sd3_refl_rm.py)
 def checkpoint_with_adapter(transformer, set_adapter):
-    """Block checkpointing that recomputes each block under its forward's adapter; diffusers' uses the one active at
-    backward, and a ReFL backward spans policy and reward forwards: CheckpointError (or wrong grads at equal ranks)."""
-    from torch.utils.checkpoint import checkpoint
-
+    """Block checkpointing that recomputes each block under its forward's adapter (diffusers': the active one)."""
     @contextlib.contextmanager
     def under(name):  # a block's recompute: under the adapter of its forward, then back
         before = transformer.active_adapters()[0]
@@ -379,10 +373,10 @@ def checkpoint_with_adapter(transformer, set_adapter):
 
 
 def add_policy(pipe, head, args: Args):
-    """Stage 2's trainables: a policy LoRA on the whole generator; the reward model frozen (its activations: grad)."""
-    head.requires_grad_(False)
-    pipe.transformer.requires_grad_(False)
-    policy = add_lora(pipe.transformer, args.policy_rank, args.policy_alpha, "policy", args)
+    """Stage 2's trainables: a policy LoRA on every block (main adds it before sharding); the reward model frozen."""
+    if "policy" not in pipe.transformer.peft_config:
+        add_lora(pipe.transformer, args.policy_rank, args.policy_alpha, "policy", args)
+    policy = train_only(pipe.transformer, "policy", [head])
     if args.gradient_checkpointing:  # one backward spans policy- and reward-adapter forwards
         checkpoint_with_adapter(pipe.transformer, set_active_adapter)
     return policy
@@ -399,63 +393,55 @@ def refl_step(pipe, head, embeds, mask, args: Args, gen: torch.Generator, negati
     sigmas = common.sigma_schedule(args.num_steps, common.backbone_geometry(pipe)["flow_shift"])  # the checkpoint's
     late = min(int(round(args.late_fraction * args.num_steps)), args.num_steps - 1)  # official: 40 steps -> 30..39
     mid = int(torch.randint(late, args.num_steps, (1,), generator=gen))
-    shape = (len(embeds), *common.backbone_geometry(pipe)["latent_shape"])
-    noise = torch.randn(shape, generator=gen).to(dev)
+    shape = (len(embeds) * common.rank_world()[1], *common.backbone_geometry(pipe)["latent_shape"])  # global batch
+    noise = common.local_batch(torch.randn(shape, generator=gen)).to(dev)
     set_active_adapter(tr, "policy")
     with torch.no_grad():
         x, _ = common.rollout(tr, noise, embeds, sigmas, 0, mid, guidance_scale=args.guidance_scale,
                               negative_embeds=negative)
     v = common.predict_velocity(tr, x, sigmas[mid], embeds)  # the one step with gradient, no CFG (official)
     x0_hat = common.x0_from_velocity(x, v, sigmas[mid])
-    eps = torch.randn(shape, generator=gen).to(dev)  # fresh noise for the reward's sigma = 0.4
+    eps = common.local_batch(torch.randn(shape, generator=gen)).to(dev)  # fresh noise for the reward's sigma = 0.4
     r = dina_reward(tr, head, x0_hat, embeds, mask, [args.score_sigma], eps, args.taps)
     set_active_adapter(tr, "policy")
     return refl_loss(r), r.detach(), mid
 
 
-def encode_eval_prompts(pipe, data, meta, args: Args):
-    """Held-out prompts for stage 2 and the CFG negative, encoded once; then T5 can go before any training."""
-    embeds, mask = data["prompt_embeds"], data["prompt_mask"]
-    encode = lambda prompts: common.encode_prompts(pipe, prompts, max_sequence_length=embeds.shape[1])
-    if str(meta.get("source", "")).startswith("toy"):  # held-out toy prompts (shape word 'patch'), never seen in ReFL
-        held_out = (toy.toy_prompts("eval"), *encode(toy.toy_prompts("eval")), torch.arange(len(embeds)))
-    else:  # a real prompt table: hold out its last 10% (no ground-truth reward: report the DiNa score)
-        k = max(1, len(embeds) // 10)
-        held_out = (None, embeds[-k:], mask[-k:], torch.arange(len(embeds) - k))
-    return (*held_out, encode([""])[0].to(pipe.transformer.device) if args.guidance_scale > 1 else None)
-
-
 def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
-    """Stage 2: a policy LoRA trained with ReFL (refl.png); its EMA (--ema) or last weights scored before/after on the
-    held-out prompts (encode_eval_prompts), paired by seed, into `summary`, and saved. Returns the table rows."""
+    """Stage 2: ReFL of a policy LoRA; its EMA (--ema) or last weights scored before/after, paired by seed -> rows."""
     tr, dev = pipe.transformer, pipe.transformer.device
     eval_prompts, eval_embeds, eval_mask, train_rows, negative = prompts
     rows = [j * len(eval_embeds) // args.eval_samples for j in range(args.eval_samples)]  # consecutive blocks
 
     @torch.no_grad()
     def evaluate():  # fresh samples from fixed seeds with the policy: DiNa score, true toy reward (toy prompts)
-        set_active_adapter(tr, "policy")
-        z = common.sample_latents(pipe, eval_embeds[rows], [10_000 + j for j in range(len(rows))], args.num_steps,
-                                  guidance_scale=args.guidance_scale, negative_embeds=negative)
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(4321)).to(dev)
-        scores = {"true_reward": toy.true_reward(pipe, z, [eval_prompts[j] for j in rows])} if eval_prompts else {}
-        scores["dina_reward"] = dina_reward(tr, head, z.to(dev), eval_embeds[rows].to(dev), eval_mask[rows].to(dev),
-                                            [args.score_sigma], eps, args.taps).cpu()
-        return z, scores
+        set_active_adapter(tr, "policy")  # each rank samples its share of (row, seed); the scores are gathered
+        mine = common.local_batch(torch.arange(len(rows)))
+        at = [rows[j] for j in mine]
+        z = common.sample_latents(pipe, eval_embeds[at], (10_000 + mine).tolist(), args.num_steps, desc="evaluation "
+                                  "samples" * common.is_main() or None, guidance_scale=args.guidance_scale,
+                                  negative_embeds=negative)
+        eps = torch.randn((len(rows), *z.shape[1:]), generator=torch.Generator().manual_seed(4321))[mine].to(dev)
+        scores = {"true_reward": toy.true_reward(pipe, z, [eval_prompts[j] for j in at])} if eval_prompts else {}
+        scores["dina_reward"] = dina_reward(tr, head, z.to(dev), eval_embeds[at].to(dev), eval_mask[at].to(dev),
+                                            [args.score_sigma], eps, args.taps)
+        return z, {k: common.gather(v.float().to(dev)).cpu() for k, v in scores.items()}
 
-    def micro_step():
-        b = train_rows[torch.randint(0, len(train_rows), (args.batch_size,), generator=gen)]
-        loss, r, mid = refl_step(pipe, head, data["prompt_embeds"][b].to(dev), data["prompt_mask"][b].to(dev), args,
-                                 gen, None if negative is None else negative.expand(len(b), -1, -1))
-        return loss, (r, mid)
-
+    def micro_step():  # the step's prompts (dataset.batches over the training prompts: a function of seed and step)
+        b = next(loader)
+        loss, r, mid = refl_step(pipe, head, b["prompt_embeds"].to(dev), b["prompt_mask"].to(dev), args, gen,
+                                 None if negative is None else negative.expand(len(b["rows"]), -1, -1))
+        return loss, (common.gather(r), mid)
     policy = add_policy(pipe, head, args)
     z_before, before = evaluate()
     opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=args.weight_decay)
-    gen, timer = torch.Generator().manual_seed(args.seed + 1), rundir.StepTimer(dev)
+    gen, timer, loader = torch.Generator().manual_seed(args.seed + 1), rundir.StepTimer(dev), None  # loader: as stage 1
     ema = [p.detach().clone() for p in policy] if args.ema else []  # the policy's EMA, in the stage's checkpoints
     for step in stage_steps(run, "refl", args.tune_steps, args, modules=dict(policy=tr), optimizer=opt,
                             generators=dict(refl=gen), tensors={f"ema{i}": e for i, e in enumerate(ema)}):
+        if loader is None:
+            loader = dataset.batches(data, ["prompt_embeds", "prompt_mask"], args.batch_size, args.seed + 1,
+                                     step * args.grad_accum, rows=train_rows)
         with timer:
             loss, out = optimiser_step(opt, policy, micro_step, args.grad_accum, args.grad_clip,
                                        f"ReFL step {step} (--lr {args.lr})")
@@ -465,8 +451,7 @@ def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
         run.log(step, "refl", loss=loss, reward=torch.cat([o[0] for o in out]).mean().item(),
                 mid_step=[o[1] for o in out])
     rundir.plot_metrics(run, "refl", ["loss", "reward"], "ReFL: loss 2 - (r + 12) / 10, DiNa reward r")
-    for p, e in zip(policy, ema):  # --ema: the EMA is evaluated and saved (the stage's checkpoint: the weights)
-        p.data.copy_(e)
+    [p.data.copy_(e) for p, e in zip(policy, ema)]  # --ema: the EMA is evaluated and saved (checkpoint: the weights)
     z_after, after = evaluate()
     common.save_lora(tr, run.dir / "policy_lora", "policy")
     for tag, z in (("before", z_before), ("after", z_after)):
@@ -502,7 +487,7 @@ def estimate_memory(args: Args) -> dict:
 # ==== Input checks (issue #19): a user's mistake fails here, before any model loads or a run folder exists
 def read_pairs(args: Args):
     """--data: dataset.load (files, keys, rows, NaN/inf, prompt indices), 'pref' in {0, 1, 2}, dataset.drop_repeats."""
-    data, meta = dataset.load(args.data, "pairs")
+    data, meta = dataset.load(args.data, "pairs", lazy=True)  # latents stay on disk (dataset.Rows)
     pref = data["pref"]
     bad = ((pref != 0) & (pref != 1) & (pref != 2)).nonzero()[:5, 0].tolist()
     common.require(not bad, f"{args.data}: 'pref' must be 0 (A), 1 (B) or 2 (tie); rows {bad}: {pref[bad].tolist()}")
@@ -520,8 +505,7 @@ def check_reward_ckpt(args: Args):
     except (SafetensorError, OSError) as e:
         raise UserError(f"--reward-ckpt {path}: not a safetensors file ({e})") from None
     common.require(all(k in meta for k in SHAPE_KEYS) and width and any(k.startswith("lora.") for k in keys),
-                   f"--reward-ckpt {path}: not a DiNa-LRM reward model (head/LoRA tensors or the metadata "
-                   f"{list(SHAPE_KEYS)} missing); dina_lrm.py --stage rm writes one")
+                   f"--reward-ckpt {path}: not a DiNa-LRM reward model (no head, LoRA or shape metadata)")
     differ = [f"--{k.replace('_', '-')} {meta[k]}, this run has {getattr(args, k)}" for k in SHAPE_KEYS
               if meta[k] != str(getattr(args, k))]
     common.require(not differ, f"{path}: trained with {'; '.join(differ)} (pass the checkpoint's values)")
@@ -559,7 +543,6 @@ def main(args: Args) -> dict:
                    f"--backbone {args.backbone}: the toy world is tiny's; pass --data (from prepare.py)", 2)
     if args.estimate_memory:
         return estimate_memory(args)
-    # data, checkpoint, size and --out-dir first: a failed start costs seconds and leaves no run folder behind
     data, meta = read_pairs(args) if args.data else (None, {})
     size = dataset.video_size(meta, args.data, args.height, args.width, args.num_frames)  # typed, else the data's
     width = check_reward_ckpt(args) if args.reward_ckpt else None
@@ -577,22 +560,38 @@ def main(args: Args) -> dict:
     args = dataclasses.replace(args, **{k: geo[k] for k in ("height", "width", "num_frames")})  # args.json: the size
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
-    head, rows = add_reward_model(pipe, args, path=args.reward_ckpt)[0] if args.reward_ckpt else None, []
+    w = common.rank_world()[1]  # torchrun: each rank takes 1/w of every batch
+    common.require(not (args.rm_batch % w or args.batch_size % w or args.eval_samples % w), "--rm-batch, --batch-size "
+                   f"and --eval-samples must be multiples of the {w} processes", 2)
+    heads, rows = {n: add_reward_model(pipe, args, n, args.reward_ckpt)[0] for n in ["reward"] + ["ablation"] * (
+        args.ablation and not args.reward_ckpt)}, []
+    if args.stage != "rm":
+        add_lora(pipe.transformer, args.policy_rank, args.policy_alpha, "policy", args)
+    common.shard(pipe.transformer, *heads.values())  # FSDP2 (torchrun): after every adapter and head, seeded alike
     run = rundir.Run("dina_lrm", args, args.out_dir or None, args.resume)  # only now: a failed start leaves none
     summary = dict(backbone=args.backbone, pairs=len(data["pref"]),
                    test_strict_pairs=int((data["pref"][test_idx] < 2).sum()), run_dir=str(run.dir))
-    prompts = encode_eval_prompts(pipe, data, meta, args) if args.stage != "rm" else None
+    prompts, embeds = None, data["prompt_embeds"]  # ReFL's held-out prompts and CFG negative, encoded before T5 goes
+    if args.stage != "rm":
+        encode = lambda p: common.encode_prompts(pipe, p, max_sequence_length=embeds.shape[1])
+        if str(meta.get("source", "")).startswith("toy"):  # held-out toy prompts (shape word 'patch'), never in ReFL
+            prompts = (toy.toy_prompts("eval"), *encode(toy.toy_prompts("eval")), torch.arange(len(embeds)))
+        else:  # a real prompt table: hold out its last 10% (no ground-truth reward: report the DiNa score)
+            k = max(1, len(embeds) // 10)
+            prompts = (None, embeds[-k:], data["prompt_mask"][-k:], torch.arange(len(embeds) - k))
+        prompts += (encode([""])[0].to(pipe.transformer.device) if args.guidance_scale > 1 else None,)
     common.drop_text_encoder(pipe)  # every prompt is encoded: UMT5-XXL leaves before training
     if not args.reward_ckpt:
-        head, rows = reward_model_stage(pipe, data, train_idx, test_idx, args, run, summary)
+        rows = reward_model_stage(pipe, heads, data, train_idx, test_idx, args, run, summary)
         print(rundir.format_table(rows, ["model", "scoring", "accuracy", "se"]))
     if args.stage != "rm":
-        print(rundir.format_table(run_refl(pipe, head, data, args, run, prompts, summary)))
+        print(rundir.format_table(run_refl(pipe, heads["reward"], data, args, run, prompts, summary)))
+        summary["claims"] = [dict(claim="true-reward gain of the ReFL policy LoRA over the base, held-out toy prompts "
+                                  "paired by seed", mean=g[0], se=g[1]) for g in [summary.get("true_reward_gain")] if g]
     summary.update(peak_memory_gib=memory.peak_memory_gib(), accuracy_table=rows)
     run.summary(summary)
-    print(f"summary: {run.dir / 'summary.json'}\nplots: {', '.join(map(str, sorted(run.dir.glob('*.png'))))}"
-          + (not args.reward_ckpt) * f"\nreward model (--reward-ckpt): {run.dir / 'reward_model.safetensors'}"
-          + (args.stage != "rm") * f"\npolicy LoRA (WanPipeline.load_lora_weights): {run.dir / 'policy_lora'}")
+    print(f"summary: {run.dir / 'summary.json'} (plots: {', '.join(p.name for p in sorted(run.dir.glob('*.png')))})"
+          + "; reward_model.safetensors" * (not args.reward_ckpt) + "; policy_lora/" * (args.stage != "rm"))
     return summary
 
 

@@ -3,7 +3,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import signal
 import statistics
@@ -359,13 +358,14 @@ def test_text_encoder_is_dropped_before_any_training(tmp_path, data, monkeypatch
     monkeypatch.setattr(D, "run_refl", lambda pipe, *a: seen.append(("refl", pipe.text_encoder)) or refl(pipe, *a))
     summary = D.main(small_args(tmp_path / "o", data, rm_steps=2, tune_steps=1, eval_samples=12, guidance_scale=2.0))
     assert seen == [("rm", None), ("refl", None)]
-    assert summary["eval_samples"] == 12  # the held-out prompts were encoded before T5 left
+    assert all(math.isfinite(v) for v in summary["true_reward_gain"])  # the held-out prompts (encoded first) scored
 
 
-def test_stage1_has_no_policy_adapter_and_drops_the_ablation(tmp_path, data):
-    with capture_pipe() as cap:
+def test_stage1_has_no_policy_adapter_and_leaves_the_ablation_inactive(tmp_path, data):
+    with capture_pipe() as cap:  # every adapter is built before FSDP2 shards the blocks, so the ablation's stays
         s = D.main(small_args(tmp_path, data, stage="rm", rm_steps=2, ablation=True, eval_sigmas=[0.4]))
-    assert list(cap.pipe.transformer.peft_config) == ["reward"]
+    assert list(cap.pipe.transformer.peft_config) == ["reward", "ablation"]
+    assert cap.pipe.transformer.active_adapters() == ["reward"]
     assert "ablation_acc_sigma_0.4" in s and "true_reward_gain" not in s
     from safetensors import safe_open  # the checkpoint records the loss that trained it
     with safe_open(str(tmp_path / "reward_model.safetensors"), "pt") as f:
@@ -375,26 +375,40 @@ def test_stage1_has_no_policy_adapter_and_drops_the_ablation(tmp_path, data):
 # ---------------------------------------------------------------- behaviour
 def test_reward_model_beats_chance_on_held_out_pairs(trained):
     summary, _, _ = trained
-    n = summary["test_strict_pairs"]
-    assert n >= 80
-    # chance is 0.5 (SE ~0.05 at ~100 strict pairs; measured 0.69-0.75 at sigma 0.1 on two machines); a broken
+    # chance is 0.5; measured on ~117 strict test pairs (one thread): 0.778 +- 0.039 at sigma 0.1, 0.735 +- 0.041 at
+    # 0.4, 0.701 +- 0.043 for the ensemble, 0.462 at 0.9; thresholds about 4 SE below (the ensemble's 3.5); a broken
     # loss, pairing or sign stays near or under 0.5
     assert summary["acc_sigma_0.1"] > 0.62, summary["accuracy_table"]
-    assert summary["acc_sigma_0.4"] > 0.6, summary["accuracy_table"]
-    assert summary["acc_ensemble"] > 0.58, summary["accuracy_table"]
-    # at sigma 0.9 the feature is mostly noise: the score must depend on the noise level as it should
+    assert summary["acc_sigma_0.4"] > 0.57, summary["accuracy_table"]
+    assert summary["acc_ensemble"] > 0.55, summary["accuracy_table"]
+    # at sigma 0.9 the feature is mostly noise: the score must depend on the noise level as it should (gap 0.316)
     assert summary["acc_sigma_0.1"] - summary["acc_sigma_0.9"] > 0.1, summary["accuracy_table"]
 
 
-@pytest.mark.skipif(not os.environ.get("DINA_LRM_SLOW"), reason="the full toy-world run (building its 2048 pairs, then both stages) took 11 minutes here; "
-                    "set DINA_LRM_SLOW=1")
-def test_full_toy_world_run(tmp_path):
-    s = D.main(tiny_args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"), save_videos=0))
-    assert s["acc_sigma_0.4"] > 0.65 and s["acc_ensemble"] > 0.65, s["accuracy_table"]
-    assert s["eval_samples"] >= 16
-    # paired by seed (measured: +0.159 +- 0.055, 96 samples)
-    gain, se = s["true_reward_gain"]
-    assert gain > 2 * se, s
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, shared_toy_cache):
+    """`python dina_lrm.py` as the demo runs it (TINY: the 1024 toy pairs of seed 0, one cache with PRISM's tests),
+    without its two videos; main seeds everything from --seed 0 and every draw uses its own generator."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return D.main(tiny_args(out_dir=str(out), toy_cache=str(shared_toy_cache), save_videos=0))
+
+
+def test_demo_reward_model_ranks_held_out_toy_pairs(demo):
+    # the demo's 145 held-out strict pairs, chance 0.5: measured 0.772 +- 0.035 at sigma 0.4 (7.8 SE above chance;
+    # round 4, before dataset.batches: 0.738 +- 0.037); the threshold is 4 SE below it, still 3.7 SE above chance
+    assert demo["acc_sigma_0.4"] > 0.63, demo["accuracy_table"]
+
+
+def test_demo_refl_raises_the_true_toy_reward(demo):
+    # the claim: ReFL with the learned reward raises the true (pixel) toy reward of fresh samples of the held-out
+    # prompts, 768 paired by seed. Measured +0.109 +- 0.023 (4.8 SE; the batches of dataset.batches since issue #14,
+    # round 4's random draws: +0.110 +- 0.023); the threshold is 4 SE below (0.018): the
+    # claim asserted is "a gain", not its size. A policy that games the reward model (--lr 4e-4 --no-ema: -0.242 +-
+    # 0.029) or no training (0 exactly) fails it. The DiNa score it optimises: +5.837 +- 0.110, threshold 4 SE below.
+    gain, se = demo["true_reward_gain"]
+    assert gain > 0.018, demo
+    assert demo["dina_reward_gain"][0] > 5.39, demo
+    assert demo["claims"] == [dict(claim=demo["claims"][0]["claim"], mean=gain, se=se)]  # what `make demo` prints
 
 
 # ---------------------------------------------------------------- CLI smoke and saved LoRA
@@ -407,8 +421,6 @@ def test_cli_tune_stage_and_lora_loads(trained, tmp_path, data):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "true_reward" in res.stdout
-    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
-    assert summary["eval_samples"] == 12 and summary["tune_steps"] == 2
     assert (tmp_path / "cli" / "videos" / "after_0.mp4").stat().st_size > 0
     pipe = common.load_backbone("tiny")
     x, e = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 32, 32)
@@ -557,7 +569,7 @@ def test_max_steps_caps_every_stage(tmp_path, data):
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     steps = [[r["step"] for r in rows if r["stage"] == stage] for stage in ("rm-reward", "rm-ablation", "refl")]
     assert steps == [[0, 1]] * 3
-    assert s["tune_steps"] == 2 and s["eval_samples"] == 2
+    assert s["tune_steps"] == 2  # the summary reports the steps run (--max-steps), not --tune-steps
 
 
 def test_estimate_memory_of_a_folder_backbone_at_a_size(tmp_path, capsys):
@@ -680,26 +692,52 @@ def test_typed_values_win_on_tiny_even_the_paper_default(tmp_path, data):
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["rm_lr"] == 5e-5 != D.TINY["rm_lr"] and args["grad_accum"] == 4 != D.TINY["grad_accum"]
     assert args["gradient_checkpointing"] is True and args["ablation"] is False
-    assert args["rm_steps"] == 3 and args["tune_steps"] == 2 and args["eval_samples"] == 1
     assert args["lr"] == D.TINY["lr"] != D.Args.lr  # not typed: TINY's
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "rm-reward"] == [0, 1, 2]
     refl = [r for r in rows if r["stage"] == "refl"]
     assert len(refl) == 2 and all(len(r["mid_step"]) == 4 for r in refl)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["eval_samples"] == 1 and summary["tune_steps"] == 2 and "ablation_acc_sigma_0.4" not in summary
+    assert "ablation_acc_sigma_0.4" not in summary
 
 
 def test_help_shows_the_effective_tiny_values_and_bad_flags_say_error(tmp_path):
     res = run_cli("--help", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     text = " ".join(res.stdout.split())
-    assert "--toy-size" in text and "~30% are strict" in text  # a % in a help string once crashed --help
-    for flag, tiny, paper in [("--tune-steps", 40, 150), ("--grad-accum", 1, 4), ("--eval-samples", 96, 64),
-                              ("--rm-lr", 0.001, 5e-05)]:
-        assert f"[paper: {paper}; tiny: {tiny}] (default: {tiny})" in text, flag
+    assert "--toy-size" in text and "~70% are strict" in text  # a % in a help string once crashed --help
+    for key in ("tune_steps", "grad_accum", "eval_samples", "rm_lr"):  # the two columns, and tiny's as the default
+        tiny, paper = D.TINY[key], getattr(D.Args, key)
+        assert tiny != paper and f"[paper: {paper}; tiny: {tiny}] (default: {tiny})" in text, key
     real = " ".join(run_cli("--backbone", "wan2.1-1.3b", "--help", cwd=tmp_path).stdout.split())
-    assert "[paper: 150; tiny: 40] (default: 150)" in real
+    tiny, paper = D.TINY["tune_steps"], D.Args.tune_steps
+    assert f"[paper: {paper}; tiny: {tiny}] (default: {paper})" in real
     bad = run_cli("--stage", "tune", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --stage tune needs --reward-ckpt")
     assert "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------- multi-GPU (issue #18): torchrun on CPU (gloo)
+def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, data):
+    """Both stages (and the ablation) under `torchrun --nproc_per_node 2` with FSDP2: one run folder, one reward
+    model and one policy LoRA, equal to one process's on the same global batches; the held-out numbers too."""
+    argv = ["dina_lrm.py", "--data", data, "--rm-steps", "2", "--tune-steps", "2", "--max-steps", "2", "--rm-batch",
+            "4", "--batch-size", "4", "--eval-samples", "4", "--num-steps", "3", "--eval-sigmas", "0.4",
+            "--ensemble-sigmas", "0.2", "0.5", "--ablation", "--test-fraction", "0.05", "--save-videos", "0"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        r = subprocess.run([sys.executable, *launcher, *argv, "--out-dir", str(tmp_path / out)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("summary: ") == 1  # rank 1 prints nothing
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 6  # 3 stages x 2 steps, rank 0
+    for f in ("reward_model.safetensors", "policy_lora/pytorch_lora_weights.safetensors"):
+        one, two = load_file(str(tmp_path / "one" / f)), load_file(str(tmp_path / "two" / f))
+        assert one.keys() == two.keys() and any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)
+        for k in one:  # a bias that shifts every reward alike, or every key of a softmax, has a zero gradient in
+            gauge = re.search(r"to_reward\.bias|ffn\.2\.bias|\.k_[vt]\.bias", k)  # exact math: Adam's first steps
+            tol = dict(rtol=0, atol=2 * 2 * D.TINY["rm_lr"]) if gauge else dict(rtol=1e-4, atol=1e-5)  # turn its
+            torch.testing.assert_close(two[k], one[k], **tol, msg=k)  # rounding into +-lr a step: bounded, not equal
+    one, two = (json.loads((tmp_path / o / "summary.json").read_text()) for o in ("one", "two"))
+    assert one["pairs"] == two["pairs"] and two["claims"][0]["mean"] == pytest.approx(one["true_reward_gain"][0],
+                                                                                      abs=1e-4)
