@@ -441,10 +441,8 @@ def shard(transformer, *heads):
     if rank_world()[1] == 1:
         return
     from torch.distributed.fsdp import fully_shard
-    for block in transformer.blocks:
-        fully_shard(block)
-    for head in heads:
-        fully_shard(head)
+    for module in [*transformer.blocks, *heads]:  # each its own FSDP root: say "reshard", or a root keeps its
+        fully_shard(module, reshard_after_forward=True)  # gathered weights after a forward (FSDP2's root default)
 
 
 def full_tensors(tensors: dict) -> dict:

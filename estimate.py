@@ -495,8 +495,9 @@ def extrapolate(est: dict, lo: dict, hi: dict, n: float) -> dict:
     lin = lambda key, d=est, a=lo, b=hi: d[key] + (n - 1) * (b[key] - a[key])
     out = dict(est, peak_bytes=lin("peak_bytes"), flops=lin("flops"), seconds=est["seconds"] + hi["seconds"],
                breakdown={k: lin(k, est["breakdown"], lo["breakdown"], hi["breakdown"]) for k in est["breakdown"]})
-    if "seconds_per_step" in est:
-        out["seconds_per_step"] = lin("seconds_per_step")
+    for key in ("seconds_per_step", "per_gpu_bytes"):
+        if key in est:
+            out[key] = lin(key)
     return out
 
 

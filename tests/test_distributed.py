@@ -44,6 +44,11 @@ def train(out: str, dtype: str = "fp32", resume: bool = False, stop: int | None 
         loss.backward()
         opt.step()
         run.log(step, "tune", loss=loss.item())
+    if common.rank_world()[1] > 1:  # FSDP2 gives the weights back after each forward (a root keeps them otherwise)
+        from torch.distributed.tensor import DTensor
+        with torch.no_grad():
+            common.predict_velocity(transformer, x0, sigma, e)
+        assert all(isinstance(p, DTensor) for p in [*transformer.blocks.parameters(), *head.parameters()])
     common.save_lora(transformer, run.dir)
     common.save_safetensors(dict(head.state_dict()), run.dir / "head.safetensors")
 
