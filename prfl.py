@@ -19,26 +19,14 @@ Equation -> code
     Tab. 5    accuracy per noise interval (+ AUC, not in the paper) evaluate_pavrm, auc
     Tab. 3    early / middle / late / full range of m              sample_cutoff (--m-range)
 
-As the official code (Tencent-Hunyuan/HY-Video-PRFL) where it and the paper differ: PAVRM's blocks are fine-tuned
-(the paper's text also says "frozen"), embeddings frozen, gradients clipped over the blocks only; 8-head torch
-MultiheadAttention with q/k/v/out projections (Eq. 5: one head); PAVRM and SFT sigma = 5s/(1+4s), s uniform
-(--rm-sigma-shift 1: the paper's U(0,1)); lambda 0.1, target 2 on the probability r; m ~ U{0..N-2} of a 40-step
-shift-5 schedule, reward at t_{m+1}, never at x0; no CFG in training; one 10%-empty-prompt text batch for both losses;
-the DiT in bf16 (--dtype; CUDA's default), PAVRM (in PRFL too, frozen: rope, time embedder, norms all fp32) / LoRA /
-a full fine-tune fp32 under bf16 autocast; Tab. 7's BT: a (good, bad) pair shares sigma and noise (its random order
-swap is left out: the loss is the same). PAVRM score (A.2.2): the share of r > 0.5, the mean r beside it. Unlike the
-official code: z = attn.squeeze(1) + q (its [B,D] + [B,1,D] broadcasts to [B,B,D]); Euler steps (the paper's Alg. 1)
-for UniPC; one optimiser step per iteration (it steps twice per accumulation cycle); the gradient clipped once per
-optimiser step (it clips the running sum after every backward, SFT's and PRFL's); a LoRA (alpha = rank) at --lr 1e-4
-(ours) by default, --full-finetune at the paper's 5e-6; PAVRM copies only the embeddings and first blocks and is
-frozen in PRFL with requires_grad False. Run folder, checkpoints, --resume: rundir. On --backbone tiny, TINY (below)
-replaces the paper's rates and lengths: at lr 1e-6 a 40k-parameter model does not move in minutes.
+As the official code (Tencent-Hunyuan/HY-Video-PRFL) where it and the paper differ; where this script differs from both:
+docs/prfl.md. Run folder, checkpoints, --resume: rundir; torchrun (FSDP2), data left on disk: common.py, dataset.py. On
+--backbone tiny, TINY (below) replaces the paper's rates and lengths: at lr 1e-6 a 40k-parameter model does not move.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +46,7 @@ TAB5_EDGES = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # Tab. 5's noise intervals [0,.2], 
 SIZE = ("height", "width", "num_frames")
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     # generic
     stage: str = arg("all", "rm: train PAVRM; tune: PRFL (needs a PAVRM); all: both", choices=["rm", "tune", "all"])
@@ -79,7 +67,6 @@ class Args:
     toy_cache: str = arg("runs/toy_data", "toy world: dataset cache folder")
     test_fraction: float = arg(0.2, "held-out share of --data for PAVRM accuracy", min=0, max=1)
     estimate_memory: bool = arg(False, "only print peak GPU memory and TFLOPs of each stage (no weights, no data)")
-    # backbone
     backbone: str = arg("tiny", "tiny | wan2.1-1.3b | wan2.1-14b | a diffusers Wan folder")
     gradient_checkpointing: bool = arg(True, "block checkpointing in generator and PAVRM")
     # reward model (PAVRM)
@@ -121,14 +108,11 @@ class Args:
     eval_sigma_edges: list = arg(None, "sigma edges of Tab. 5's accuracy", factory=lambda: list(TAB5_EDGES), min=0, max=1)
 
 
-# The parser's defaults on --backbone tiny (common.parse_args; a typed value always wins): CPU-sized learning
-# rates and lengths for the 40k-parameter tiny backbone. Real backbones keep the paper's values above.
-TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_rank=16, lr=1e-3,
-            full_finetune_lr=1e-3, tune_steps=200, batch_size=16, grad_accum=1, num_steps=10, eval_samples=96,
-            guidance_scale=1.0, gradient_checkpointing=False, checkpoint_every=50,
-            # the paper's U(0,1) training sigma: the toy world's 12-token latents carry little above sigma 0.8,
-            # and the official shift 5 spends most steps there (measured: 0.70 vs 0.51 mean accuracy)
-            rm_sigma_shift=1.0)
+# The parser's defaults on --backbone tiny (common.parse_args; a typed value always wins), CPU-sized; real backbones keep
+# Args. rm_sigma_shift 1: the toy latents carry little above sigma 0.8, where shift 5 spends most steps (docs/prfl.md).
+TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_rank=16, lr=2e-3,
+            full_finetune_lr=1e-3, tune_steps=100, batch_size=16, grad_accum=1, num_steps=10, guidance_scale=1.0,
+            eval_samples=384, gradient_checkpointing=False, checkpoint_every=50, rm_sigma_shift=1.0)
 
 
 # ==== PAVRM: Eqs. (4)-(6)
@@ -156,8 +140,7 @@ class PAVRM(nn.Module):
     def __init__(self, transformer, blocks: int = 8, heads: int = 8, pooling: str = "query", loss: str = "bce",
                  gradient_checkpointing: bool = False):
         super().__init__()
-        common.require(blocks <= len(transformer.blocks), f"--rm-blocks {blocks} > the backbone's "
-                       f"{len(transformer.blocks)} blocks", 2)
+        common.require(blocks <= len(transformer.blocks), f"--rm-blocks {blocks} > its {len(transformer.blocks)} blocks", 2)
         self.blocks, self.heads, self.pooling, self.loss = blocks, heads, pooling, loss
         # Eq. (4): a copy of the generator's embeddings and first blocks, never of the rest (a full fp32 copy of 14B
         # is 56 GB); the generator is untouched. fp32 master weights, bf16 autocast with --dtype bf16.
@@ -173,8 +156,7 @@ class PAVRM(nn.Module):
         self.pool = QueryAttention(dim, heads, residual=pooling == "query") if pooling in ("query", "attn") else None
         self.mlp = nn.Sequential(nn.Linear(dim, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 1))
         for layer in self.mlp[::2]:  # official init: xavier weights, zero biases
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            nn.init.xavier_uniform_(layer.weight), nn.init.zeros_(layer.bias)
 
     def config(self) -> dict:  # what the checkpoint metadata and summary.json record
         return dict(blocks=self.blocks, heads=self.heads, pooling=self.pooling, loss=self.loss)
@@ -241,17 +223,17 @@ def load_pavrm(path, transformer, gradient_checkpointing: bool = False) -> PAVRM
 
 
 # ==== PRFL: Alg. 1, Eqs. (7)-(10)
-def sample_cutoff(num_steps: int, m_range: str = "full") -> int:
+def sample_cutoff(num_steps: int, m_range: str = "full", generator=None) -> int:
     """m ~ U{0..N-2} (official randint(0, 38) for N = 40), so t_{m+1} > 0; Tab. 3 restricts it to a third."""
     third = num_steps // 3
     lo, hi = dict(full=(0, num_steps - 2), early=(0, third - 1), middle=(third, 2 * third - 1),
                   late=(2 * third, num_steps - 2))[m_range]
-    return int(torch.randint(lo, max(lo, hi) + 1, ()).item())
+    return int(torch.randint(lo, max(lo, hi) + 1, (), generator=generator).item())
 
 
-def process_reward(transformer, pavrm, embeds, shape, sigmas, m: int):
+def process_reward(transformer, pavrm, embeds, shape, sigmas, m: int, generator=None):
     """Alg. 1 lines 9-14: noise -> (no grad) x_m -> ONE step with grad -> x_{m+1}; r = sigmoid(PAVRM(x_{m+1}, t_{m+1}))."""
-    x = torch.randn(shape, device=embeds.device)
+    x = common.local_batch(torch.randn(world(shape[0]), *shape[1:], generator=generator)).to(embeds.device)  # on the CPU
     # Eqs. (7)-(8): gradient reaches the generator only through the transformer call of step m
     x, _ = common.rollout(transformer, x, embeds, sigmas, 0, m + 1, grad_steps=[m])
     sigma = sigmas[m + 1].to(x.device).expand(len(x))
@@ -263,36 +245,52 @@ def prfl_loss(r, weight: float = 0.1, target: float = 2.0):
     return weight * F.relu(target - r).mean()
 
 
-def sft_loss(transformer, x0, embeds, shift: float = 5.0):
+def sft_loss(transformer, x0, embeds, shift: float = 5.0, generator=None):
     """Eq. (10): flow matching on real latents, ||v(x_sigma) - (eps - x0)||^2, sigma = shift(s), s uniform."""
-    eps = torch.randn_like(x0)
-    sigma = common.sample_train_sigma(len(x0), shift, device=x0.device)
+    eps = common.local_batch(torch.randn(world(len(x0)), *x0.shape[1:], generator=generator, dtype=x0.dtype)).to(x0.device)
+    sigma = common.local_batch(common.sample_train_sigma(world(len(x0)), shift, generator, device=x0.device))
     v = common.predict_velocity(transformer, common.add_noise(x0, eps, sigma), sigma, embeds)
     return F.mse_loss(v, common.velocity_target(x0, eps))
 
 
-def drop_prompts(embeds, null_embed, p: float):
+def drop_prompts(embeds, null_embed, p: float, generator=None):
     """Official dataset: the text is the empty prompt with probability p (keeps CFG alive)."""
-    drop = torch.rand(len(embeds), device=embeds.device) < p
+    drop = common.local_batch(torch.rand(world(len(embeds)), generator=generator) < p).to(embeds.device)
     return torch.where(drop[:, None, None], null_embed.to(embeds), embeds)
 
 
-# ==== Training steps and stages
+# ==== Training steps and stages (torchrun: each rank draws the whole batch's noise and keeps its share; docs/prfl.md)
+def world(n: int = 1) -> int:  # n local rows -> the global batch's rows
+    return n * common.rank_world()[1]
+
+
+def split_items(n: int, device):
+    """This rank's share of n evaluation items, padded with the last item so every rank runs as many forwards (the
+    sharded models' collectives need it), and the function that joins the ranks' results in order (NCCL: on CUDA)."""
+    mine = common.local_batch(torch.cat([torch.arange(n), torch.full((-n % world(),), n - 1)]))
+    return mine.tolist(), lambda x: common.gather(x.to(device))[:n].cpu()
+
+
+def mean_over_ranks(**values) -> dict:  # a logged step mean: the mean of the ranks' means over equal shares
+    return {k: common.gather(v.detach().float().reshape(1)).mean() for k, v in values.items()}
+
+
 def autocast(device, dtype: str | None = None):
     """bf16 autocast over fp32 PAVRM / LoRA / full fine-tune weights when the DiT is bf16 (--dtype), on any device."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=common.pick_dtype(dtype, device) == torch.bfloat16)
+    return torch.autocast((device := torch.device(device)).type, dtype=torch.bfloat16,
+                          enabled=common.pick_dtype(dtype, device) == torch.bfloat16)
 
 
 def check_finite(loss, step: int, stage: str):  # a diverged run ends in a named error before the optimiser step
     common.require(torch.isfinite(loss), f"{stage}: loss is {loss.item()} at step {step}; lower the learning rate")
 
 
-def pavrm_step(args, pavrm, x0, y, embeds):
+def pavrm_step(args, pavrm, x0, y, embeds, generator=None):
     """Forward + backward of one PAVRM step: Eq. (6) (or BT) on x_t = (1-sigma) x0 + sigma eps."""
     (lo, hi), k = args.rm_sigma_range, 2 if pavrm.loss == "bt" else 1  # BT: a pair shares sigma and noise (official)
-    sigma = lo + (hi - lo) * common.sample_train_sigma(len(x0) // k, args.rm_sigma_shift, device=x0.device).repeat(k)
-    eps = torch.cat([torch.randn(len(x0) // k, *x0.shape[1:], device=x0.device, dtype=x0.dtype)] * k)
+    n = world(len(x0)) // k  # the global batch's rows (BT: pairs), drawn on every rank; each keeps its share
+    sigma = lo + (hi - lo) * common.local_batch(common.sample_train_sigma(n, args.rm_sigma_shift, generator, x0.device)).repeat(k)
+    eps = torch.cat([common.local_batch(torch.randn(n, *x0.shape[1:], generator=generator, dtype=x0.dtype))] * k).to(x0.device)
     with autocast(x0.device, args.dtype):
         logits = pavrm(common.add_noise(x0, eps, sigma), sigma, embeds)
     loss = RM_LOSSES[pavrm.loss](logits, y)
@@ -303,31 +301,34 @@ def pavrm_step(args, pavrm, x0, y, embeds):
 def train_pavrm(args, pavrm, data, idx, device, run):
     """Stage 1: pavrm_step on random training rows (BT: rm_batch / 2 random good rows, then as many bad ones, so
     rows i and i + B/2 pair up); AdamW with the paper's two learning rates; checkpoints and resume through run."""
-    opt = torch.optim.AdamW([dict(params=pavrm.dit.blocks.parameters(), lr=args.rm_lr_blocks),
-                             dict(params=pavrm.head_parameters(), lr=args.rm_lr_head)],
-                            betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
+    bt, keys = pavrm.loss == "bt", ["latents", "label", "prompt_idx"]
+    common.local_batch(torch.empty(batch := max(1, args.rm_batch // 2) if bt else args.rm_batch))  # divides over ranks
+    common.shard(pavrm.dit, *[m for m in (pavrm.pool, pavrm.mlp) if m is not None])  # torchrun: FSDP2; else nothing
+    opt = torch.optim.AdamW([dict(params=pavrm.dit.blocks.parameters(), lr=args.rm_lr_blocks), dict(
+        params=pavrm.head_parameters(), lr=args.rm_lr_head)], betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
     timer, pavrm, pools = rundir.StepTimer(device), pavrm.train(), [idx[data["label"][idx] == c] for c in (1, 0)]
-    for step in run.steps("rm", args.rm_steps, dict(pavrm=pavrm), opt, every=args.checkpoint_every,
-                          stop_at=args.max_steps, desc="PAVRM"):
+    g = torch.Generator().manual_seed(args.seed)  # sigma, noise: no global RNG; rows: (seed, step) (BT: good, then bad)
+    feeds = [dataset.batches(data, keys, batch, args.seed + c, run.start_step("rm"), rows=p)
+             for c, p in enumerate(pools if bt else [idx])]
+    for step, *parts in zip(run.steps("rm", args.rm_steps, dict(pavrm=pavrm), opt, generators=dict(rm=g),
+                                      every=args.checkpoint_every, stop_at=args.max_steps, desc="PAVRM"), *feeds):
         with timer:
-            b = torch.cat([p[torch.randint(len(p), (max(1, args.rm_batch // 2),))] for p in pools]) \
-                if pavrm.loss == "bt" else idx[torch.randint(len(idx), (args.rm_batch,))]
-            x0, y = data["latents"][b].to(device), data["label"][b].to(device)
+            b = {k: torch.cat([p[k] for p in parts]) for k in keys}
+            x0, y = b["latents"].to(device), b["label"].to(device)
             opt.zero_grad(set_to_none=True)
-            loss, logits, sigma = pavrm_step(args, pavrm, x0, y, data["prompt_embeds"][data["prompt_idx"][b]].to(device))
+            loss, logits, sigma = pavrm_step(args, pavrm, x0, y, data["prompt_embeds"][b["prompt_idx"]].to(device), g)
             check_finite(loss, step, "PAVRM")
             torch.nn.utils.clip_grad_norm_(pavrm.dit.blocks.parameters(), args.grad_clip)  # official: blocks only
             opt.step()
-        run.log(step, "rm", loss=loss, train_acc=((logits > 0).float() == y).float().mean(), sigma_mean=sigma.mean())
+        run.log(step, "rm", **mean_over_ranks(loss=loss, train_acc=((logits > 0).float() == y).float().mean(),
+                                              sigma_mean=sigma.mean()))
     return timer
 
 
 def auc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg)): P(score of a good > score of a bad).
-    Not in the paper; unlike accuracy of s > 0 it does not depend on the class balance or on where the
-    threshold sits, so 0.5 is chance at every noise level (accuracy's chance is the majority class)."""
-    pos = labels > 0.5
-    n_pos, n_neg = pos.sum().item(), (~pos).sum().item()
+    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg)): P(score of a good > score of a bad). Not in the paper;
+    unlike accuracy of s > 0 it does not depend on the class balance, so 0.5 is chance at every noise level."""
+    n_pos, n_neg = (pos := labels > 0.5).sum().item(), (~pos).sum().item()
     if n_pos == 0 or n_neg == 0:
         return float("nan")  # one class only (a tiny held-out split): no pair to rank
     ranks = scores.argsort().argsort().float() + 1
@@ -336,23 +337,19 @@ def auc(scores, labels) -> float:
 
 @torch.no_grad()
 def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, dtype=None, batch: int = 64, seed: int = 1234) -> dict:
-    """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval
-    (lo, hi] between consecutive `edges`; also the AUC of s per interval and the majority-class accuracy
-    (accuracy's chance level)."""
-    pavrm.eval()
-    g = torch.Generator().manual_seed(seed)
-    acc, area = {}, {}
-    y = data["label"][idx]
+    """Tab. 5: accuracy of (s > 0) on held-out latents, one sigma per sample drawn in each noise interval (lo, hi]
+    between consecutive `edges`; also the AUC of s per interval and the majority class (accuracy's chance level)."""
+    g, acc, area, y, _ = torch.Generator().manual_seed(seed), {}, {}, data["label"][idx], pavrm.eval()
     for lo, hi in zip(edges, edges[1:]):
         logits = []
-        for i in range(0, len(idx), batch):
+        for i in range(0, len(idx), batch):  # a chunk at a time from disk; each rank scores its share of a chunk
             b = idx[i:i + batch]
-            x0 = data["latents"][b]
             sigma = hi - (hi - lo) * torch.rand(len(b), generator=g)  # (lo, hi]
-            x_t = common.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
+            eps, (mine, join) = torch.randn(len(b), *data["latents"].shape[1:], generator=g), split_items(len(b), device)
+            x_t = common.add_noise(data["latents"][b[mine]], eps[mine], sigma[mine])
             with autocast(device, dtype):
-                s = pavrm(x_t.to(device), sigma.to(device), data["prompt_embeds"][data["prompt_idx"][b]].to(device))
-            logits.append(s.float().cpu())
+                s = pavrm(x_t.to(device), sigma[mine].to(device), data["prompt_embeds"][data["prompt_idx"][b[mine]]].to(device))
+            logits.append(join(s.float()))
         s, key = torch.cat(logits), f"({lo:g},{hi:g}]"
         acc[key], area[key] = ((s > 0).float() == y).float().mean().item(), auc(s, y)
     return dict(pavrm_accuracy=acc, pavrm_accuracy_mean=sum(acc.values()) / len(acc), pavrm_auc=area,
@@ -362,25 +359,23 @@ def evaluate_pavrm(pavrm, data, idx, device, edges=TAB5_EDGES, dtype=None, batch
 def prepare_prfl(args, transformer, pavrm) -> list:
     """PRFL's trainable weights (LoRA, or all with --full-finetune); the PAVRM frozen, fp32 under autocast (code)."""
     pavrm.eval().requires_grad_(False)  # frozen during PRFL (paper and code); never cast to the generator's bf16
-    if args.full_finetune:
-        params = list(transformer.float().requires_grad_(True).parameters())  # fp32 master weights, bf16 autocast
-    else:
-        params = common.add_lora(transformer, args.lora_rank, adapter_name="prfl")
+    params = list(transformer.float().requires_grad_(True).parameters()) if args.full_finetune else \
+        common.add_lora(transformer, args.lora_rank, adapter_name="prfl")  # full: fp32 master weights, bf16 autocast
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return params
 
 
-def prfl_step(args, transformer, pavrm, x0, embeds, sigmas, m: int | None = None):
+def prfl_step(args, transformer, pavrm, x0, embeds, sigmas, m: int | None = None, generator=None):
     """Forward + backward of one PRFL micro-batch: L_SFT on real latents (Eq. 10), then (m drawn here unless
     given) L_PRFL of the one gradient step at m (Eqs. 7-9). Two backward passes: never both graphs at once."""
     with autocast(x0.device, args.dtype):
-        l_sft = sft_loss(transformer, x0, embeds, args.sft_sigma_shift) if args.sft_weight else torch.zeros(())
+        l_sft = sft_loss(transformer, x0, embeds, args.sft_sigma_shift, generator) if args.sft_weight else torch.zeros(())
     if args.sft_weight:
         (args.sft_weight * l_sft / args.grad_accum).backward()
-    m = sample_cutoff(args.num_steps, args.m_range) if m is None else m  # Alg. 1 line 9 (--estimate-memory: m = 0)
+    m = sample_cutoff(args.num_steps, args.m_range, generator) if m is None else m  # Alg. 1 line 9 (estimate: m = 0)
     with autocast(x0.device, args.dtype):  # real latents give only the shape (official)
-        r = process_reward(transformer, pavrm, embeds, x0.shape, sigmas, m)
+        r = process_reward(transformer, pavrm, embeds, x0.shape, sigmas, m, generator)
     l_prfl = prfl_loss(r, args.reward_weight, args.reward_target)
     (l_prfl / args.grad_accum).backward()
     return l_sft.detach(), l_prfl.detach(), r.detach(), m
@@ -389,23 +384,29 @@ def prfl_step(args, transformer, pavrm, x0, embeds, sigmas, m: int | None = None
 def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
     """Stage 2: prfl_step on batches of the SFT set (the same text batch for both losses), AdamW, constant lr."""
     tr, lr = pipe.transformer, args.full_finetune_lr if args.full_finetune else args.lr
-    params = prepare_prfl(args, tr, pavrm)
+    common.local_batch(torch.empty(args.batch_size))  # a batch that does not divide over the processes: a UserError
+    common.require(world() == 1 or not args.full_finetune, "--full-finetune: one process (its embeddings are unsharded)", 2)
+    params, _ = prepare_prfl(args, tr, pavrm), common.shard(tr)  # torchrun: FSDP2 per block, LoRA included; it
+    params = [q for q in tr.parameters() if q.requires_grad] if world() > 1 else params  # replaced the parameters
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(device)
-    timer, _ = rundir.StepTimer(device), tr.train()
-    for step in run.steps("tune", args.tune_steps, dict(transformer=tr), opt, every=args.checkpoint_every,
-                          stop_at=args.max_steps, desc="PRFL"):
+    timer, _, g = rundir.StepTimer(device), tr.train(), torch.Generator().manual_seed(args.seed + 1)  # no global RNG
+    # micro-batch j of optimiser step s is batch s * grad_accum + j of the SFT rows: a function of (seed, s, j)
+    feed = dataset.batches(sft, ["latents", "prompt_idx"], args.batch_size, args.seed + 1,
+                           run.start_step("tune") * args.grad_accum, rows=sft.get("rows"))
+    for step in run.steps("tune", args.tune_steps, dict(transformer=tr), opt, generators=dict(tune=g),
+                          every=args.checkpoint_every, stop_at=args.max_steps, desc="PRFL"):
         with timer:
             for _ in range(args.grad_accum):
-                b = torch.randint(len(sft["latents"]), (args.batch_size,))
-                embeds = drop_prompts(sft["prompt_embeds"][sft["prompt_idx"][b]].to(device), null_embed,
-                                      args.null_prompt_prob)
-                l_sft, l_prfl, r, m = prfl_step(args, tr, pavrm, sft["latents"][b].to(device), embeds, sigmas)
+                b = next(feed)
+                embeds = drop_prompts(sft["prompt_embeds"][b["prompt_idx"]].to(device), null_embed,
+                                      args.null_prompt_prob, g)
+                l_sft, l_prfl, r, m = prfl_step(args, tr, pavrm, b["latents"].to(device), embeds, sigmas, None, g)
                 check_finite(l_prfl + l_sft, step, "PRFL")  # before the optimiser step: no NaN reaches the weights
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        run.log(step, "tune", sft=l_sft, prfl=l_prfl, pavrm_reward=r.mean(), m=m, grad_norm=grad_norm)
+        run.log(step, "tune", **mean_over_ranks(sft=l_sft, prfl=l_prfl, pavrm_reward=r.mean()), m=m, grad_norm=grad_norm)
     tr.eval()
     return timer
 
@@ -413,22 +414,23 @@ def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
 @torch.no_grad()
 def evaluate_generator(args, pipe, pavrm, embeds, prompts, null_embed, on_toy: bool, tag: str, run) -> dict:
     """Fresh samples for held-out prompts from fixed seeds: true toy reward, PAVRM score and mean r, process reward."""
-    n = args.eval_samples
-    rows = [i % len(prompts) for i in range(n)]
-    seeds = [10_000 + i for i in range(n)]  # the same noise before and after PRFL: a paired comparison
-    lat = common.sample_latents(pipe, embeds[rows], seeds, num_steps=args.num_steps, shift=args.flow_shift,
-                                guidance_scale=args.guidance_scale, negative_embeds=null_embed)
-    dev = pipe.transformer.device
-    g = torch.Generator().manual_seed(99)  # the paper's PAVRM score: one random t per sample
-    sigma = torch.rand(n, generator=g)
-    x_t = common.add_noise(lat, torch.randn(lat.shape, generator=g), sigma)
+    n, dev = args.eval_samples, pipe.transformer.device
+    rows, seeds = [i % len(prompts) for i in range(n)], [10_000 + i for i in range(n)]  # the same seeds before / after
+    mine, join = split_items(n, dev)  # torchrun: each rank samples and scores its share
+    lat = common.sample_latents(pipe, embeds[[rows[i] for i in mine]], [seeds[i] for i in mine], num_steps=args.num_steps,
+                                shift=args.flow_shift, guidance_scale=args.guidance_scale, negative_embeds=null_embed,
+                                desc=f"sampling ({tag})")
+    sigma = torch.rand(n, generator=(g := torch.Generator().manual_seed(99)))[mine]  # PAVRM score: one random t each
+    x_t = common.add_noise(lat, torch.randn(n, *lat.shape[1:], generator=g)[mine], sigma)
     with autocast(dev, args.dtype):
-        r = torch.sigmoid(torch.cat([pavrm(x_t[i:i + 16].to(dev), sigma[i:i + 16].to(dev), embeds[rows[i:i + 16]].to(dev))
-                                     for i in range(0, n, 16)])).cpu()
+        r = torch.sigmoid(torch.cat([pavrm(x_t[i:i + 16].to(dev), sigma[i:i + 16].to(dev),
+                                           embeds[[rows[j] for j in mine[i:i + 16]]].to(dev)) for i in range(0, len(mine), 16)]))
+    r = join(r.float())
     out = dict(pavrm_score=(r > 0.5).float(), pavrm_reward=r,  # the paper's score: the share judged qualified
                process_reward=process_reward_eval(args, pipe, pavrm, embeds[rows], seeds))
     if on_toy:  # the decoded pixel-space toy reward: the ground truth the labels came from
-        out = dict(true_reward=toy.true_reward(pipe, lat, [prompts[i] for i in rows]), **out)
+        out = dict(true_reward=join(toy.true_reward(pipe, lat, [prompts[rows[i]] for i in mine])), **out)
+    lat = join(lat) if args.save_videos else lat  # (every rank calls export_video; rank 0 writes)
     for i in range(min(args.save_videos, n)):
         video = common.decode_latents(pipe, lat[i:i + 1].to(pipe.vae.device))[0]
         rundir.export_video(video, run.dir / "videos" / f"{tag}_seed{seeds[i]}.mp4")
@@ -441,23 +443,23 @@ def process_reward_eval(args, pipe, pavrm, embeds, seeds) -> torch.Tensor:
     fixed seeds, with m = i mod (N-1) so every cut-off is covered; [n]."""
     dev, n, shape = pipe.transformer.device, len(seeds), common.backbone_geometry(pipe)["latent_shape"]
     sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(dev)
-    m = torch.arange(n) % max(1, args.num_steps - 1)
-    r = torch.zeros(n)
+    m, r = torch.arange(n) % max(1, args.num_steps - 1), torch.zeros(n)
     for k in m.unique().tolist():
-        idx = (m == k).nonzero()[:, 0]
+        group = (m == k).nonzero()[:, 0]
+        mine, join = split_items(len(group), dev)  # this rank's share of the group (torchrun)
+        idx = group[mine]
         x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seeds[i])) for i in idx]).to(dev)
         with autocast(dev, args.dtype):
             x, _ = common.rollout(pipe.transformer, x, embeds[idx].to(dev), sigmas, 0, k + 1)
-            r[idx] = torch.sigmoid(pavrm(x, sigmas[k + 1].expand(len(idx)), embeds[idx].to(dev))).float().cpu()
+            r[group] = join(torch.sigmoid(pavrm(x, sigmas[k + 1].expand(len(idx)), embeds[idx].to(dev))).float())
     return r
 
 
 # ==== Flags, files and data, all checked before any model loads (issue #19); main
 def read_inputs(args) -> dict:
-    """The files and data of a run, checked before any model loads: the backbone's config (no weights; a hub id's
-    comes with them: load_data checks then), --out-dir writable, --reward-ckpt (its metadata = the --rm-* flags), the
-    video size (typed, else --data's meta.json, else the backbone's), --data and --sft-data (dataset.load, latents of
-    that size, check_rows, both labels in the training split); last, --out-dir new or --resume (rundir.Run's rule)."""
+    """The files and data of a run, checked before any model loads: the backbone's config (a hub id's comes with its
+    weights: load_data checks then), --out-dir writable, --reward-ckpt's metadata = the --rm-* flags, the video size
+    (typed, else --data's, else the backbone's), --data and --sft-data (lazily), --out-dir new or --resume."""
     hub = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
     cfg = None if hub and all(args.backbone != c["repo"] for c in common.WAN_CONFIGS.values()) else \
         common.backbone_config(args.backbone)
@@ -468,18 +470,17 @@ def read_inputs(args) -> dict:
     differ = [f"--rm-{k} {getattr(args, 'rm_' + k)} (its metadata: {rm[k]})"
               for k in ("blocks", "heads", "pooling", "loss") if rm and rm[k] != str(getattr(args, "rm_" + k))]
     common.require(not differ, f"--reward-ckpt {ckpt} is another PAVRM: {', '.join(differ)}", 2)
-    data, meta = dataset.load(args.data, "binary") if args.data else (None, {})
+    data, meta = dataset.load(args.data, "binary", lazy=True) if args.data else (None, {})  # latents stay on disk
     typed = dataset.video_size(meta, args.data, **{k: getattr(args, k) for k in SIZE})  # meta.json's is the default
     size = [typed[k] or (cfg or {}).get(k) for k in SIZE]
     common.require(args.data or size == [cfg[k] for k in SIZE], "--height / --width / --num-frames need --data (the toy "
                    f"world is {'x'.join(str((cfg or {}).get(k)) for k in SIZE)})", 2)  # (no cfg: a hub id, needs --data)
-    sft = dataset.load(args.sft_data)[0] if args.sft_data else None
+    sft = dataset.load(args.sft_data, lazy=True)[0] if args.sft_data else None
     common.require(sft is None or {"latents", "prompt_idx"} <= set(sft), f"{args.sft_data}: no 'latents' / "
                    "'prompt_idx'; L_SFT needs latents of real videos with their prompts (prepare.py: video, prompt)")
     geo = cfg and common.geometry(cfg, *size)  # the size checked against the backbone, no weights
-    for where, d in ((args.data, data), (args.sft_data, sft)):
-        if d is not None and geo:
-            dataset.check_latents(d, geo, where)
+    for where, d in [(w, d) for w, d in ((args.data, data), (args.sft_data, sft)) if d is not None and geo]:
+        dataset.check_latents(d, geo, where)
     if data is not None:
         bad = ((data["label"] != 0) & (data["label"] != 1)).nonzero()[:5, 0]
         common.require(not len(bad), f"{args.data}: 'label' must be 0 or 1; rows {bad.tolist()} hold "
@@ -505,21 +506,18 @@ def load_data(args, pipe, inputs: dict | None = None):
     for where, d in ((args.data or args.toy_cache, data), (args.sft_data, sft or data)):
         dataset.check_latents(d, common.backbone_geometry(pipe), where, keys=("latents",))
     train_idx, test_idx = inputs["split"] or dataset.split_indices(len(data["latents"]), args.test_fraction, seed=0)
-    if sft is None:  # the good training rows: the paper's SFT set is real footage, qualified by construction
-        keep = train_idx[data["label"][train_idx] > 0.5]
-        sft = dict(latents=data["latents"][keep], prompt_idx=data["prompt_idx"][keep], prompt_embeds=data["prompt_embeds"])
+    if sft is None:  # the good training rows, by number (not copied): the paper's SFT set is qualified real footage
+        sft = dict({k: data[k] for k in ("latents", "prompt_idx", "prompt_embeds")}, rows=train_idx[data["label"][train_idx] > 0.5])
     return data, meta, train_idx, test_idx, sft
 
 
 def estimate_memory(args) -> dict:
     """--estimate-memory: loading, pavrm_step and prfl_step (m = 0; E[m] no-grad forwards counted) on fake tensors
     of the backbone's config (no weights, no data), bf16 as on CUDA (estimate.StageEstimates); tiny: measured, fp32."""
-    size = [getattr(args, k) for k in SIZE]
-    common.geometry(common.backbone_config(args.backbone), *size)  # a bad size is refused, not estimated
+    common.geometry(common.backbone_config(args.backbone), *(size := [getattr(args, k) for k in SIZE]))  # a bad size: refused
 
     def generator_and_pavrm(tune: bool):
-        tr = est.pipeline(gradient_checkpointing=args.gradient_checkpointing).transformer
-        pavrm = build_pavrm(args, tr)
+        pavrm = build_pavrm(args, tr := est.pipeline(gradient_checkpointing=args.gradient_checkpointing).transformer)
         return tr, pavrm, prepare_prfl(args, tr, pavrm) if tune else None
 
     with estimate.StageEstimates("PRFL", args.backbone, *size) as est:
@@ -589,6 +587,8 @@ def main(args: Args) -> dict:
         summary.update(paired, tune_seconds_per_step=t.seconds_per_step, tune_peak_memory_gib=t.peak_memory_gib(),
                        eval_prompts=len(prompts), eval_samples=args.eval_samples)
         tables.append(rundir.format_table(rows))
+        summary["claims"] = [dict(claim="true-reward gain of the PRFL LoRA over the base, held-out toy prompts paired "
+                                  "by seed", mean=g[0], se=g[1]) for g in [summary.get("true_reward_gain")] if g]
         rundir.plot_metrics(run, "tune", ["sft", "prfl", "pavrm_reward"], "PRFL: L_SFT, L_PRFL, PAVRM reward r")
     run.summary(summary)
     print("\n\n".join(tables) + f"\nrun folder: {run.dir}\n  {saved}\n  plots: " +
