@@ -50,7 +50,7 @@ def all_steps(backbone: str) -> list[tuple[str, str, dict]]:
     """(method, stage, estimate) of every row, in table order."""
     rows = []
     for name, module in METHODS:
-        args = common.parse_args(module.Args, module.TINY, ["--backbone", backbone, "--estimate-memory"])
+        args = rundir.parse_args(module.Args, module.TINY, ["--backbone", backbone, "--estimate-memory"])
         results = module.main(args)
         rows += [(name, label, est) for label, est in results.items()]
     return rows + [("baseline", label, est) for label, est in reference_steps(backbone).items()]

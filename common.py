@@ -6,7 +6,8 @@
     rollout        rollout(transformer, x, embeds, sigmas, start, stop, grad_steps, cfg), sample_latents
     DiT prefix     dit_prefix_features(transformer, x, timestep, embeds, taps) (stops after max(taps))
     LoRA, VAE      add_lora / save_lora (diffusers format); encode_video / decode_latents; save_safetensors (atomic)
-    arguments      arg / parse_args / cli (dataclass -> argparse with TINY defaults; `error:` for a UserError)
+    multi-GPU      dist_init, local_batch / gather, shard (FSDP2 per block), full_tensors: torchrun = data parallel
+    arguments      arg (a dataclass field with its help; rundir.parse_args / cli turn Args into the CLI), UserError
 dataset.py holds the dataset format, rundir.py the run folder (checkpoints, resume, plots, reporting), toy.py the
 toy world and the tiny backbone, estimate.py the memory estimator.
 Conventions (Wan2.1 / diffusers): x_sigma = (1 - sigma) x0 + sigma eps, sigma in [0, 1]; the transformer's timestep
@@ -14,13 +15,10 @@ is 1000 sigma and it predicts the velocity eps - x0. Latents are the VAE's norma
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from tqdm.auto import tqdm
 
 
 class UserError(Exception):
-    """A mistake in the user's flags, files or data: common.cli prints `error: <message>` (no traceback) and exits
+    """A mistake in the user's flags, files or data: rundir.cli prints `error: <message>` (no traceback) and exits
     with `code`, 2 for a bad argument (as argparse does), 1 for bad data or files."""
 
     def __init__(self, message: str, code: int = 1):
@@ -144,9 +142,8 @@ def backbone_geometry(pipe, height=None, width=None, num_frames=None) -> dict:
 
 
 def geometry(cfg: dict, height=None, width=None, num_frames=None) -> dict:
-    """A video size (default: the config's) checked against the backbone (Wan's VAE: 4x in time, 8x in space; the
-    DiT's 2x2 patches), with the latent shape, token count, flow shift and text length it gives. Needs no weights,
-    so scripts check sizes and data before loading."""
+    """A video size (default: the config's) checked against the backbone (VAE: 4x in time, 8x in space; 2x2 patches)
+    with its latent shape, token count, flow shift and text length; no weights needed (checks before loading)."""
     h, w, f = height or cfg["height"], width or cfg["width"], num_frames or cfg["num_frames"]
     st, ss = 2 ** sum(cfg["vae"]["temperal_downsample"]), 2 ** (len(cfg["vae"]["dim_mult"]) - 1)
     p = cfg["transformer"]["patch_size"]
@@ -171,8 +168,7 @@ def encode_prompts(pipe, prompts: list[str], max_sequence_length: int | None = N
         chunk = list(prompts[i:i + batch_size])
         e = pipe._get_t5_prompt_embeds(chunk, max_sequence_length=L, device=pipe.text_encoder.device, dtype=torch.float32)
         ids = pipe.tokenizer(chunk, padding="max_length", max_length=L, truncation=True, return_tensors="pt")
-        embeds.append(e.cpu())
-        masks.append(ids.attention_mask.bool())
+        embeds, masks = embeds + [e.cpu()], masks + [ids.attention_mask.bool()]
     return torch.cat(embeds), torch.cat(masks)
 
 
@@ -227,11 +223,9 @@ def _bcast(sigma, x):  # a float or a [B] sigma against x [B, ...]
 
 def predict_velocity(transformer, x, sigma, embeds):
     """The generator's velocity v(x, sigma, text) in fp32; sigma is a float or a [B] tensor."""
-    dtype = transformer.dtype
-    t = (torch.as_tensor(sigma, device=x.device, dtype=torch.float32) * 1000).expand(x.shape[0])
-    out = transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
-                      return_dict=False)[0]
-    return out.float()
+    dtype, t = transformer.dtype, (torch.as_tensor(sigma, device=x.device, dtype=torch.float32) * 1000).expand(len(x))
+    return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
+                       return_dict=False)[0].float()
 
 
 # ==== Rollout with a gradient window
@@ -260,10 +254,8 @@ def rollout(transformer, x, embeds, sigmas, start: int = 0, stop: int | None = N
 def sample_latents(pipe, embeds, seeds: list[int], num_steps: int = 20, shift: float | None = None,
                    guidance_scale: float = 1.0, negative_embeds=None, batch_size: int = 16, desc: str | None = None):
     """Fresh samples (no gradient) from fixed seeds: one latent per (embedding row, seed); desc: a progress bar."""
-    geo = backbone_geometry(pipe)
-    dev = pipe.transformer.device
+    geo, dev, out = backbone_geometry(pipe), pipe.transformer.device, []
     sigmas = sigma_schedule(num_steps, shift or geo["flow_shift"])
-    out = []
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc, disable=desc is None, leave=False):
         e = embeds[i:i + batch_size].to(dev)
         noise = torch.stack([torch.randn(geo["latent_shape"], generator=torch.Generator().manual_seed(s))
@@ -330,12 +322,10 @@ def lora_state_dict(transformer, adapter_name: str = "default") -> dict:
 def save_lora(transformer, out_dir, adapter_name: str = "default"):
     """Write out_dir/pytorch_lora_weights.safetensors: WanPipeline.load_lora_weights(out_dir) loads it."""
     from diffusers import WanPipeline
-    # the adapter's config (alpha!) goes into the file's metadata, or it would reload with alpha = r
-    state = full_tensors(lora_state_dict(transformer, adapter_name))
-    if not is_main():
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
-    WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=state,
-                                  transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict())
+    state = full_tensors(lora_state_dict(transformer, adapter_name))  # every rank gathers, rank 0 writes
+    if is_main():  # the adapter's config (alpha!) goes into the file's metadata, or it would reload with alpha = r
+        WanPipeline.save_lora_weights(str(out_dir), transformer_lora_layers=state,
+                                      transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict())
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 
@@ -365,31 +355,28 @@ def save_json(obj, path):
     os.replace(tmp, path)
 
 
+def _latent_stats(vae, device="cpu"):  # the VAE's per-channel latent mean and std, [1, 16, 1, 1, 1]
+    return [torch.tensor(vae.config[k], device=device).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std")]
+
+
+@torch.no_grad()
 def encode_video(pipe, video: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Videos [B, 3, F, H, W] in [-1, 1] -> normalised latents (posterior mean), as the pipeline does."""
-    vae = pipe.vae
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(video), batch_size):
-            z = vae.encode(video[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
-            out.append((z - mean) / std)
-    return torch.cat(out)
+    vae, (mean, std) = pipe.vae, _latent_stats(pipe.vae)
+    return torch.cat([(vae.encode(video[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+                       - mean) / std for i in range(0, len(video), batch_size)])
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents -> videos [B, 3, F, H, W] in [-1, 1], differentiable; `pipe`: a WanPipeline or its VAE."""
     vae = getattr(pipe, "vae", pipe)
-    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+    mean, std = _latent_stats(vae, latents.device)
     return vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
 
 
-# ==== Multi-GPU: `torchrun --nproc_per_node N <script>.py ...` is data parallel with FSDP2-sharded transformer blocks
-# Every rank draws the same global batch from the same seeded generators and keeps its slice (local_batch); FSDP2
-# averages the gradients, so N ranks train what one process trains on the same global batch. Files are written by
-# rank 0 (save_safetensors / save_json), other ranks print nothing. One process never starts torch.distributed.
+# ==== Multi-GPU: `torchrun --nproc_per_node N <script>.py` = data parallel, transformer blocks sharded by FSDP2. Every
+# rank draws the same global batch from the same seeded generators and keeps its share (local_batch); FSDP2 averages
+# the gradients, so N ranks train what one process trains. Rank 0 writes the files (save_safetensors / save_json).
 def dist_init(device: str = "auto") -> torch.device:
     """This rank's device; under torchrun (WORLD_SIZE > 1) first the process group: NCCL on CUDA, gloo on CPU."""
     import torch.distributed as dist
@@ -399,10 +386,8 @@ def dist_init(device: str = "auto") -> torch.device:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
         if dist.get_rank() != 0:  # one rank reports: tqdm honours TQDM_DISABLE, prints go nowhere
-            os.environ["TQDM_DISABLE"] = "1"
-            sys.stdout = open(os.devnull, "w")
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(
-        "cpu" if device == "auto" else device)
+            os.environ["TQDM_DISABLE"], sys.stdout = "1", open(os.devnull, "w")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(device.replace("auto", "cpu"))
 
 
 def rank_world() -> tuple[int, int]:
@@ -427,11 +412,10 @@ def local_batch(x):
 def gather(x: torch.Tensor) -> torch.Tensor:
     """The inverse of local_batch: every rank's slice, concatenated in rank order (e.g. evaluation results)."""
     import torch.distributed as dist
-    if rank_world()[1] == 1:
-        return x
     parts = [torch.empty_like(x) for _ in range(rank_world()[1])]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    if len(parts) > 1:
+        dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts) if len(parts) > 1 else x
 
 
 def shard(transformer, *heads):
@@ -456,66 +440,8 @@ def arg(default, help: str, **kw):
     """A dataclass field with its --help text (every Args field uses this); kw: choices, type (for a None default),
     min / max / gt (parse_args refuses a value outside them, and any non-finite float), nonempty (a list flag)."""
     factory = kw.pop("factory", None)
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=dict(help=help, **kw))
-    return dataclasses.field(default=default, metadata=dict(help=help, **kw))
-
-
-def parse_args(cls, tiny: dict, argv=None):
-    """dataclass -> argparse, one --flag per field. `cls`'s defaults are the paper's; on --backbone tiny the
-    script's `tiny` dict replaces them (a CPU-sized demo), so a typed value always wins, --help shows the value
-    that will run (and the paper's beside it) and args.json records it."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    assert set(tiny) <= set(fields), f"TINY names unknown fields {set(tiny) - set(fields)}"
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--backbone", default=fields["backbone"].default if "backbone" in fields else None)
-    on_tiny = pre.parse_known_args(argv)[0].backbone == "tiny"
-    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, f in fields.items():
-        paper = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        default = tiny[name] if on_tiny and name in tiny else paper
-        help = f.metadata.get("help", "").replace("%", "%%")
-        if name in tiny:
-            help += f" [paper: {paper}; tiny: {tiny[name]}]"
-        kw = dict(default=default, help=help, choices=f.metadata.get("choices"))
-        flag = "--" + name.replace("_", "-")
-        if isinstance(paper, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(paper, (list, tuple)):  # nonempty=True: at least one value
-            p.add_argument(flag, nargs="+" if f.metadata.get("nonempty") else "*",
-                           type=type(default[0]) if default else str, **kw)
-        else:  # a None default (a value read from the checkpoint or data) names its type: arg(None, ..., type=float)
-            p.add_argument(flag, type=f.metadata.get("type") or type(paper), **kw)
-    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
-    ns = vars(p.parse_args(argv))
-    ns.pop("debug")
-    for name, value in ns.items():  # every number finite and within the field's min / max (gt: strictly above)
-        lo, hi, gt = (fields[name].metadata.get(k) for k in ("min", "max", "gt"))
-        for v in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
-            if (isinstance(v, float) and not math.isfinite(v) or lo is not None and v < lo or hi is not None and v > hi
-                    or gt is not None and v <= gt):
-                p.error(f"argument --{name.replace('_', '-')}: {v} is not a finite number in "
-                        f"{'(' if gt is not None else '['}{gt if gt is not None else '-inf' if lo is None else lo}, "
-                        f"{'inf' if hi is None else hi}]")
-    return cls(**ns)
-
-
-def cli(main, cls, tiny: dict):
-    """A script's entry point: main(parse_args(cls, tiny)). A UserError ends as `error: <cause>` with its exit
-    code and no traceback (--debug shows it); programming errors keep their traceback."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # what a job scheduler sends: stop as for Ctrl-C
-    try:
-        return main(parse_args(cls, tiny, [a for a in sys.argv[1:] if a != "--debug"]))
-    except UserError as e:  # codes >= 128: a stage stopped by a signal after saving (rundir.Interrupted)
-        if "--debug" in sys.argv:
-            raise
-        print(f"{'error: ' if e.code < 128 else ''}{e}", file=sys.stderr)
-        sys.exit(e.code)
-    except KeyboardInterrupt:  # outside a training step (inside one, rundir saves first)
-        print("interrupted: --resume continues from the last checkpoint, if there is one", file=sys.stderr)
-        sys.exit(130)
+    value = dict(default_factory=factory) if factory is not None else dict(default=default)
+    return dataclasses.field(**value, metadata=dict(help=help, **kw))
 
 
 def require(ok, why: str, code: int = 1):

@@ -113,8 +113,10 @@ class Rows:
         out = torch.stack([self.read_stored(int(i)).float() for i in stored]) if len(stored) else torch.empty(0, *self.row_shape)
         return out[0] if single else out
 
-    def chunks(self, size: int = 256):
-        """(stored row numbers, rows) of every stored row, `size` at a time: for scans (NaN, scale, hashes)."""
+    def chunks(self, mib: int = 8):
+        """(stored row numbers, rows) of every stored row, about `mib` MiB (fp32) at a time: for scans (NaN, scale,
+        hashes); a 480p latent is 8 MiB, so never a fixed number of rows."""
+        size = max(1, (mib << 20) // (4 * int(torch.Size(self.row_shape).numel())))
         for a in range(0, self.stored, size):
             ids = range(a, min(a + size, self.stored))
             yield ids, torch.stack([self.read_stored(i).float() for i in ids])

@@ -596,4 +596,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args, TINY)
+    rundir.cli(main, Args, TINY)

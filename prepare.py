@@ -644,4 +644,4 @@ def target_stats(kind: str, data: dict) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args, {})
+    rundir.cli(main, Args, {})

@@ -108,7 +108,7 @@ class Args:
     eval_sigma_edges: list = arg(None, "sigma edges of Tab. 5's accuracy", factory=lambda: list(TAB5_EDGES), min=0, max=1)
 
 
-# The parser's defaults on --backbone tiny (common.parse_args; a typed value always wins), CPU-sized; real backbones keep
+# The parser's defaults on --backbone tiny (rundir.parse_args; a typed value always wins), CPU-sized; real backbones keep
 # Args. rm_sigma_shift 1: the toy latents carry little above sigma 0.8, where shift 5 spends most steps (docs/prfl.md).
 TINY = dict(rm_lr_blocks=1e-4, rm_lr_head=1e-3, rm_batch=32, rm_steps=600, lora_rank=16, lr=2e-3,
             full_finetune_lr=1e-3, tune_steps=100, batch_size=16, grad_accum=1, num_steps=10, guidance_scale=1.0,
@@ -597,4 +597,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main, Args, TINY)
+    rundir.cli(main, Args, TINY)

@@ -15,6 +15,7 @@ metadata. No pickle anywhere. Resuming restores all of it, so a resumed run ends
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -286,6 +287,69 @@ def plot_metrics(run: Run, stage: str, keys: list[str], title: str = "") -> Path
     rows = run.read_metrics(stage)
     curves = {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys}
     return plot(run.dir / f"{stage}.png", curves, title or stage)
+
+
+# ==== The command line: Args (a dataclass of common.arg fields) -> argparse, TINY defaults, `error:` exits
+def parse_args(cls, tiny: dict, argv=None):
+    """dataclass -> argparse, one --flag per field. `cls`'s defaults are the paper's; on --backbone tiny the
+    script's `tiny` dict replaces them (a CPU-sized demo), so a typed value always wins, --help shows the value
+    that will run (and the paper's beside it) and args.json records it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(tiny) <= set(fields), f"TINY names unknown fields {set(tiny) - set(fields)}"
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backbone", default=fields["backbone"].default if "backbone" in fields else None)
+    on_tiny = pre.parse_known_args(argv)[0].backbone == "tiny"
+    p = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, f in fields.items():
+        paper = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = tiny[name] if on_tiny and name in tiny else paper
+        help = f.metadata.get("help", "").replace("%", "%%")
+        if name in tiny:
+            help += f" [paper: {paper}; tiny: {tiny[name]}]"
+        kw = dict(default=default, help=help, choices=f.metadata.get("choices"))
+        flag = "--" + name.replace("_", "-")
+        if isinstance(paper, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(paper, (list, tuple)):  # nonempty=True: at least one value
+            p.add_argument(flag, nargs="+" if f.metadata.get("nonempty") else "*",
+                           type=type(default[0]) if default else str, **kw)
+        else:  # a None default (a value read from the checkpoint or data) names its type: arg(None, ..., type=float)
+            p.add_argument(flag, type=f.metadata.get("type") or type(paper), **kw)
+    p.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+    ns = vars(p.parse_args(argv))
+    ns.pop("debug")
+    for name, value in ns.items():  # every number finite and within the field's min / max (gt: strictly above)
+        lo, hi, gt = (fields[name].metadata.get(k) for k in ("min", "max", "gt"))
+        for v in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
+            if (isinstance(v, float) and not math.isfinite(v) or lo is not None and v < lo or hi is not None and v > hi
+                    or gt is not None and v <= gt):
+                p.error(f"argument --{name.replace('_', '-')}: {v} is not a finite number in "
+                        f"{'(' if gt is not None else '['}{gt if gt is not None else '-inf' if lo is None else lo}, "
+                        f"{'inf' if hi is None else hi}]")
+    return cls(**ns)
+
+
+def cli(main, cls, tiny: dict):
+    """A script's entry point: main(parse_args(cls, tiny)). A UserError ends as `error: <cause>` with its exit
+    code and no traceback (--debug shows it); programming errors keep their traceback."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # what a job scheduler sends: stop as for Ctrl-C
+    try:
+        return main(parse_args(cls, tiny, [a for a in sys.argv[1:] if a != "--debug"]))
+    except UserError as e:  # codes >= 128: a stage stopped by a signal after saving (rundir.Interrupted)
+        if "--debug" in sys.argv:
+            raise
+        print(f"{'error: ' if e.code < 128 else ''}{e}", file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # outside a training step (inside one, rundir saves first)
+        print("interrupted: --resume continues from the last checkpoint, if there is one", file=sys.stderr)
+        sys.exit(130)
+
+
+# TEMPORARY (until velr.py is rewritten)
+import common as _common  # noqa: E402
+_common.parse_args, _common.cli = parse_args, cli
 
 
 # ==== Timing, statistics, tables, videos: what every script reports

@@ -10,6 +10,7 @@ import torch
 
 import bench
 import common
+import rundir
 import estimate
 import prism
 from estimate import StageEstimates, extrapolate
@@ -36,7 +37,7 @@ def test_estimate_memory_of_each_script_at_a_small_size(name, monkeypatch, capsy
     monkeypatch.setitem(common.WAN_CONFIGS, "small", SMALL)
     module = importlib.import_module(name)
     argv, stages = SCRIPTS[name]
-    res = module.main(common.parse_args(module.Args, module.TINY, ["--backbone", "small", "--estimate-memory", *argv]))
+    res = module.main(rundir.parse_args(module.Args, module.TINY, ["--backbone", "small", "--estimate-memory", *argv]))
     out = capsys.readouterr().out
     assert len(res) == stages
     assert len(re.findall(r"^estimated peak: [\d.]+ GiB \(weights .*\), [\d.]+ TFLOPs  \| ", out, re.M)) == stages

@@ -5,6 +5,7 @@ import re
 import pytest
 
 import common
+import rundir
 
 SCRIPTS = ["prfl", "velr", "prism", "dina_lrm"]
 SHARED = ["--stage", "--backbone", "--data", "--out-dir", "--seed", "--device", "--dtype", "--height", "--width",
@@ -17,7 +18,7 @@ TRAINS_A_TRANSFORMER = ["prfl", "velr", "dina_lrm"]  # PRISM's blocks are frozen
 def help_text(name: str, argv=()) -> str:
     module = importlib.import_module(name)
     with pytest.raises(SystemExit):
-        common.parse_args(module.Args, module.TINY, [*argv, "--help"])
+        rundir.parse_args(module.Args, module.TINY, [*argv, "--help"])
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

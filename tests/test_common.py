@@ -376,10 +376,10 @@ class _Args:
 
 
 def test_parse_args():
-    a = C.parse_args(_Args, {}, ["--lr", "0.5", "--no-lora", "--taps", "1", "2", "3", "--name", "y"])
+    a = rundir.parse_args(_Args, {}, ["--lr", "0.5", "--no-lora", "--taps", "1", "2", "3", "--name", "y"])
     assert a.lr == 0.5 and a.steps == 3 and a.lora is False and list(a.taps) == [1, 2, 3] and a.name == "y"
     with pytest.raises(SystemExit):
-        C.parse_args(_Args, {}, ["--name", "z"])
+        rundir.parse_args(_Args, {}, ["--name", "z"])
 
 
 @dataclasses.dataclass
@@ -391,17 +391,17 @@ class _BackboneArgs:
 
 def test_tiny_dict_becomes_the_defaults_on_tiny_only_and_typed_values_win(capsys):
     tiny = dict(lr=1e-2, steps=5)
-    a = C.parse_args(_BackboneArgs, tiny, [])
+    a = rundir.parse_args(_BackboneArgs, tiny, [])
     assert (a.lr, a.steps) == (1e-2, 5)
     # typed on tiny: the typed value wins, even when it equals the paper's default
-    a = C.parse_args(_BackboneArgs, tiny, ["--lr", "1e-4", "--steps", "7"])
+    a = rundir.parse_args(_BackboneArgs, tiny, ["--lr", "1e-4", "--steps", "7"])
     assert (a.lr, a.steps) == (1e-4, 7)
-    a = C.parse_args(_BackboneArgs, tiny, ["--backbone", "wan2.1-1.3b"])
+    a = rundir.parse_args(_BackboneArgs, tiny, ["--backbone", "wan2.1-1.3b"])
     assert (a.lr, a.steps) == (1e-4, 1000)
-    a = C.parse_args(_BackboneArgs, tiny, ["--backbone=some/folder", "--steps", "3"])
+    a = rundir.parse_args(_BackboneArgs, tiny, ["--backbone=some/folder", "--steps", "3"])
     assert (a.lr, a.steps) == (1e-4, 3)
     with pytest.raises(SystemExit):  # --help shows the effective value and the paper's beside it
-        C.parse_args(_BackboneArgs, tiny, ["--help"])
+        rundir.parse_args(_BackboneArgs, tiny, ["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 5)" in out and "[paper: 1000; tiny: 5]" in out
 
@@ -417,20 +417,20 @@ class _RangeArgs:
                                   ["--lr", "-1e-3"], ["--lr", "0"], ["--edges", "0", "1.5"], ["--edges"]])
 def test_parse_args_refuses_out_of_range_and_non_finite_numbers(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        C.parse_args(_RangeArgs, {}, argv)
+        rundir.parse_args(_RangeArgs, {}, argv)
     assert e.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
-    assert C.parse_args(_RangeArgs, {}, ["--steps", "1", "--lr", "1e-9", "--edges", "0", "1"]).steps == 1
+    assert rundir.parse_args(_RangeArgs, {}, ["--steps", "1", "--lr", "1e-9", "--edges", "0", "1"]).steps == 1
 
 
 def test_cli_prints_user_errors_without_traceback(tmp_path):
     script = tmp_path / "s.py"
     script.write_text(
-        "import dataclasses, common\n"
+        "import dataclasses, common, rundir\n"
         "@dataclasses.dataclass\nclass Args:\n    backbone: str = common.arg('tiny', 'b')\n"
         "    n: int = common.arg(1, 'n')\n"
         "def main(args):\n    if args.n < 1: raise common.UserError(f'--n {args.n}: must be >= 1', code=2)\n"
         "    raise RuntimeError('a bug')\n"
-        "common.cli(main, Args, {})\n")
+        "rundir.cli(main, Args, {})\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True, env=env)
     bad = run("--n", "0")

@@ -22,6 +22,7 @@ import common  # noqa: E402
 import dataset  # noqa: E402
 import dina_lrm as D  # noqa: E402
 import estimate  # noqa: E402
+import rundir  # noqa: E402
 import toy  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def synthetic_pairs(pipe, folder, n=1024, seed=0, margin=0.15):
 
 def tiny_args(**kw):
     """Args as `python dina_lrm.py` builds them on tiny (TINY's values), then the overrides."""
-    return dataclasses.replace(common.parse_args(D.Args, D.TINY, []), **kw)
+    return dataclasses.replace(rundir.parse_args(D.Args, D.TINY, []), **kw)
 
 
 def small_args(out, data, **kw):
@@ -454,7 +455,7 @@ def test_bad_flags_fail_before_any_model_loads(tmp_path, monkeypatch, capsys):
                         (["--height", "0"], "--height"), (["--backbone", "wan2.1-1.3b"], "toy world"),
                         (["--rm-blocks", "13", "--taps", "13"], "--rm-blocks 13"), (["--num-frames", "10"], "--num-frames")]:
         with pytest.raises((common.UserError, SystemExit)) as e:
-            D.main(common.parse_args(D.Args, D.TINY, ["--out-dir", str(tmp_path / "run"), *argv]))
+            D.main(rundir.parse_args(D.Args, D.TINY, ["--out-dir", str(tmp_path / "run"), *argv]))
         code = e.value.code
         message = str(e.value) if isinstance(e.value, common.UserError) else capsys.readouterr().err
         assert code == 2 and match in message, (argv, message)
@@ -660,7 +661,7 @@ def test_sigint_mid_stage_saves_and_resume_gives_the_same_result(tmp_path, data)
     assert "SIGINT at step" in err and "stage 'rm-ablation'" in err and "--resume" in err.splitlines()[-1]
     r = run_cli(*argv, "--out-dir", str(tmp_path / "r"), "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    one = D.main(common.parse_args(D.Args, D.TINY, [*argv, "--out-dir", str(tmp_path / "one")]))
+    one = D.main(rundir.parse_args(D.Args, D.TINY, [*argv, "--out-dir", str(tmp_path / "one")]))
     two = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert same_tensors(tmp_path / "one" / "reward_model.safetensors", tmp_path / "r" / "reward_model.safetensors")
     assert two["ablation_acc_sigma_0.4"] == one["ablation_acc_sigma_0.4"] and two["acc_sigma_0.4"] == one["acc_sigma_0.4"]

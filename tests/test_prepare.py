@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import rundir
 import dataset
 import toy
 import prepare
@@ -322,7 +323,7 @@ def method_data(videos, tmp_path_factory):
 
 def test_prfl_trains_on_prepared_clips(method_data, tmp_path):
     import prfl
-    s = prfl.main(common.parse_args(prfl.Args, prfl.TINY, [
+    s = prfl.main(rundir.parse_args(prfl.Args, prfl.TINY, [
         "--data", str(method_data / "binary"), "--sft-data", str(method_data / "sft"), "--out-dir", str(tmp_path / "run"),
         "--rm-steps", "2", "--rm-batch", "4", "--tune-steps", "2", "--batch-size", "2", "--num-steps", "4",
         "--eval-samples", "2", "--save-videos", "0"]))
@@ -333,7 +334,7 @@ def test_prfl_trains_on_prepared_clips(method_data, tmp_path):
 
 def test_prism_trains_on_prepared_pairs(method_data, tmp_path):
     import prism
-    s = prism.main(common.parse_args(prism.Args, prism.TINY, [
+    s = prism.main(rundir.parse_args(prism.Args, prism.TINY, [
         "--stage", "rm", "--data", str(method_data / "pairs"), "--out-dir", str(tmp_path / "run"),
         "--rm-steps", "2", "--rm-batch", "4", "--eval-timesteps", "500"]))
     assert s["train_pairs"] + s["test_pairs"] == 12 and s["test_pairs"] > 0
@@ -342,7 +343,7 @@ def test_prism_trains_on_prepared_pairs(method_data, tmp_path):
 
 def test_dina_lrm_trains_on_prepared_pairs(method_data, tmp_path):
     import dina_lrm
-    s = dina_lrm.main(common.parse_args(dina_lrm.Args, dina_lrm.TINY, [
+    s = dina_lrm.main(rundir.parse_args(dina_lrm.Args, dina_lrm.TINY, [
         "--stage", "rm", "--data", str(method_data / "pairs"), "--out-dir", str(tmp_path / "run"), "--rm-steps", "2",
         "--rm-batch", "4", "--no-ablation", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4"]))
     assert s["pairs"] == 12
@@ -351,7 +352,7 @@ def test_dina_lrm_trains_on_prepared_pairs(method_data, tmp_path):
 
 def test_velr_trains_on_prepared_scores(method_data, tmp_path, capsys):
     import velr
-    velr.main(common.parse_args(velr.Args, velr.TINY, [
+    velr.main(rundir.parse_args(velr.Args, velr.TINY, [
         "--stage", "rm", "--data", str(method_data / "score"), "--out-dir", str(tmp_path / "run"),
         "--ensemble-size", "2", "--rm-epochs", "1", "--compare"]))
     assert "re-labelling" not in capsys.readouterr().out   # --score-source toy: VELR keeps the manifest's scores
@@ -414,7 +415,7 @@ def test_bad_input_is_named_and_the_old_dataset_is_kept(case, videos, binary_fol
     monkeypatch.setattr(sys, "argv", ["prepare.py", "--input", str(manifest), "--out-dir", str(out), "--overwrite",
                                       *flags])
     with pytest.raises(SystemExit) as e:
-        common.cli(prepare.main, prepare.Args, {})
+        rundir.cli(prepare.main, prepare.Args, {})
     err = capsys.readouterr().err
     assert e.value.code == (2 if flags else 1), err
     assert re.search(message, err), err

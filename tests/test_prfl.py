@@ -34,7 +34,7 @@ def toy_cache(tmp_path_factory):
 
 def tiny_args(**kw):
     """What `python prfl.py` parses on tiny (TINY over the paper's defaults), with `kw` replaced."""
-    return dataclasses.replace(common.parse_args(prfl.Args, prfl.TINY, []), **kw)
+    return dataclasses.replace(rundir.parse_args(prfl.Args, prfl.TINY, []), **kw)
 
 
 def small_args(tmp_path, toy_cache, **kw):
@@ -46,7 +46,7 @@ def small_args(tmp_path, toy_cache, **kw):
 
 # ---------------------------------------------------------------- defaults ----
 def test_paper_defaults_for_real_backbones_and_the_tiny_rule():
-    parse = lambda *argv: common.parse_args(prfl.Args, prfl.TINY, list(argv))
+    parse = lambda *argv: rundir.parse_args(prfl.Args, prfl.TINY, list(argv))
     real = parse("--backbone", "wan2.1-1.3b")
     assert real == prfl.Args(backbone="wan2.1-1.3b")  # real backbones keep Args (the paper's / official values)
     assert (real.height, real.width, real.num_frames, real.dtype, real.max_steps) == (None,) * 5  # data / backbone
@@ -439,7 +439,7 @@ def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
 
 def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys):
     with pytest.raises(SystemExit):
-        common.parse_args(prfl.Args, prfl.TINY, ["--help"])
+        rundir.parse_args(prfl.Args, prfl.TINY, ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     tiny, paper = prfl.TINY, prfl.Args()
     assert f"(default: {tiny['rm_steps']})" in text.split("--rm-steps RM_STEPS")[-1].split("--")[0]

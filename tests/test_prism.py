@@ -41,7 +41,7 @@ def small_args(cache, out, **kw):
     """The tiny demo's arguments as the CLI builds them (TINY), with a shorter run and `kw` on top."""
     base = dict(toy_cache=str(cache), toy_size=TOY_PAIRS, out_dir=str(out), rm_steps=150,
                 eval_timesteps=[899, 499, 299, 0], save_videos=0)
-    return dataclasses.replace(common.parse_args(prism.Args, prism.TINY, []), **{**base, **kw})
+    return dataclasses.replace(rundir.parse_args(prism.Args, prism.TINY, []), **{**base, **kw})
 
 
 def run_cli(*argv):
@@ -304,7 +304,7 @@ def test_demo_claims(toy_cache, tmp_path):
     epoch permutations): w/o ties 0.732 / 0.737 / 0.732 / 0.732 / 0.726 at t = 699 / 499 / 299 / 99 / 0, SE 0.032
     (~190 strict held-out pairs; lowest 0.726: 7.0 SE above chance); gain +0.201 +- 0.032 at k = 5 (252 paired draws;
     6.3 SE). Thresholds ~3.9 SE below: 0.60 and +0.075. (Round 4, with-replacement batches: 0.732 and +0.209.)"""
-    s = prism.main(common.parse_args(prism.Args, prism.TINY, ["--out-dir", str(tmp_path / "run"), "--toy-cache",
+    s = prism.main(rundir.parse_args(prism.Args, prism.TINY, ["--out-dir", str(tmp_path / "run"), "--toy-cache",
                                                               str(toy_cache), "--save-videos", "0"]))
     acc = {r["t"]: r["acc"] for r in s["accuracy"]}
     assert min(acc[t] for t in (699, 499, 299, 99, 0)) > 0.60, acc   # chance 0.5
@@ -642,7 +642,7 @@ def test_sigint_mid_stage_then_the_printed_resume_command_gives_the_unbroken_res
     assert command[0] == "python" and command[-1] == "--resume", command
     r = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    prism.main(common.parse_args(prism.Args, prism.TINY, [*argv, "--out-dir", str(tmp_path / "unbroken")]))
+    prism.main(rundir.parse_args(prism.Args, prism.TINY, [*argv, "--out-dir", str(tmp_path / "unbroken")]))
     assert same_tensors(out / "prism_head.safetensors", tmp_path / "unbroken/prism_head.safetensors")
     assert json.loads((out / "summary.json").read_text())["accuracy"] == \
            json.loads((tmp_path / "unbroken/summary.json").read_text())["accuracy"]
@@ -686,7 +686,7 @@ def test_grad_accum_sums_micro_batches_to_the_full_batch_gradient():
     x_a, x_b, eps = torch.randn(8, 16, 3, 4, 4), torch.randn(8, 16, 3, 4, 4), torch.randn(8, 16, 3, 4, 4)
     embeds, mask = torch.randn(8, 32, 32), torch.ones(8, 32, dtype=torch.bool)
     pref, sigma = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.rand(8)
-    base = common.parse_args(prism.Args, prism.TINY, [])
+    base = rundir.parse_args(prism.Args, prism.TINY, [])
     head = prism.new_head(base, pipe.transformer.config)
     grads = []
     for accum, parts in ((1, [slice(0, 8)]), (2, [slice(0, 4), slice(4, 8)])):
@@ -708,7 +708,7 @@ def test_torchrun_two_processes_train_and_evaluate_what_one_process_does(toy_cac
     argv = ["--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--max-steps", "2", "--rm-batch", "8",
             "--eval-timesteps", "0", "499", "--num-steps", "4", "--bon-steps", "1", "4", "--eval-samples", "6",
             "--bon-batch", "4", "--save-videos", "1"]
-    one = prism.main(common.parse_args(prism.Args, prism.TINY, [*argv, "--out-dir", str(tmp_path / "one")]))
+    one = prism.main(rundir.parse_args(prism.Args, prism.TINY, [*argv, "--out-dir", str(tmp_path / "one")]))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "prism.py"),
                         *argv, "--out-dir", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -101,7 +101,7 @@ SCRIPT = textwrap.dedent("""
         run.steps = slow
         model, opt, memory = T._train(run)
         common.save_safetensors(model.state_dict(), run.dir / "final.safetensors")
-    common.cli(main, T.Args, {{}})
+    rundir.cli(main, T.Args, {{}})
 """)
 
 

@@ -102,7 +102,7 @@ def test_a_conservative_aggregation_reaches_table3_and_the_training_reward():
     lrm = velr.EnsembleLRM(3, (16, 3, 4, 4), 32, dim=32, heads=8, layers=1)
     pipe = common.load_backbone("tiny")
     common.add_lora(pipe.transformer, 4, 4, adapter_name="t")
-    noise, embeds, text = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 32, 32), torch.randn(2, 32)
+    noise, embeds, text = (torch.randn(*s, generator=g) for s in ((2, 16, 3, 4, 4), (2, 32, 32), (2, 32)))
     sigmas = common.sigma_schedule(10, 3.0)
     out = velr.tune_step(tiny_args(aggregate="lcb"), pipe, lrm, noise, embeds, text, sigmas, 3, 2)
     assert torch.allclose(out["reward"], out["preds"].mean(0) - out["preds"].var(0).sqrt())
@@ -183,7 +183,8 @@ def test_lrm_size_and_shapes():
     n = sum(p.numel() for p in wan.parameters())
     assert 0.015e9 < n < 0.03e9, n  # "0.02B" per LRM (App. C.9, Table 7)
     tiny = velr.EnsembleLRM(3, (16, 3, 4, 4), 32, dim=32, heads=8, layers=1)
-    out = tiny(torch.randn(5, 16, 3, 4, 4), torch.randn(5, 32))
+    g = torch.Generator().manual_seed(0)
+    out = tiny(torch.randn(5, 16, 3, 4, 4, generator=g), torch.randn(5, 32, generator=g))
     assert out.shape == (3, 5)
     assert not torch.allclose(out[0], out[1])  # independently initialised members
 
@@ -211,6 +212,37 @@ def test_truncated_mid_step_kl_zero_and_exactly_k_grad_steps():
     assert any(p.grad.abs().sum() > 0 for p in params)
     assert all(p.grad is None for n, p in tr.named_parameters() if "lora_" not in n)
     assert all(p.grad is None for p in pipe.vae.parameters())
+
+
+def test_window_checkpointing_step_and_offload_give_the_plain_gradients():
+    """Issue #18: --window-checkpointing step (each of the first K-1 window steps keeps only its input and runs its
+    forward again in the backward) and offload (its saved tensors in CPU memory) move the window's activations, not
+    the gradient: one tune_step's LoRA grads equal those of none (block checkpointing on, as in training)."""
+    pipe = common.load_backbone("tiny")
+    tr = pipe.transformer
+    tr.enable_gradient_checkpointing()
+    params = common.add_lora(tr, 4, 4, adapter_name="t")
+    with torch.no_grad():
+        for p in params:  # B != 0: the LoRA changes every step's velocity, KL > 0
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    emb, mask = common.encode_prompts(pipe, ["a red box moving up", "a blue box moving left"])
+    lrm = velr.EnsembleLRM(2, (16, 3, 4, 4), emb.shape[-1], 16, 2, 1).requires_grad_(False)
+    sigmas, noise = common.sigma_schedule(10, 3.0), torch.randn(2, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    grads, forwards, start, K = {}, {}, 3, 4
+    for keep in ("none", "step", "offload"):
+        calls = []
+        hook = tr.register_forward_pre_hook(lambda *a: calls.append(1))
+        b = velr.tune_step(tiny_args(window_checkpointing=keep, beta=1.0), pipe, lrm, noise, emb,
+                           velr.last_text_token(emb, mask), sigmas, start, K)
+        hook.remove()
+        grads[keep], forwards[keep] = [p.grad.clone() for p in params], len(calls)
+        assert b["kl"] > 0 and all(g.abs().sum() > 0 for g in grads[keep])
+        tr.zero_grad(set_to_none=True)
+    for keep in ("step", "offload"):
+        for a, g in zip(grads["none"], grads[keep]):
+            torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-8)
+    plain = start + K + 2  # the rollout, the window, the KL's two
+    assert forwards == dict(none=plain, step=plain + K - 1, offload=plain)  # step: the first K-1 steps once more
 
 
 def test_latent_mode_keeps_vae_and_pixel_rm_out_of_the_graph(world, ensemble, tmp_path):
@@ -287,17 +319,6 @@ def test_a_one_member_ensemble_trains_aligns_and_reports(world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- toy world
-@pytest.mark.xfail(strict=False, reason="measured on the fitted toy world with this test's 205 training latents: "
-                   "the LRMs overfit (en-5 train PCC 0.85, test -0.05); the 4096-latent demo shows the claim: test PCC "
-                   "en-1 0.64, en-5 0.72, en-10 0.73, MSE 0.229 -> 0.188 (test_full_toy_world_run, VELR_SLOW=1)")
-def test_ensemble_beats_single_lrm_on_held_out_data(ensemble):
-    _, rows, _ = ensemble
-    single, five = rows[0], rows[-1]
-    assert single["LRM"] == "en-1" and five["LRM"] == "en-5"
-    assert five["test PCC"] > 0.7, rows  # the LRM learns the pixel reward (prompt and latent), far above chance
-    assert five["test MSE"] < 0.9 * single["test MSE"], rows  # averaging independent members helps
-
-
 def test_velr_raises_the_latent_reward_it_optimises(world, ensemble, tmp_path):
     """Gradient reaches the LoRA through the LRM and the K-step window, with the right sign."""
     data, meta, _ = world
@@ -305,8 +326,8 @@ def test_velr_raises_the_latent_reward_it_optimises(world, ensemble, tmp_path):
     pipe = common.load_backbone("tiny")
     idx = [1, 13, 25]  # "a red {square,block,box} moving right"
     prompts, embeds = [meta["prompts"][i] for i in idx], data["prompt_embeds"][idx]
-    fresh = lambda: velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 18, 10)[1]  # 6 samples per prompt
-    score = lambda z: velr.aggregate(velr.predict(lrm, z, tokens[idx].repeat_interleave(6, 0)))
+    fresh = lambda: velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 48, 10)[1]  # 16 samples per prompt
+    score = lambda z: velr.aggregate(velr.predict(lrm, z, tokens[idx].repeat_interleave(16, 0)))
     before = score(fresh())
     # lr set here (not the demo default): this checks the sign of the gradient path in 6 steps
     args = tiny_args(tune_steps=6, beta=0.0, lr=3e-3)
@@ -314,37 +335,51 @@ def test_velr_raises_the_latent_reward_it_optimises(world, ensemble, tmp_path):
                   new_run(tmp_path / "run"), "velr")
     delta = score(fresh()) - before
     mean, se = rundir.mean_se(delta)
-    assert mean > 2 * se and mean > 0.05, (mean, se)
+    # measured +0.125 +- 0.025 (5.0 SE; round 5: the LRMs' epoch-permutation batches); both bars ~4 SE below
+    assert mean > 2 * se and mean > 0.025, (mean, se)
 
 
-@pytest.mark.skipif(not os.environ.get("VELR_SLOW"), reason="the full toy-world run (4096 latents, 10 LRMs, three "
-                    "fine-tuning runs of 100 updates) takes ~12 minutes on one core; set VELR_SLOW=1")
-def test_full_toy_world_run(tmp_path):
-    """The issue's claims on the demo defaults: the ensemble beats the single LRM on held-out error, and VELR
-    raises the true toy reward by more than twice its SE (96 paired samples of the held-out prompts)."""
-    s = velr.main(tiny_args(out_dir=str(tmp_path / "run"), toy_cache=str(tmp_path / "toy"),
-                            compare=velr.TINY["compare"]))
-    rows = {r["LRM"]: r for r in s["lrm"]}
-    assert rows["en-5"]["test MSE"] < 0.9 * rows["en-1"]["test MSE"] and rows["en-5"]["test PCC"] > 0.6, rows
-    gain, se = s["runs"]["velr"]["true_reward_gain"]
-    assert gain > 2 * se, s["runs"]
+@pytest.fixture(scope="module")
+def demo(shared_toy_cache, tmp_path_factory):
+    """Exactly `python velr.py` (TINY: its toy size and seed, its evaluation samples; no mp4s), the toy dataset built
+    once per test session in the shared cache. Every draw comes from the run's own seeded generators."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return velr.main(tiny_args(out_dir=str(out), toy_cache=str(shared_toy_cache)))
 
 
-@pytest.mark.xfail(strict=False, reason="measured on the fitted toy world: +0.037 +- 0.049 at lr 5e-4 (one prompt, "
-                   "20 updates); the demo's RGB ReFL (100 updates, lr 2e-3, beta 1): +0.060 +- 0.027. See README, Status")
+def test_demo_velr_raises_the_true_reward(demo):
+    """The claim (issue 17, in the default suite): VELR fine-tuning on the LRM ensemble raises the true (pixel) toy
+    reward of fresh samples of the held-out prompts, paired by seed (384 samples of 12 prompts, 60 updates). Measured
+    (python velr.py, 1 thread; round 5, the LRMs' batches as epoch permutations): +0.164 +- 0.021 (8.0 SE); before:
+    +0.199 +- 0.028, fine-tuning seed 1: +0.229 +- 0.025. At lr 4e-3 the gain depended on the seed (+0.04 / +0.30),
+    hence TINY's 2e-3. Threshold: 3.8 SE below the measured value."""
+    gain, se = demo["runs"]["velr"]["true_reward_gain"]
+    assert gain > 0.085, demo["runs"]["velr"]
+
+
+def test_demo_ensemble_beats_the_single_lrm_on_held_out_data(demo):
+    """Table 3 in miniature on the demo's held-out latents: the 10-member mean has a lower error than the expected
+    single LRM and follows the pixel reward. Measured (2,048 latents, 410 held out; round 5): test MSE 0.252 (en-1) ->
+    0.196 (en-10), ratio 0.78; test PCC 0.522 -> 0.621 (SE of a PCC here ~0.033; the threshold is 5 SE below)."""
+    rows = {r["LRM"]: r for r in demo["lrm"]}
+    assert rows["en-10"]["test MSE"] < 0.9 * rows["en-1"]["test MSE"], rows
+    assert rows["en-10"]["test PCC"] > 0.44 and rows["en-10"]["test PCC"] > rows["en-1"]["test PCC"], rows
+
+
 def test_truncated_refl_raises_the_true_reward_with_the_pixel_reward(world, tmp_path):
-    """The shared machinery (rollout window, z0, LoRA, optimiser) against the ground truth: RGB ReFL on
-    one prompt. (VELR's own true-reward claim needs the 4096-latent demo: test_full_toy_world_run.)"""
+    """The shared machinery (rollout window, z0, LoRA, optimiser) against the ground truth: RGB ReFL on one prompt,
+    40 updates at lr 2e-3 (set here, not TINY's), 192 paired samples. Measured: +0.390 +- 0.036 (10.9 SE); the bar is
+    4 SE below. (It was a non-strict xfail that passed: 20 updates and 48 samples gave +0.139 +- 0.070, 2.0 SE.)"""
     data, meta, _ = world
     pipe = common.load_backbone("tiny")
     prompts, embeds = [meta["prompts"][1]], data["prompt_embeds"][[1]]
-    before, _, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 48, 10)
-    args = tiny_args(tune_steps=20, beta=0.0)
+    before, _, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 192, 10)
+    args = tiny_args(tune_steps=40, beta=0.0, lr=2e-3)
     velr.finetune(args, pipe, None, toy.toy_reward, prompts, embeds, None, "pixel", False, new_run(tmp_path / "r"),
                   "pixel")
-    after, _, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 48, 10)
+    after, _, _ = velr.evaluate(pipe, toy.toy_reward, prompts, embeds, 192, 10)
     mean, se = rundir.mean_se(after - before)
-    assert mean > 2 * se and mean > 0.1, (mean, se)
+    assert mean > 0.25, (mean, se)
 
 
 # ---------------------------------------------------------------------------------------------- teachers
@@ -398,7 +433,7 @@ def test_cli_smoke_and_lora_loads_into_wan_pipeline(world, tmp_path):
     assert (out / "lrm.safetensors").is_file() and (out / "videos" / "velr-0.mp4").is_file()
     plots = ["rm.png", "table3.png", "tune-pixel.png", "tune-velr.png"]
     assert f"(plots: {', '.join(plots)})" in res.stdout and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
-    assert json.loads((out / "args.json").read_text())["num_steps"] == 10  # the tiny value
+    assert json.loads((out / "args.json").read_text())["num_steps"] == velr.TINY["num_steps"]  # untyped: TINY
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows if r["stage"].startswith("tune")] == ["tune-velr", "tune-pixel"]  # 1 update each
     pipe = common.load_backbone("tiny")
@@ -423,23 +458,24 @@ def test_typed_values_win_on_tiny_also_the_papers(world, tmp_path):
                           "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     args = json.loads((out / "args.json").read_text())
-    assert (args["rm_epochs"], args["rm_batch"], args["align_every"], args["ensemble_size"]) == (3, 16, 10, 1)
-    assert (args["rm_lr"], args["lrm_dim"], args["num_steps"]) == (2e-3, 32, 10)  # untyped: TINY
+    assert all(args[k] == velr.TINY[k] for k in ("rm_lr", "lrm_dim", "num_steps"))  # untyped: TINY
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["stage"] == "rm"]) == 3 * (205 // 16)  # epochs x steps per epoch (205 train)
     assert json.loads((out / "summary.json").read_text())["lrm_en-1_test_mse"] > 0
 
 
 def test_help_shows_the_effective_values(capsys):
-    for argv, rm_epochs in (([], 8), (["--backbone", "wan2.1-1.3b"], 3)):
+    paper, tiny = velr.Args(), velr.TINY
+    for argv, rm_epochs in (([], tiny["rm_epochs"]), (["--backbone", "wan2.1-1.3b"], paper.rm_epochs)):
         with pytest.raises(SystemExit):
             common.parse_args(velr.Args, velr.TINY, [*argv, "--help"])
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-        assert f"[paper: 3; tiny: 8] (default: {rm_epochs})" in text
-        assert "[paper: 10; tiny: 4]" in text and "--grad-accum GRAD_ACCUM" in text  # --align-every, in updates
+        assert f"[paper: {paper.rm_epochs}; tiny: {tiny['rm_epochs']}] (default: {rm_epochs})" in text
+        assert f"[paper: {paper.align_every}; tiny: {tiny['align_every']}]" in text  # --align-every, in updates
     res = subprocess.run([sys.executable, "velr.py", "--mid-step", "6", "9"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
-    assert res.returncode == 2 and res.stderr.startswith("error: --mid-step 6 9 with K=2 does not fit 10 steps")
+    K, N = velr.TINY["truncated_steps"], velr.TINY["num_steps"]
+    assert res.returncode == 2 and res.stderr.startswith(f"error: --mid-step 6 9 with K={K} does not fit {N} steps")
     assert "Traceback" not in res.stderr
 
 
@@ -451,11 +487,14 @@ def test_estimate_memory_runs_the_real_step_functions(monkeypatch, capsys):
         real = getattr(velr, name)
         monkeypatch.setattr(velr, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     res = velr.main(tiny_args(estimate_memory=True, ensemble_size=2))
+    K = velr.TINY["truncated_steps"]
     assert list(res)[0].startswith("load phase") and list(res)[1:] == [
-        "LRM step (2 members in turn)", "fine-tune step (K=2 with grad, LRMs on z0, KL)",
-        "RGB ReFL step (--reward pixel, K=2, all frames)"]  # the load phase row first (issue 13)
-    assert calls.count("lrm_step") == 2 * 2 and calls.count("tune_step") == 3 * 2  # metered + timed run of each
-    assert capsys.readouterr().out.count("estimated peak:") == 4
+        "LRM step (2 members in turn)", *(f"fine-tune step (K={K} with grad, LRMs on z0, KL) --window-checkpointing {m}"
+                                          for m in ("step + 0 TFLOPs recomputed", "offload 0.0 GiB in CPU memory, "
+                                                    "moved there and back", "none")),
+        f"RGB ReFL step (--reward pixel, K={K}, all frames, --window-checkpointing step)"]  # load phase first (#13)
+    assert calls.count("lrm_step") == 2 * 2 and calls.count("tune_step") == 4 * 2  # metered + timed run of each
+    assert capsys.readouterr().out.count("estimated peak:") == 6
 
 
 # ---------------------------------------------------------------------------------------------- real data (#13, #16)
@@ -676,7 +715,7 @@ def test_every_stage_stopped_by_max_steps_then_resumed_equals_one_run(unbroken, 
     assert same_tensors(run_tensors(ref), run_tensors(tmp_path / "r"))
     assert numbers(summary) == numbers(full) and logged(ref) == logged(tmp_path / "r")
     before = tree_hash(tmp_path / "r")
-    with pytest.raises(common.UserError, match=r"--beta 1.0 \(now 2.0\)"):
+    with pytest.raises(common.UserError, match=rf"--beta {velr.TINY['beta']} \(now 2.0\)"):
         velr.main(args(resume=True, beta=2.0))
     assert tree_hash(tmp_path / "r") == before
 
@@ -707,3 +746,32 @@ def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, world, tmp
     assert res.returncode == 0, res.stderr[-2000:]
     assert same_tensors(run_tensors(ref), run_tensors(out))
     assert numbers(json.loads((out / "summary.json").read_text())) == numbers(json.loads(json.dumps(full)))
+
+
+def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):
+    """Issue #18: `torchrun --nproc_per_node 2 velr.py` on CPU (gloo): LRM pretraining (members sharded whole, each
+    rank half of every member's batch) and VELR fine-tuning with online alignment (the LoRA'd blocks sharded, each rank
+    half of the prompts, the replay buffer gathered) write one run folder whose ensemble and LoRA equal one process's."""
+    flags = ["--toy-cache", str(world[2]), "--toy-size", "256", "--ensemble-size", "2", "--rm-batch", "32",
+             "--max-steps", "2", "--batch-size", "2", "--align-every", "1", "--buffer-size", "4", "--eval-samples", "4",
+             "--save-videos", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for out, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        r = subprocess.run([sys.executable, *launch, "velr.py", "--out-dir", str(tmp_path / out), *flags], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (run_tensors(tmp_path / d) for d in ("one", "two"))
+    weights = [k for k in one if k.startswith(("lrm.safetensors", "lora-velr"))]
+    assert one.keys() == two.keys() and len(weights) > 300 and sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert any(one[k].abs().max() > 0 for k in weights if "lora_B" in k)  # it trained
+    # a conv bias before a one-channel GroupNorm group (blocks.0) and an attention key bias (in in_proj_bias) have
+    # gradient 0 up to rounding, which AdamW turns into steps of +-lr: they may differ by lr a step (measured 1e-3 after
+    # 2 steps); every other weight: float tolerance
+    zero_grad = lambda k: k.endswith(".bias") and ".blocks.0.conv" in k or k.endswith("in_proj_bias")
+    for k in weights:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=2 * 2 * velr.TINY["rm_lr"] if zero_grad(k) else 1e-4,
+                                   msg=k)
+    print("max |two - one|:", max((two[k] - one[k]).abs().max().item() for k in weights if not zero_grad(k)))
+    for (key, a), b in zip(logged(tmp_path / "one").items(), logged(tmp_path / "two").values()):  # rank 0 logs, all
+        assert a.keys() == b.keys() and all(a[k] == b[k] if isinstance(a[k], str) else math.isclose(
+            a[k], b[k], rel_tol=1e-4, abs_tol=1e-5) for k in a), (key, a, b)
