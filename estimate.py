@@ -501,6 +501,15 @@ def extrapolate(est: dict, lo: dict, hi: dict, n: float) -> dict:
     return out
 
 
+def window_checkpointing_costs(est: dict, lo: dict, hi: dict, n: int) -> dict:
+    """VELR's --window-checkpointing: {option: (cost, extra)} of a step with n steps with gradient, extrapolated from
+    est and lo (count 1, lo keeps everything) and hi = {"none": .., "step": ..} (count 2). none: all kept on the GPU
+    (extra 0); step: extra = the FLOPs recomputed in the backward; offload: none's FLOPs with est's memory (the n - 1
+    window steps' tensors go to the CPU: arithmetic, fake tensors cannot move), extra = the bytes moved there."""
+    x = {keep: extrapolate(est, lo, hi[keep], n) for keep in ("none", "step")}
+    offload = dict(x["none"], **{k: est[k] for k in ("peak_bytes", "breakdown", "per_gpu_bytes")})
+    return dict(step=(x["step"], x["step"]["flops"] - x["none"]["flops"]), none=(x["none"], 0),
+                offload=(offload, (n - 1) * (hi["none"]["peak_bytes"] - lo["peak_bytes"])))
 
 
 if __name__ == "__main__":

@@ -347,11 +347,6 @@ def cli(main, cls, tiny: dict):
         sys.exit(130)
 
 
-# TEMPORARY (until velr.py is rewritten)
-import common as _common  # noqa: E402
-_common.parse_args, _common.cli = parse_args, cli
-
-
 # ==== Timing, statistics, tables, videos: what every script reports
 class StepTimer:
     """`with timer:` around each step: seconds per step (the first, warm-up, step left out) and peak memory

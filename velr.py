@@ -1,26 +1,12 @@
-"""VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models (anonymous ICLR submission, no official
-code: Sec. 4, Alg. 1 and App. C are the spec). 1. N LRMs (3D res-convs, cross-attention to the prompt's last text
-token, transformer encoder) regress a pixel RM's score of the decoded video from the clean latent (Huber); their
-aggregate is the reward, their variance the uncertainty. 2. ReFL: no-grad rollout to a random mid step, K steps with
-gradient, loss -R_l(z0, c) + beta KL(current || initial); no VAE, no pixel RM in the graph. 3. Online alignment:
-every --align-every updates a Huber re-fit on a variance-ranked replay buffer. `--reward pixel`: RGB ReFL.
-Equation -> code: Eq. (4) ResBlock3D; (5) LatentRewardModel.cross_attn; (6) huber_loss; (7) aggregate (the one place
-the ensemble becomes a reward), ensemble_var; (8) velr_loss, kl_velocity; Sec. 4.3 truncated_mid_step, ReplayBuffer,
-align_lrm; Alg. 1 fit_members, pretrain_lrm, tune_step, finetune; Table 3 table3.
-Ours, where the paper is silent or contradicts itself: KL = |v - v_init|^2 at the window's last state, held fixed
-(gradient via v only), mean over latent elements, beta = 10 (App. C.2; a Gaussian step's KL is dsigma^2 N / (2 s^2)
-times it, N = 2.1M at 480p). Eq. (5): the prose's reading (video is Q, text K and V; the printed softmax over one
-text key would ignore the prompt). Eq. (7): mean, or the conservative --aggregate min / lcb (mean - std), used by every
-report. Buffer variances re-scored after each alignment. Alg. 1 aligns on Enc(Dec(z0)), the code on z0. The Huber
-delta, mean pooling, one encoder layer, stride 2 on axes longer than 2, a standardised text token, the alignment
-round size; --align-every counts updates (App. C.2's "every 10 epochs" of 400 prompts would never come in 1000).
-TINY: CPU-scale sizes, rates and lengths; beta 1. --data scores are the targets (--relabel: --teacher's); evaluation
-samples held-out prompts with Wan's CFG (none in the training rollout, Alg. 1). Run folders and --resume: rundir.
-"""
-import contextlib
-import importlib
-import json
-import math
+"""VELR: Efficient Video Reward Feedback via Ensemble Latent Reward Models (anonymous ICLR submission; docs/velr.md).
+1. N LRMs (3D res-convs, cross-attention to the prompt's last text token, transformer encoder) regress a pixel RM's
+score of the decoded video from the clean latent (Huber); their aggregate is the reward, their variance the uncertainty.
+2. ReFL: no-grad rollout to a random mid step, K steps with gradient, loss -R_l(z0, c) + beta KL(current || initial);
+no VAE, no pixel RM in the graph. 3. Online alignment: every --align-every updates a Huber re-fit on a variance-ranked
+replay buffer. `--reward pixel`: RGB ReFL. Equation -> code: Eq. (4) ResBlock3D; (5) LatentRewardModel.cross_attn;
+(6) huber_loss; (7) aggregate, ensemble_var; (8) velr_loss, kl_velocity; Sec. 4.3 truncated_mid_step, ReplayBuffer,
+align_lrm; Alg. 1 fit_members, pretrain_lrm, tune_step, finetune; Table 3 table3."""
+import contextlib, dataclasses, importlib, json, math, os, types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from torch.utils.checkpoint import checkpoint
 
-import common
-import dataset
-import estimate
-import rundir
-import toy
+import common, dataset, estimate, rundir, toy
 from common import UserError, arg
 
 
@@ -62,7 +45,7 @@ class Args:
     data: str = arg("", "prepared 'score' dataset folder (prepare.py); default: the toy world")
     relabel: bool = arg(False, "replace --data's scores by --teacher's (default: its scores are the targets)")
     on_duplicates: str = arg("fail", "--data rows of one latent and prompt: fail, or drop", choices=["fail", "drop"])
-    toy_size: int = arg(4096, "toy-world dataset rows (at 1024 the LRMs overfit: test PCC 0.41 vs 0.73)", min=2)
+    toy_size: int = arg(4096, "toy-world dataset rows (en-10 test PCC: 0.41 at 1024, 0.57 at 2048, 0.73)", min=2)
     toy_cache: str = arg("runs/toy_data", "where the toy dataset is cached")
     test_fraction: float = arg(0.2, "held-out share of rows (LRM test), of --data's prompts (evaluation)", min=0, max=1)
     prompts: str = arg("", "fine-tuning prompts, a .txt file with one per line (default: the dataset's prompts)")
@@ -73,8 +56,7 @@ class Args:
     pickscore_model: str = arg("yuvalkirstain/PickScore_v1", "PickScore checkpoint (hub id or folder)")
     # reward model (Sec. 4.1-4.2, App. C.1)
     ensemble_size: int = arg(10, "number of independently initialised LRMs (Sec. 4.2)", min=1)
-    aggregate: str = arg("mean", "Eq. (7) (mean: ours; conservative: min, lcb = mean - std)", choices=["mean", "min",
-                         "max", "lcb"])
+    aggregate: str = arg("mean", "Eq. (7) over the members (lcb = mean - std)", choices=["mean", "min", "max", "lcb"])
     lrm_dim: int = arg(512, "LRM feature width d_v (~0.02B params per LRM at Wan scale, App. C.9)", min=4)
     lrm_heads: int = arg(8, "attention heads of the LRM's cross-attention and encoder", min=1)
     lrm_layers: int = arg(1, "transformer-encoder layers after the cross-attention (ours)", min=1)
@@ -94,16 +76,19 @@ class Args:
     truncated_steps: int = arg(10, "K, denoising steps with gradient (App. C.2)", min=1)
     grad_clip: float = arg(1.0, "gradient-norm clip of the LoRA update (ours)", gt=0)
     gradient_checkpointing: bool = arg(True, "block gradient checkpointing in the DiT's K gradient steps (App. C.3)")
+    window_checkpointing: str = arg("step", "the first K-1 gradient steps keep for the backward: only their input "
+                                    "(step: a forward more), or all on the CPU (offload), or the GPU (none); ours",
+                                    choices=["step", "offload", "none"])
     # online alignment (Sec. 4.3, App. C.2)
     buffer_size: int = arg(256, "replay-buffer size (App. C.2)", min=1)
-    align_every: int = arg(10, "re-align the LRMs every this many updates (App. C.2 '10 epochs', see docstring)", min=1)
+    align_every: int = arg(10, "re-align the LRMs every this many updates (App. C.2 '10 epochs', docs/velr.md)", min=1)
     align_rounds: int = arg(2, "alignment rounds each time (App. C.2); a round = buffer_size samples (ours)", min=1)
     align_lr: float = arg(1e-5, "LRM learning rate during alignment (App. C.2)", gt=0)
 
 
 TINY = dict(num_steps=10, mid_step=[3, 5], truncated_steps=2, lrm_dim=32, rm_lr=2e-3, rm_batch=32, rm_epochs=8,
-            align_lr=1e-3, buffer_size=64, align_every=4, tune_steps=100, lr=2e-3, lora_rank=8, beta=1.0,
-            eval_samples=96, guidance_scale=1.0, compare=["no-align", "pixel"], checkpoint_every=50)
+            align_lr=1e-3, buffer_size=64, align_every=4, tune_steps=60, lr=2e-3, lora_rank=8, beta=0.1,
+            toy_size=2048, eval_samples=384, guidance_scale=1.0, checkpoint_every=50)
 
 
 # ==== Latent reward model (Sec. 4.1) and the ensemble (Sec. 4.2)
@@ -201,10 +186,9 @@ def load_lrm(path, args, latent_shape=None, weights: bool = True):
             cfg, state = json.loads((f.metadata() or {})["config"]), weights and {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: not a --stage rm run's lrm.safetensors ({type(e).__name__}: {e})") from None
-    want = zip(("n", "dim", "heads", "layers", "latent_shape"), ("--ensemble-size", "--lrm-dim", "--lrm-heads",
-               "--lrm-layers", "latents"), (args.ensemble_size, args.lrm_dim, args.lrm_heads, args.lrm_layers,
-                                             list(latent_shape or [])))
-    differ = [f"{f} {v} (its metadata: {cfg.get(k)})" for k, f, v in want if v and v != cfg.get(k)]
+    want = dict(n=("--ensemble-size", args.ensemble_size), **{k: (f"--lrm-{k}", getattr(args, f"lrm_{k}")) for k in
+                ("dim", "heads", "layers")}, latent_shape=("latents", list(latent_shape or [])))
+    differ = [f"{f} {v} (its metadata: {cfg.get(k)})" for k, (f, v) in want.items() if v and v != cfg.get(k)]
     common.require(not differ, f"--reward-ckpt {path} is another ensemble: {', '.join(differ)}", 2)
     if not weights:
         return cfg
@@ -229,8 +213,7 @@ def pickscore_reward(model, tokenize, video, prompts):
     return (model.logit_scale.exp() * (img.view(B, Fr, -1) * txt[:, None]).sum(-1)).mean(1)
 
 
-def load_teacher(args, device):
-    """The pixel reward model R(video, prompts) -> [B] that the LRMs regress (Sec. 4.1)."""
+def load_teacher(args, device):  # the pixel reward model R(video, prompts) -> [B] that the LRMs regress (Sec. 4.1)
     module, _, name = ("toy:toy_reward" if args.teacher == "toy" else args.teacher).partition(":")
     try:
         if args.teacher == "pickscore":
@@ -264,7 +247,7 @@ def huber_loss(pred, target, delta: float = 1.0):
 
 
 def kl_velocity(transformer, x, sigma, embeds):
-    """Alg. 1's KL[pi || pi_old] (see docstring): mean |v(x) - v_init(x)|^2 at the window's last state x, held fixed
+    """Alg. 1's KL[pi || pi_old] (see docs/velr.md): mean |v(x) - v_init(x)|^2 at the window's last state x, held fixed
     (detached): its gradient reaches the LoRA only through v; v_init with the adapters off (no weight copy)."""
     x = x.detach()
     with torch.no_grad():
@@ -279,11 +262,16 @@ def velr_loss(reward, kl, beta: float):
     return -(reward.mean() - beta * kl)
 
 
-def truncated_mid_step(transformer, noise, embeds, sigmas, start: int, K: int):
-    """No-grad rollout to `start`, K steps with gradient, z0 from the last velocity; returns z0 and the K-th input."""
+def truncated_mid_step(transformer, noise, embeds, sigmas, start: int, K: int, keep: str = "step"):
+    """No-grad rollout to `start`, K steps with gradient, z0 from the last velocity; returns z0 and the K-th input.
+    keep (--window-checkpointing): what each of the first K - 1 steps keeps for the backward: its input alone (step:
+    its forward runs again, non-reentrant checkpoint), its tensors in CPU memory (offload), or on the GPU (none)."""
     x, _ = common.rollout(transformer, noise, embeds, sigmas, 0, start)  # no grad_steps: no graph, no activations
-    last = start + K - 1
-    x, _ = common.rollout(transformer, x, embeds, sigmas, start, last, grad_steps=range(start, last))
+    last, v = start + K - 1, lambda x, i: common.predict_velocity(transformer, x, sigmas[i], embeds)
+    step = lambda x, i: common.euler_step(x, v(x, i), sigmas[i], sigmas[i + 1])  # a step of the window
+    for i in range(start, last):
+        with torch.autograd.graph.save_on_cpu(x.is_cuda) if keep == "offload" else contextlib.nullcontext():
+            x = checkpoint(step, x, i, use_reentrant=False) if keep == "step" else step(x, i)
     return common.x0_from_velocity(x, common.predict_velocity(transformer, x, sigmas[last], embeds), sigmas[last]), x
 
 
@@ -314,15 +302,16 @@ def lrm_step(args, lrm, i: int, z, text, target) -> float:
 
 
 def fit_members(lrm, opt, z, text, target, steps, args, draw):
-    """Huber regression (Eq. 6) of each member on its own batches, draw(n) -> indices (independent training: AdamW is
-    per tensor, and a member's step moves only it); yields (step, loss) over `steps` (run.steps, or a range)."""
+    """Huber regression (Eq. 6) of each member on its own batches, draw(n, call) -> indices (independent: AdamW is
+    per tensor); yields (step, loss) over `steps`. torchrun: each rank its share of every batch, the loss gathered."""
     lrm.train().requires_grad_(True)
     for step in steps:
-        total, n = 0.0, len(lrm.members)
+        total, n, dev = 0.0, len(lrm.members), lrm.members[0].head[1].weight.device
         for i in range(n):
-            for _ in range(args.grad_accum):
-                idx = draw(args.rm_batch).to(z.device)
-                total += lrm_step(args, lrm, i, z[idx], text[idx], target[idx]) / n / args.grad_accum
+            for j in range(args.grad_accum):
+                idx = common.local_batch(draw(args.rm_batch, (step * n + i) * args.grad_accum + j))
+                loss = lrm_step(args, lrm, i, z[idx].to(dev), text[idx].to(dev), target[idx].to(dev))
+                total += common.gather(torch.tensor([loss], device=dev)).mean().item() / n / args.grad_accum
             opt.step()
             opt.zero_grad(set_to_none=True)  # no grad left behind (finetune's next LoRA step would apply it)
         yield step, total
@@ -330,8 +319,10 @@ def fit_members(lrm, opt, z, text, target, steps, args, draw):
 
 
 @torch.no_grad()
-def predict(lrm, z, text, batch_size: int = 256):
-    return torch.cat([lrm(z[i:i + batch_size], text[i:i + batch_size]) for i in range(0, len(z), batch_size)], 1)
+def predict(lrm, z, text, batch_size: int = 256):  # [N, B] on the CPU; z: a tensor, or dataset.Rows read in chunks
+    dev = lrm.members[0].head[1].weight.device
+    return torch.cat([lrm(z[i:i + batch_size].to(dev), text[i:i + batch_size].to(dev)).cpu()
+                      for i in range(0, len(z), batch_size)], 1)
 
 
 def table3(p_train, y_train, p_test, y_test, agg=aggregate, sizes=(1, 3, 5, 10)) -> list[dict]:
@@ -349,30 +340,29 @@ def table3(p_train, y_train, p_test, y_test, agg=aggregate, sizes=(1, 3, 5, 10))
 
 def pretrain_lrm(args, data, text_tokens, latent_shape, device, run):
     """Offline Huber pretraining of every member (Alg. 1, first loop; stage 'rm'); returns the ensemble, Table 3."""
-    train, test = dataset.split_indices(len(data["latents"]), args.test_fraction, args.seed)
-    z, y = data["latents"].float().to(device), data["score"].float().to(device)
-    text = text_tokens[data["prompt_idx"]].to(device)
+    train, test = dataset.split_indices(len(data["score"]), args.test_fraction, args.seed)
+    part = lambda v, rows: v.subset(rows) if isinstance(v, dataset.Rows) else v[rows]  # lazy latents: nothing read
+    z, y, text = data["latents"], data["score"].float(), text_tokens[data["prompt_idx"]]
     lrm = EnsembleLRM(args.ensemble_size, latent_shape, text_tokens.shape[1], args.lrm_dim, args.lrm_heads,
                       args.lrm_layers, seed=args.seed).to(device)
     lrm.set_text_statistics(text_tokens.to(device))
-    opt, g = torch.optim.AdamW(lrm.parameters(), lr=args.rm_lr, weight_decay=1e-4), torch.Generator()
+    common.shard(types.SimpleNamespace(blocks=()), *lrm.members)  # torchrun: FSDP2, each member whole (fit_members)
+    opt = torch.optim.AdamW(lrm.parameters(), lr=args.rm_lr, weight_decay=1e-4)
     steps = run.steps("rm", args.rm_epochs * max(1, len(train) // (args.rm_batch * args.grad_accum)), dict(lrm=lrm),
-                      opt, generators=dict(data=g.manual_seed(args.seed)), every=args.checkpoint_every,
-                      stop_at=args.max_steps, desc="pretrain LRMs")
-    for step, loss in fit_members(lrm, opt, z[train], text[train], y[train], steps, args,
-                                  lambda n: torch.randint(0, len(train), (n,), generator=g)):
+                      opt, every=args.checkpoint_every, stop_at=args.max_steps, desc="pretrain LRMs")
+    for step, loss in fit_members(lrm, opt, part(z, train), text[train], y[train], steps, args,
+                                  lambda n, call: dataset.batch_rows(call, len(train), n, args.seed)):
         run.log(step, "rm", huber=loss)
         run.resume = False  # it trained on: a later stage's checkpoint is stale, that stage starts afresh
-    return lrm, table3(predict(lrm, z[train], text[train]), y[train], predict(lrm, z[test], text[test]), y[test],
-                       lambda p: aggregate(p, args.aggregate))
+    return lrm, table3(predict(lrm, part(z, train), text[train]), y[train], predict(lrm, part(z, test), text[test]),
+                       y[test], lambda p: aggregate(p, args.aggregate))
 
 
 def align_lrm(lrm, opt, buffer: ReplayBuffer, text_tokens, args, generator) -> float:
     """Online alignment (Alg. 1, else-branch): Huber re-fit on buffer samples drawn by variance, then re-scored."""
-    dev, full = next(lrm.parameters()).device, buffer.var > -math.inf
-    z, text = buffer.z.to(dev), text_tokens[buffer.prompt_idx].to(dev)
-    *_, (_, loss) = fit_members(lrm, opt, z, text, buffer.reward.to(dev), range(args.align_rounds * max(
-        1, args.buffer_size // (args.rm_batch * args.grad_accum))), args, lambda n: buffer.sample(n, generator))
+    full, z, text = buffer.var > -math.inf, buffer.z, text_tokens[buffer.prompt_idx]
+    *_, (_, loss) = fit_members(lrm, opt, z, text, buffer.reward, range(args.align_rounds * max(1, args.buffer_size //
+        (args.rm_batch * args.grad_accum))), args, lambda n, _: buffer.sample(n, generator))  # by variance: no loader
     buffer.var[full] = ensemble_var(predict(lrm, z[full], text[full])).cpu()
     return loss
 
@@ -381,7 +371,7 @@ def align_lrm(lrm, opt, buffer: ReplayBuffer, text_tokens, args, generator) -> f
 def tune_step(args, pipe, lrm, noise, embeds, text, sigmas, start: int, K: int, teacher=None, names=None):
     """Forward + backward of one micro-batch of Alg. 1's update (finetune, --estimate-memory): R_l = Eq. (7) of the
     frozen ensemble on z0, or given a teacher RGB ReFL's R(Dec(z0), c); Eq. (8), divided over --grad-accum."""
-    z0, x = truncated_mid_step(pipe.transformer, noise, embeds, sigmas, start, K)
+    z0, x = truncated_mid_step(pipe.transformer, noise, embeds, sigmas, start, K, args.window_checkpointing)
     preds = lrm(z0, text) if teacher is None else None  # [N, B]: the members' rewards
     reward = aggregate(preds, args.aggregate) if teacher is None else teacher(common.decode_latents(pipe, z0), names)
     kl = kl_velocity(pipe.transformer, x, sigmas[start + K - 1], embeds)
@@ -396,14 +386,15 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
     all runs share prompts, noise, starts (one stream), LoRA init. Checkpoint: LoRA, AdamW, streams, buffer, LRMs."""
     tr, dev, _ = pipe.transformer, pipe.transformer.device, torch.manual_seed(args.seed)  # LoRA init: as in every run
     params = common.add_lora(tr, args.lora_rank, args.lora_rank, adapter_name=name)  # (and makes it the active one)
+    common.shard(tr)  # torchrun: FSDP2 per block, LoRA included (it replaces the parameters); the LRMs: already
+    params = [p for p in tr.parameters() if p.requires_grad] if common.rank_world()[1] > 1 else params
+    glob = lambda t: common.gather((t if t.dim() else t[None]).to(dev)).cpu()  # all ranks' values (NCCL: on GPU)
     opt = torch.optim.AdamW([dict(params=params, lr=args.lr, weight_decay=0.0)] + ([dict(  # moves what has grads
         params=list(lrm.parameters()), lr=args.align_lr, weight_decay=1e-4)] if align else []))
     geo = common.backbone_geometry(pipe)  # the latent shape, and the schedule's shift (the checkpoint's)
     shape, sigmas = geo["latent_shape"], common.sigma_schedule(args.num_steps, geo["flow_shift"])
     buffer, g, g_align = ReplayBuffer(args.buffer_size, shape, tr.dtype), torch.Generator(), torch.Generator()
     state = dict(buffer.tensors, **{f"lrm.{k}": v for k, v in lrm.state_dict().items()}) if align else {}
-    with contextlib.suppress(OSError):  # reset the peak RSS (Linux): on a CPU each run reports its own peak
-        Path("/proc/self/clear_refs").write_text("5")
     timer = rundir.StepTimer(dev)
     for step in run.steps(f"tune-{name}", args.tune_steps, dict(lora=tr), opt, tensors=state, stop_at=args.max_steps,
                           generators=dict(data=g.manual_seed(args.seed + 1), align=g_align.manual_seed(args.seed + 2)),
@@ -411,8 +402,9 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
         batches, rows = [], []
         with timer:  # the generator update only: what latent vs pixel reward changes
             for _ in range(args.grad_accum):
-                idx = torch.randint(0, len(prompts), (args.batch_size,), generator=g)
-                noise = torch.randn((args.batch_size, *shape), generator=g).to(dev)
+                idx = torch.randint(0, len(prompts), (args.batch_size,), generator=g)  # prompts, not dataset rows:
+                noise = torch.randn((args.batch_size, *shape), generator=g)  # the global batch, then this rank's share
+                idx, noise = common.local_batch(idx), common.local_batch(noise).to(dev)
                 start = int(torch.randint(args.mid_step[0], args.mid_step[1] + 1, (1,), generator=g))
                 names, text = [prompts[i] for i in idx], text_tokens[idx].to(dev) if mode == "latent" else None
                 b = tune_step(args, pipe, lrm, noise, embeds[idx].to(dev), text, sigmas, start, args.truncated_steps,
@@ -424,13 +416,13 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
             opt.step()
             opt.zero_grad(set_to_none=True)
         for b in batches:  # VELR: each micro-batch's pixel reward (no gradient), the buffer's labels
-            rows.append(dict({k: b[k].mean().item() for k in ("loss", "reward", "kl")}, start=b["start"]))
-            if mode == "latent":
-                r_pix, var = pixel_reward(pipe, teacher, b["z0"], b["names"]), ensemble_var(b["preds"])
+            rows.append(dict({k: glob(b[k]).mean().item() for k in ("loss", "reward", "kl")}, start=b["start"]))
+            if mode == "latent":  # the buffer holds every rank's samples
+                r_pix, var = glob(pixel_reward(pipe, teacher, b["z0"], b["names"])), glob(ensemble_var(b["preds"]))
                 rows[-1].update(pixel_reward=r_pix.mean().item(), variance=var.mean().item(),
-                                gap=(b["reward"].cpu() - r_pix).abs().mean().item())
+                                gap=(glob(b["reward"]) - r_pix).abs().mean().item())
                 if align:
-                    buffer.add(b["z0"], b["idx"], r_pix, var)
+                    buffer.add(glob(b["z0"]), glob(b["idx"]), r_pix, var)
         row = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}  # the step: its micro-batches' mean
         if align and (step + 1) % args.align_every == 0:
             row["align_huber"] = align_lrm(lrm, opt, buffer, text_tokens, args, g_align)
@@ -445,25 +437,26 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
 @torch.no_grad()
 def evaluate(pipe, teacher, prompts, embeds, n: int, num_steps: int, guidance_scale: float = 1.0, negative=None):
     """Pixel reward (the toy truth) of n fresh samples, seed 10^6 + i, prompt i * P // n; CFG > 1 with `negative`."""
-    which = torch.arange(n) * len(prompts) // n
-    z = common.sample_latents(pipe, embeds[which], [10**6 + i for i in range(n)], num_steps=num_steps,
+    which, mine, dev = torch.arange(n) * len(prompts) // n, common.local_batch(torch.arange(n)), pipe.transformer.device
+    z = common.sample_latents(pipe, embeds[which[mine]], [10**6 + i for i in mine.tolist()], num_steps=num_steps,
                               guidance_scale=guidance_scale, negative_embeds=negative if guidance_scale > 1 else None)
-    return pixel_reward(pipe, teacher, z, [prompts[i] for i in which]), z, which
+    r = pixel_reward(pipe, teacher, z, [prompts[i] for i in which[mine]])  # torchrun: each rank its share, gathered
+    return common.gather(r.to(dev)).cpu(), common.gather(z.to(dev)).cpu(), which
 
 
 # ==== Flags, files and data, all checked before any model loads (#19); --estimate-memory; main
-def read_prompts(path, flag: str) -> list[str]:
-    common.require(Path(path).is_file(), f"{flag} {path}: no such file (a UTF-8 .txt, one prompt per line)")
-    prompts = [s.strip() for s in Path(path).read_bytes().decode(errors="replace").splitlines() if s.strip()]
-    common.require(prompts and "\ufffd" not in "".join(prompts), f"{flag} {path}: no prompts in it, or not UTF-8 text")
-    return prompts
+def check_inputs(args: Args) -> tuple:  # flags, video size, data, prompts, --reward-ckpt, --out-dir; nothing loads
+    def read_prompts(path, flag: str) -> list[str]:
+        common.require(Path(path).is_file(), f"{flag} {path}: no such file (a UTF-8 .txt, one prompt per line)")
+        p = [s.strip() for s in Path(path).read_bytes().decode(errors="replace").splitlines() if s.strip()]
+        common.require(p and "\ufffd" not in "".join(p), f"{flag} {path}: no prompts in it, or not UTF-8 text")
+        return p
 
-
-def check_inputs(args: Args) -> dict:
-    """Flags, video size (typed, --data's, the backbone's), data, prompts, --reward-ckpt, --out-dir: before loading."""
     (a, b), mid = (list(args.mid_step) + [-1, -1])[:2], " ".join(map(str, args.mid_step))
     common.require(len(args.mid_step) == 2 and 0 <= a <= b <= args.num_steps - args.truncated_steps, f"--mid-step "
                    f"{mid} with K={args.truncated_steps} does not fit {args.num_steps} steps (need a <= b <= N - K)", 2)
+    common.require(int(os.environ.get("WORLD_SIZE", 1)) == 1 or not args.compare, "--compare under torchrun: run "
+                   "each fine-tuning on its own (--reward pixel; the sharded LoRA is made once)", 2)
     common.require(args.lrm_dim % args.lrm_heads == 0, f"--lrm-dim {args.lrm_dim}: not a multiple of --lrm-heads", 2)
     common.require(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device here", 2)
     common.require(args.data or args.estimate_memory or args.backbone == "tiny", f"--backbone {args.backbone}: the "
@@ -471,19 +464,17 @@ def check_inputs(args: Args) -> dict:
     hub = args.backbone.count("/") == 1 and not Path(args.backbone).expanduser().exists()
     cfg = None if hub and all(args.backbone != c["repo"] for c in common.WAN_CONFIGS.values()) else \
         common.backbone_config(args.backbone)
-    data, meta = dataset.load(args.data, "score") if args.data and not args.estimate_memory else (None, {})
-    keys = ("height", "width", "num_frames")
-    size = dataset.video_size(meta, args.data, **{k: getattr(args, k) for k in keys})  # meta.json's is the default
-    common.require(args.data or args.estimate_memory or all(size[k] in (None, cfg[k]) for k in keys), "--height / "
-                   f"--width / --num-frames need --data (the toy world is {'x'.join(str(cfg[k]) for k in keys)})", 2)
+    data, meta = dataset.load(args.data, "score", lazy=True) if args.data and not args.estimate_memory else (None, {})
+    size = dataset.video_size(meta, args.data, height=args.height, width=args.width, num_frames=args.num_frames)
+    common.require(args.data or args.estimate_memory or all(size[k] in (None, cfg[k]) for k in size), "--height / "
+                   f"--width / --num-frames need --data (the toy world is {'x'.join(str(cfg[k]) for k in size)})", 2)
     vars(args).update(size)
     geo = cfg and common.geometry(cfg, *size.values())  # the size checked against the backbone, no weights
     if args.estimate_memory:
         return None, None, None, None
     rundir.check_writable(args.out_dir or "runs")
-    if data:
-        if geo:  # the size's shape, and VAE scale (a hub id's: in main, with the weights)
-            dataset.check_latents(data, geo, args.data, keys=("latents",))
+    if data:  # geo: the size's shape, and VAE scale (a hub id's: in main, with the weights)
+        _ = geo and dataset.check_latents(data, geo, args.data, keys=("latents",))
         data = dataset.drop_repeats(data, "score", args.on_duplicates, args.data)
         common.require(args.relabel or len(set(data["score"].tolist())) > 1, f"{args.data}: every score is the same")
     prompts = read_prompts(args.prompts, "--prompts") if args.prompts else meta.get("prompts") or toy.toy_prompts()
@@ -501,16 +492,14 @@ def check_inputs(args: Args) -> dict:
                    "toy-world prompts only: pass --teacher pickscore or module:function", 2)
     common.require(args.reward_ckpt or args.stage != "tune" or args.reward == "pixel" and "no-align" not in
                    args.compare, "--stage tune needs --reward-ckpt (a --stage rm run's lrm.safetensors)", 2)
-    if args.reward_ckpt:  # its metadata: this run's flags and latents
-        load_lrm(args.reward_ckpt, args, geo and geo["latent_shape"], weights=False)
+    _ = args.reward_ckpt and load_lrm(args.reward_ckpt, args, geo and geo["latent_shape"], weights=False)  # metadata
     out = Path(args.out_dir) if args.out_dir else None  # rundir.Run's rule, here before anything loads
     common.require(bool(out and out.is_dir() and any(out.iterdir())) == args.resume, f"--out-dir {out} " + (
         "holds no run to --resume" if args.resume else "already holds a run: --resume it, or choose another folder"), 2)
     return data and (data, meta), prompts, keep, eval_prompts
 
 
-def estimate_memory(args) -> dict:
-    """The load phase, then the real lrm_step and tune_step on fake tensors at the video size, batch 1."""
+def estimate_memory(args) -> dict:  # the load phase, then the real lrm_step and tune_step on fake tensors, batch 1
     with estimate.StageEstimates("VELR", args.backbone, args.height, args.width, args.num_frames) as est:
         (x0, embeds, mask), K, _ = est.inputs(), args.truncated_steps, est.load_phase()
         text, sigmas = last_text_token(embeds, mask), common.sigma_schedule(args.num_steps, est.cfg["flow_shift"])
@@ -521,12 +510,19 @@ def estimate_memory(args) -> dict:
             est.pipeline(), new_lrm()))[1], x0, text)
         pipe, lrm = est.build(lambda: (est.pipeline(args.lora_rank, args.gradient_checkpointing),
                                        new_lrm().requires_grad_(False)))  # pretrain_lrm: the DiT is on the GPU
-        run = lambda k, *teacher: est.step("", tune_step, args, pipe, lrm, x0, embeds, text, sigmas, 0, k, *teacher,
-                                           quiet=True, rollout_forwards=sum(args.mid_step) / 2)  # E[start] no-grad
-        lo, hi = run(1), run(2)  # from step 0; K costs linearly: K = 1, 2, extrapolated
-        est.report(f"fine-tune step (K={K} with grad, LRMs on z0, KL)", estimate.extrapolate(lo, lo, hi, K))
-        est.report(f"RGB ReFL step (--reward pixel, K={K}, all frames)",
-                   estimate.extrapolate(run(1, toy.toy_reward, toy.toy_prompts()[:1]), lo, hi, K))
+        run = lambda k, keep, *teacher: est.step("", tune_step, dataclasses.replace(args, window_checkpointing=keep),
+                                                 pipe, lrm, x0, embeds, text, sigmas, 0, k, *teacher, quiet=True,
+                                                 rollout_forwards=sum(args.mid_step) / 2)  # E[start] no-grad
+        lo, hi = run(1, "none"), {m: run(2, m) for m in ("none", "step")}  # K = 1, 2 (K = 1: no window step)
+        cost = estimate.window_checkpointing_costs(lo, lo, hi, K)  # offload: arithmetic (fake tensors cannot move)
+        what = dict(step=f"+ {cost['step'][1] / 1e12:.0f} TFLOPs recomputed",
+                    offload=f"{cost['offload'][1] / common.GiB:.1f} GiB in CPU memory, moved there and back", none="")
+        for keep in sorted(what, key=lambda m: m != args.window_checkpointing):  # the flag's first
+            est.report(f"fine-tune step (K={K} with grad, LRMs on z0, KL) --window-checkpointing {keep} {what[keep]}"
+                       .rstrip(), cost[keep][0])
+        pixel = run(1, "none", toy.toy_reward, toy.toy_prompts()[:1])
+        est.report(f"RGB ReFL step (--reward pixel, K={K}, all frames, --window-checkpointing {args.window_checkpointing}"
+                   ")", estimate.window_checkpointing_costs(pixel, lo, hi, K)[args.window_checkpointing][0])
     return est.results
 
 
@@ -539,8 +535,7 @@ def main(args: Args) -> dict:
     teacher = load_teacher(args, device) if args.stage != "rm" or relabel else None  # none for --data's own scores
     pipe = common.load_backbone(args.backbone, device, common.pick_dtype(args.dtype, device), args.height, args.width,
                                 args.num_frames)
-    if args.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
+    _ = args.gradient_checkpointing and pipe.transformer.enable_gradient_checkpointing()
     geo = common.backbone_geometry(pipe)
     data, meta = inputs or toy.toy_dataset(pipe, "score", args.toy_size, args.seed, cache_dir=args.toy_cache)
     dataset.check_latents(data, geo, args.data or args.toy_cache, keys=("latents",))  # (a hub id's: only now)
@@ -556,6 +551,7 @@ def main(args: Args) -> dict:
     run = rundir.Run("velr", args, args.out_dir or None, args.resume)  # only now: a failed start leaves no folder
     needs = args.stage == "rm" or args.reward == "latent" or "no-align" in args.compare  # LRMs (Eq. 7: every report)
     summary, lrm = dict(run_dir=str(run.dir), runs={}), ckpt and needs and load_lrm(ckpt, args, shape).to(device)
+    _ = lrm and common.shard(types.SimpleNamespace(blocks=()), *lrm.members)  # torchrun (pretrain_lrm: its own)
     if needs and not ckpt:
         lrm, summary["lrm"] = pretrain_lrm(args, data, last_text_token(data["prompt_embeds"], data["prompt_mask"]),
                                            shape, device, run)
@@ -563,26 +559,23 @@ def main(args: Args) -> dict:
         summary.update({f"lrm_{r['LRM']}_test_{k.lower()}": r[f"test {k}"]  # single LRM vs the whole ensemble
                         for r in (summary["lrm"][0], summary["lrm"][-1]) for k in ("MSE", "PCC")})
         print(f"\nTable 3 in miniature (en-k: {args.aggregate} of k LRMs)\n{rundir.format_table(summary['lrm'])}")
-        ks = [int(r["LRM"][3:]) for r in summary["lrm"]]
         rundir.plot_metrics(run, "rm", ["huber"], "LRM pretraining: Huber (Eq. 6), mean of the members")
-        rundir.plot(run.dir / "table3.png", {f"{s} {m}": (ks, [r[f"{s} {m}"] for r in summary["lrm"]]) for s in (
-            "train", "test") for m in ("MSE", "PCC")}, f"Table 3: {args.aggregate} of k LRMs", "ensemble size k")
+        rundir.plot(run.dir / "table3.png", {f"{s} {m}": ([int(r["LRM"][3:]) for r in summary["lrm"]], [r[f"{s} {m}"]
+                    for r in summary["lrm"]]) for s in ("train", "test") for m in ("MSE", "PCC")}, "Table 3", "k")
     lrm_state = lrm and {k: v.clone() for k, v in lrm.state_dict().items()}
 
     def sample(tag):  # the current generator's evaluation samples (and mp4s): true reward and R_l
-        if lrm:  # the pretrained ensemble scores, and every run starts from it
-            lrm.load_state_dict(lrm_state)
+        _ = lrm and lrm.load_state_dict(lrm_state)  # the pretrained ensemble scores, and every run starts from it
         r, z, which = evaluate(pipe, teacher, eval_prompts, eval_embeds[:n_eval], args.eval_samples, args.num_steps,
                                args.guidance_scale, negative)
-        for i in range(min(args.save_videos, len(z))):
-            rundir.export_video(common.decode_latents(pipe, z[i:i + 1].to(pipe.vae.device))[0],
-                                run.dir / "videos" / f"{tag}-{i}.mp4")
+        for i, zi in enumerate(z[:args.save_videos].to(pipe.vae.device)):  # mp4s
+            rundir.export_video(common.decode_latents(pipe, zi[None])[0], run.dir / "videos" / f"{tag}-{i}.mp4")
         return dict(true_reward=r, **({} if not lrm else {  # R_l through Eq. (7), as in training
-            "lrm_reward": aggregate(predict(lrm, z.to(device), eval_tokens[which].to(device)), args.aggregate).cpu()}))
+            "lrm_reward": aggregate(predict(lrm, z, eval_tokens[which]), args.aggregate)}))
     latent = args.reward == "latent"  # velr: VELR; velr_noalign: without online alignment; pixel: RGB ReFL
     names = [n for n, on in (("velr", latent), ("velr_noalign", latent and "no-align" in args.compare),
                              ("pixel", not latent or "pixel" in args.compare)) if on and args.stage != "rm"]
-    before, rows, costs = names and sample("base"), [], []
+    before, rows = names and sample("base"), []
     for name in names:
         stats = finetune(args, pipe, lrm, teacher, prompts, embeds, last_text_token(embeds, mask),
                          "pixel" if name == "pixel" else "latent", name == "velr", run, name)
@@ -590,22 +583,18 @@ def main(args: Args) -> dict:
                             f"fine-tune {name}: Eq. (8)")
         paired, table = rundir.paired_summary(before, sample(name))
         pipe.transformer.delete_adapters(name)  # the next run starts from the base model again
-        summary["runs"][name] = dict(paired, **stats)
-        summary.update({f"{name}_true_reward_gain": paired["true_reward_gain"], **{
-            f"{name}_{k}": stats[k] for k in ("seconds_per_step", "peak_memory_gib")}})
+        summary["runs"][name], summary[f"{name}_true_reward_gain"] = dict(paired, **stats), paired["true_reward_gain"]
         rows += [dict(run=name, **row) for row in table]
-        costs.append({"run": name, "s/step": stats["seconds_per_step"], "peak GiB": stats["peak_memory_gib"],
-                      "|R_l - R|": " → ".join(f"{x:.3f}" for x in stats["gap_first_last"] or []) or "n/a"})
     print(f"\nFine-tuning: R (true_reward), R_l (pretrained ensemble) of {args.eval_samples} fresh samples of {n_eval} "
-          f"held-out prompts, paired gains; the update's cost, |R_l - R| in training (first -> last quarter)\n"
-          f"{rundir.format_table(rows)}\n{rundir.format_table(costs)}" if names else "")
-    run.summary(summary)
-    print(f"\nrun folder {run.dir} (plots: {', '.join(sorted(p.name for p in run.dir.glob('*.png')))})" + f"\n  LRM "
-          f"ensemble: {run.dir / 'lrm.safetensors'} (reuse: --stage tune --reward-ckpt <it>)" * ("lrm" in summary) +
-          "".join(f"\n  LoRA: WanPipeline.from_pretrained('{args.backbone}').load_lora_weights('{run.dir}/lora-{n}')"
-                  for n in names))
+          f"held-out prompts, before / after / paired gain\n{rundir.format_table(rows)}" if names else "")
+    summary["claims"] = [dict(claim=f"true-reward gain of the {n} LoRA over the base, held-out prompts (paired SE, "
+                              f"n={args.eval_samples})", mean=g, se=se) for n in names
+                         for g, se in [summary[f"{n}_true_reward_gain"]]]
+    run.summary(summary)  # the claims: the table's true_reward gain (paired) rows
+    print(f"\nrun folder {run.dir} (plots: {', '.join(sorted(p.name for p in run.dir.glob('*.png')))}); LRMs: "
+          "lrm.safetensors (--reward-ckpt); LoRAs: lora-<run>/ (WanPipeline.load_lora_weights)")
     return summary
 
 
 if __name__ == "__main__":
-    common.cli(main, Args, TINY)
+    rundir.cli(main, Args, TINY)

@@ -27,7 +27,7 @@ SMALL = dict(TINY, height=64, width=64, num_frames=9, vae=common.WAN_CONFIGS["wa
 # (the first row of each is the load phase: text encoding with the DiT and VAE resident)
 SCRIPTS = {"prfl": (["--rm-blocks", "1", "--lora-rank", "8", "--num-steps", "10"], 3),
            "velr": (["--ensemble-size", "2", "--lrm-dim", "64", "--lora-rank", "8", "--num-steps", "10",
-                     "--mid-step", "2", "4", "--truncated-steps", "3"], 4),
+                     "--mid-step", "2", "4", "--truncated-steps", "3"], 6),  # fine-tune: step / offload / none
            "prism": (["--num-blocks", "1", "--head-dim", "64", "--num-steps", "10"], 4),
            "dina_lrm": (["--rm-blocks", "1", "--taps", "1", "--num-steps", "10"], 3)}
 
@@ -48,7 +48,10 @@ def test_estimate_memory_of_each_script_at_a_small_size(name, monkeypatch, capsy
     load, *steps = res.values()
     assert next(iter(res)).startswith("load phase") and load["breakdown"]["weights"] > steps[0]["breakdown"]["weights"] / 2
     if name == "velr":  # the VAE decode with gradient dominates; the ensemble on the latent costs little
-        lrm, latent, pixel = steps
+        lrm, latent, offload, plain, pixel = steps
+        # --window-checkpointing: keeping K gradient steps' block inputs costs memory, recomputing them FLOPs
+        assert latent["peak_bytes"] < plain["peak_bytes"] and offload["peak_bytes"] < plain["peak_bytes"]
+        assert latent["flops"] > plain["flops"] == offload["flops"]
         assert latent["peak_bytes"] < pixel["peak_bytes"] and latent["breakdown"]["weights"] == pixel["breakdown"]["weights"]
         assert 10 * latent["breakdown"]["activations"] < pixel["breakdown"]["activations"]
         assert pixel["flops"] > latent["flops"] > lrm["flops"]

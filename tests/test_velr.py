@@ -36,7 +36,7 @@ def new_run(folder, **kw):
 
 def tiny_args(**kw):
     """What `python velr.py` parses on tiny (TINY over the paper's defaults), no side runs or videos, `kw` replaced."""
-    return dataclasses.replace(common.parse_args(velr.Args, velr.TINY, []), **{"compare": [], "save_videos": 0, **kw})
+    return dataclasses.replace(rundir.parse_args(velr.Args, velr.TINY, []), **{"compare": [], "save_videos": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +440,7 @@ def test_cli_smoke_and_lora_loads_into_wan_pipeline(world, tmp_path):
     pipe.load_lora_weights(str(out / "lora-velr"))
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
     # a later --stage tune reuses the saved ensemble (of its --ensemble-size); --compare typed empty: no side runs
-    again = velr.main(common.parse_args(velr.Args, velr.TINY, [
+    again = velr.main(rundir.parse_args(velr.Args, velr.TINY, [
         "--stage", "tune", "--reward-ckpt", str(out / "lrm.safetensors"), "--ensemble-size", "2", "--toy-cache",
         str(cache), "--toy-size",
         "256", "--eval-prompts", str(prompts), "--eval-samples", "2", "--tune-steps", "1", "--compare",
@@ -468,7 +468,7 @@ def test_help_shows_the_effective_values(capsys):
     paper, tiny = velr.Args(), velr.TINY
     for argv, rm_epochs in (([], tiny["rm_epochs"]), (["--backbone", "wan2.1-1.3b"], paper.rm_epochs)):
         with pytest.raises(SystemExit):
-            common.parse_args(velr.Args, velr.TINY, [*argv, "--help"])
+            rundir.parse_args(velr.Args, velr.TINY, [*argv, "--help"])
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         assert f"[paper: {paper.rm_epochs}; tiny: {tiny['rm_epochs']}] (default: {rm_epochs})" in text
         assert f"[paper: {paper.align_every}; tiny: {tiny['align_every']}]" in text  # --align-every, in updates
