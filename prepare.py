@@ -28,7 +28,7 @@ on; (2) per shard, in threads ahead of the VAE: read the video with imageio-ffmp
 nearest in time to each target frame (from the start), scale so the frame covers the target size (short
 side first, aspect kept) and centre-crop; encode with the backbone's VAE (posterior mean, normalised as
 the pipeline does: common.encode_video); write the shard atomically, then record it; (3) encode each
-distinct prompt once with T5 (it only now goes to the GPU); (4) meta.json, then load_dataset as a check.
+distinct prompt once with T5 (it only now goes to the GPU); (4) meta.json, then dataset.load(lazy=True) as a check.
 
 Follows HY-Video-PRFL's gen_wanx_latent.py where it has a convention (16 fps, 4k+1 frames, short side
 resize + centre crop, VAE mean latents) and VideoAlign's CSV columns for pairs. Differs: PRFL counts a
@@ -629,7 +629,7 @@ def main(args: Args) -> dict:
 
 
 def save_shard(tensors: dict, path: Path):
-    """Atomic (temp file + rename): an interrupted write never leaves a shard load_dataset would read."""
+    """Atomic (temp file + rename): an interrupted write never leaves a shard dataset.load would read."""
     common.save_safetensors(tensors, path)
 
 
