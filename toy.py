@@ -217,7 +217,12 @@ def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data
             return dataset.load(folder, kind)
         print(f"building the toy '{kind}' dataset ({n} rows, seed {seed}) into {folder} (once; later runs reuse it)",
               flush=True)
-        tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # CPU sums differ with the thread count: one thread, the same toy set on every machine
+        try:
+            tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
+        finally:
+            torch.set_num_threads(threads)
         dataset.save(folder, tensors, meta)
         return tensors, meta
 

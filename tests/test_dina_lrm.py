@@ -395,20 +395,20 @@ def demo(tmp_path_factory, shared_toy_cache):
 
 
 def test_demo_reward_model_ranks_held_out_toy_pairs(demo):
-    # the demo's 145 held-out strict pairs, chance 0.5: measured 0.772 +- 0.035 at sigma 0.4 (7.8 SE above chance;
-    # round 4, before dataset.batches: 0.738 +- 0.037); the threshold is 4 SE below it, still 3.7 SE above chance
+    # the demo's 145 held-out strict pairs, chance 0.5: measured 0.779 +- 0.035 at sigma 0.4 (8.0 SE above chance,
+    # with 1 and 2 threads alike: toy_dataset builds with one); the threshold is 4 SE below it, 3.7 SE above chance
     assert demo["acc_sigma_0.4"] > 0.63, demo["accuracy_table"]
 
 
 def test_demo_refl_raises_the_true_toy_reward(demo):
     # the claim: ReFL with the learned reward raises the true (pixel) toy reward of fresh samples of the held-out
-    # prompts, 768 paired by seed. Measured +0.109 +- 0.023 (4.8 SE; the batches of dataset.batches since issue #14,
-    # round 4's random draws: +0.110 +- 0.023); the threshold is 4 SE below (0.018): the
-    # claim asserted is "a gain", not its size. A policy that games the reward model (--lr 4e-4 --no-ema: -0.242 +-
-    # 0.029) or no training (0 exactly) fails it. The DiNa score it optimises: +5.837 +- 0.110, threshold 4 SE below.
+    # prompts, 768 paired by seed. Measured +0.107 +- 0.023 (4.7 SE; identical with OMP_NUM_THREADS=1 and 2); the
+    # threshold is 4 SE below (0.015): the claim asserted is "a gain", not its size. A policy that games the reward
+    # model (--tune-steps 50: +0.004 +- 0.035 on 384 samples; --lr 4e-4: -0.242 +- 0.029) or no training (0 exactly)
+    # fails it. The DiNa score it optimises: +4.306 +- 0.084, threshold 4 SE below.
     gain, se = demo["true_reward_gain"]
-    assert gain > 0.018, demo
-    assert demo["dina_reward_gain"][0] > 5.39, demo
+    assert gain > 0.015, demo
+    assert demo["dina_reward_gain"][0] > 3.96, demo
     assert demo["claims"] == [dict(claim=demo["claims"][0]["claim"], mean=gain, se=se)]  # what `make demo` prints
 
 
