@@ -695,8 +695,13 @@ def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, toy_cach
     for f in ("pavrm.safetensors", "lora/pytorch_lora_weights.safetensors"):
         one, two = load_file(str(outs["one"] / f)), load_file(str(outs["two"] / f))
         assert one.keys() == two.keys() and len(one) > 100, f
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=f"{f}: {k}")
+        for k in one:  # the pooling attention's key bias has a zero gradient in exact math (a softmax over keys):
+            a, b = two[k], one[k]  # Adam's first steps turn its rounding into +-lr a step, bounded, not equal
+            if k == "pool.attn.in_proj_bias":  # [q | k | v] biases
+                d = len(a) // 3
+                torch.testing.assert_close(a[d:2 * d], b[d:2 * d], rtol=0, atol=2 * 2 * prfl.TINY["rm_lr_head"])
+                a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{f}: {k}: {m}")
     assert any(v.abs().max() > 0 for k, v in one.items() if "lora_B" in k)  # the LoRA did train
     assert len((outs["two"] / "metrics.jsonl").read_text().splitlines()) == 4  # 2 + 2 steps, logged once
     assert len(list((outs["two"] / "videos").glob("*.mp4"))) == 2  # before + after, written once
