@@ -365,7 +365,6 @@ def test_toy_dataset_kinds(pipe, kind, tmp_path):
         assert torch.allclose(toy.true_reward(pipe, lat[:4], names), data["score"][:4], atol=1e-5)
 
 
-
 def test_toy_dataset_is_the_same_whatever_the_thread_count(pipe, tmp_path):
     """CPU float sums depend on the thread count, and a sampled toy latent amplifies them (a 2-thread cache once
     gave DiNa-LRM a reward model 0.04 less accurate); toy_dataset builds with one thread, so every machine's is alike."""
@@ -377,6 +376,7 @@ def test_toy_dataset_is_the_same_whatever_the_thread_count(pipe, tmp_path):
         finally:
             torch.set_num_threads(1)
     assert all(torch.equal(built[1][k], built[2][k]) for k in built[1])
+
 
 # ---------------------------------------------------------------- plumbing
 @dataclasses.dataclass
