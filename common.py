@@ -252,9 +252,11 @@ def rollout(transformer, x, embeds, sigmas, start: int = 0, stop: int | None = N
 
 @torch.no_grad()
 def sample_latents(pipe, embeds, seeds: list[int], num_steps: int = 20, shift: float | None = None,
-                   guidance_scale: float = 1.0, negative_embeds=None, batch_size: int = 16, desc: str | None = None):
-    """Fresh samples (no gradient) from fixed seeds: one latent per (embedding row, seed); desc: a progress bar."""
+                   guidance_scale: float = 1.0, negative_embeds=None, batch_size: int | None = None, desc: str | None = None):
+    """Fresh samples (no gradient) from fixed seeds: one latent per (embedding row, seed); desc: a progress bar. Default
+    batch: ~4k tokens (Wan 480p: 1; tiny: 341, 2x faster than 16 on a CPU, bit-identical: rows are independent)."""
     geo, dev, out = backbone_geometry(pipe), pipe.transformer.device, []
+    batch_size = batch_size or max(1, 4096 // geo["tokens"])
     sigmas = sigma_schedule(num_steps, shift or geo["flow_shift"])
     for i in tqdm(range(0, len(seeds), batch_size), desc=desc, disable=desc is None, leave=False):
         e = embeds[i:i + batch_size].to(dev)
@@ -346,13 +348,10 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None):
     os.replace(tmp, path)
 
 
-def save_json(obj, path):
-    if not is_main():
-        return
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def save_json(obj, path):  # atomic, on rank 0, as save_safetensors
+    if is_main():
+        (tmp := Path(path).with_name(Path(path).name + ".tmp")).write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
 
 
 def _latent_stats(vae, device="cpu"):  # the VAE's per-channel latent mean and std, [1, 16, 1, 1, 1]
@@ -371,6 +370,9 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents -> videos [B, 3, F, H, W] in [-1, 1], differentiable; `pipe`: a WanPipeline or its VAE."""
     vae = getattr(pipe, "vae", pipe)
     mean, std = _latent_stats(vae, latents.device)
+    for m in vae.decoder.modules() if latents.device.type == "cpu" else []:  # oneDNN's Conv3d: ~1.5x faster with
+        if isinstance(m, torch.nn.Conv3d):  # channels-last weights (same values to 1e-6; saved files are contiguous)
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
     return vae.decode((latents.float() * std + mean).to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
 
 
