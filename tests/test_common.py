@@ -528,3 +528,30 @@ def test_a_typed_size_that_differs_from_the_data_names_the_flag():
     with pytest.raises(C.UserError, match=r"--num-frames 9: d was prepared at 48x64x13") as e:
         dataset.video_size(meta, "d", num_frames=9)
     assert e.value.code == 2
+
+
+def test_sample_latents_batch_size_does_not_change_the_samples(pipe):
+    """The default batch (~4k tokens: all 6 here) and batches of 4 give each seed the same sample, in seed order (to
+    float rounding: a matrix product sums in another order at another batch size, measured up to 3e-6)."""
+    embeds, _ = C.encode_prompts(pipe, toy.toy_prompts("eval")[:3])
+    embeds, seeds = embeds[[0, 1, 2, 0, 1, 2]], [5, 6, 7, 8, 9, 10]
+    whole = C.sample_latents(pipe, embeds, seeds, num_steps=3)
+    assert torch.allclose(whole, C.sample_latents(pipe, embeds, seeds, num_steps=3, batch_size=4), atol=1e-5)
+    assert not torch.allclose(whole[0], whole[3])  # the same prompt, another seed: another sample
+
+
+def test_cpu_decode_with_channels_last_weights_gives_the_plain_decode(pipe):
+    """decode_latents makes the decoder's Conv3d weights channels-last on the CPU: the same video as a plain decode by
+    an untouched copy of the VAE, the same weight values, and the VAE still saves and reloads."""
+    import copy
+    z = torch.randn(2, *C.backbone_geometry(pipe)["latent_shape"], generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(pipe.vae)
+    mean, std = C._latent_stats(ref)
+    with torch.no_grad():
+        plain = ref.decode(z * std + mean, return_dict=False)[0].clamp(-1, 1)
+        fast = C.decode_latents(pipe, z)
+    assert torch.allclose(fast, plain, atol=1e-5)
+    convs = [n for n, m in pipe.vae.decoder.named_modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(pipe.vae.decoder.get_submodule(n).weight.is_contiguous(memory_format=torch.channels_last_3d)
+                         for n in convs)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), ref.state_dict().values()))
