@@ -19,7 +19,8 @@ $(BIN)/.installed: requirements.txt
 install: $(BIN)/.installed
 
 # Two lanes, one thread per script (the tiny models gain less from a second thread than from a second process), each
-# lane running its scripts in turn: PRISM before DiNa-LRM, whose toy pairs it builds; the lanes take about as long.
+# lane running its scripts in turn: PRISM builds the toy pairs that DiNa-LRM trains on and whose A side is PRFL's
+# binary set (toy.toy_dataset), so PRFL goes after VELR; the lanes take about as long.
 # Each script's output goes to runs/demo/<m>.log.
 DEMO_LANES := "velr prfl" "prism dina_lrm"
 demo: install

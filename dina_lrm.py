@@ -327,7 +327,8 @@ def reward_model_stage(pipe, heads: dict, data, train_idx, test_idx, args: Args,
         margs, timer = dataclasses.replace(args, loss=loss), rundir.StepTimer(dev)
         params = train_only(tr, name, list(heads.values())) + list(head.parameters())
         g, stage = torch.Generator().manual_seed(args.seed), f"rm-{name}"  # g: sigmas and eps
-        opt, loader = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=args.rm_weight_decay), None
+        # foreach: a CPU's default AdamW loops over the tensors; the same numbers, ~2x faster
+        opt, loader = torch.optim.AdamW(params, lr=args.rm_lr, weight_decay=args.rm_weight_decay, foreach=True), None
         for step in stage_steps(run, stage, args.rm_steps, args, modules=dict(head=head, lora=tr), optimizer=opt,
                                 generators=dict(data=g)):
             if loader is None:  # the first step: a resumed stage's, or 0 (a stale checkpoint is gone by then)
@@ -434,7 +435,7 @@ def run_refl(pipe, head, data, args: Args, run, prompts, summary: dict):
         return loss, (common.gather(r), mid)
     policy = add_policy(pipe, head, args)
     z_before, before = evaluate()
-    opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(policy, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
     gen, timer, loader = torch.Generator().manual_seed(args.seed + 1), rundir.StepTimer(dev), None  # loader: as stage 1
     ema = [p.detach().clone() for p in policy] if args.ema else []  # the policy's EMA, in the stage's checkpoints
     for step in stage_steps(run, "refl", args.tune_steps, args, modules=dict(policy=tr), optimizer=opt,

@@ -305,7 +305,8 @@ def train_pavrm(args, pavrm, data, idx, device, run):
     common.local_batch(torch.empty(batch := max(1, args.rm_batch // 2) if bt else args.rm_batch))  # divides over ranks
     common.shard(pavrm.dit, *[m for m in (pavrm.pool, pavrm.mlp) if m is not None])  # torchrun: FSDP2; else nothing
     opt = torch.optim.AdamW([dict(params=pavrm.dit.blocks.parameters(), lr=args.rm_lr_blocks), dict(
-        params=pavrm.head_parameters(), lr=args.rm_lr_head)], betas=(0.9, 0.999), weight_decay=args.rm_weight_decay)
+        params=pavrm.head_parameters(), lr=args.rm_lr_head)], betas=(0.9, 0.999), weight_decay=args.rm_weight_decay,
+        foreach=True)  # foreach (each AdamW here): a CPU's default loops over the tensors; the same numbers, ~2x faster
     timer, pavrm, pools = rundir.StepTimer(device), pavrm.train(), [idx[data["label"][idx] == c] for c in (1, 0)]
     g = torch.Generator().manual_seed(args.seed)  # sigma, noise: no global RNG; rows: (seed, step) (BT: good, then bad)
     feeds = [dataset.batches(data, keys, batch, args.seed + c, run.start_step("rm"), rows=p)
@@ -388,7 +389,7 @@ def train_prfl(args, pipe, pavrm, sft, null_embed, device, run):
     common.require(world() == 1 or not args.full_finetune, "--full-finetune: one process (its embeddings are unsharded)", 2)
     params, _ = prepare_prfl(args, tr, pavrm), common.shard(tr)  # torchrun: FSDP2 per block, LoRA included; it
     params = [q for q in tr.parameters() if q.requires_grad] if world() > 1 else params  # replaced the parameters
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, foreach=True)
     sigmas = common.sigma_schedule(args.num_steps, args.flow_shift).to(device)
     timer, _, g = rundir.StepTimer(device), tr.train(), torch.Generator().manual_seed(args.seed + 1)  # no global RNG
     # micro-batch j of optimiser step s is batch s * grad_accum + j of the SFT rows: a function of (seed, s, j)

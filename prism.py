@@ -266,7 +266,8 @@ def train_head(args, pipe, head, data, train_idx, run, device):
     --rm-batch pairs, read through dataset.batches (every train pair once per epoch, the order a function of (seed,
     step)). run.steps checkpoints the head, AdamW, the noise generator and the losses: --resume is bit-identical.
     torchrun: each rank reads and trains its share of the global batch (per-pair mean; FSDP2 averages the grads)."""
-    opt = torch.optim.AdamW(head.parameters(), lr=args.rm_lr, weight_decay=args.weight_decay)
+    # foreach: a CPU's default AdamW loops over the tensors; the same numbers, ~2x faster
+    opt = torch.optim.AdamW(head.parameters(), lr=args.rm_lr, weight_decay=args.weight_decay, foreach=True)
     g, B = torch.Generator().manual_seed(args.seed), args.rm_batch * args.grad_accum  # g: noise and t, saved by run.steps
     timer, losses = rundir.StepTimer(device), torch.full((args.rm_steps,), math.nan, dtype=torch.float64)
     steps = min(args.rm_steps, args.max_steps or args.rm_steps)

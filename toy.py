@@ -200,6 +200,13 @@ def build_toy_dataset(pipe, kind: str, n: int, seed: int = 0, generated_fraction
     return tensors, meta
 
 
+def binary_from_pairs(pairs: dict, meta: dict) -> tuple[dict, dict]:
+    """The binary toy set inside a pairs toy set of the same n and seed: its A side, labelled as binary labels are."""
+    tensors = {k: pairs[k] for k in ("prompt_embeds", "prompt_mask", "prompt_idx")}
+    return dict(tensors, latents=pairs["latents_a"][:], label=(pairs["reward_a"] > TOY_GOOD).float()), \
+        dict(meta, kind="binary")
+
+
 def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data", **kw) -> tuple[dict, dict]:
     """build_toy_dataset, cached on disk under cache_dir/<kind>-<n>-<seed>-<weights hash>/ (safetensors).
     The hash of toy_reward's source and of the tiny VAE and transformer weights keeps a cache from an older
@@ -215,14 +222,21 @@ def toy_dataset(pipe, kind: str, n: int, seed: int = 0, cache_dir="runs/toy_data
         fcntl.flock(lock, fcntl.LOCK_EX)  # a parallel run building the same dataset (make demo, xdist): wait, reuse
         if (folder / "meta.json").is_file():
             return dataset.load(folder, kind)
-        print(f"building the toy '{kind}' dataset ({n} rows, seed {seed}) into {folder} (once; later runs reuse it)",
-              flush=True)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # CPU sums differ with the thread count: one thread, the same toy set on every machine
-        try:
-            tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
-        finally:
-            torch.set_num_threads(threads)
+        pairs = folder.with_name(folder.name.replace("binary-", "pairs-", 1))
+        if kind == "binary" and (pairs / "meta.json").is_file():
+            # a pairs set's A side is drawn exactly as the binary set of the same n and seed (the same generator
+            # draws, latents and rewards: build_toy_dataset), so PRFL reuses PRISM's / DiNa-LRM's pairs for free
+            print(f"the toy 'binary' dataset ({n} rows, seed {seed}): the A side of {pairs}", flush=True)
+            tensors, meta = binary_from_pairs(*dataset.load(pairs, "pairs"))
+        else:
+            print(f"building the toy '{kind}' dataset ({n} rows, seed {seed}) into {folder} (once; later runs reuse "
+                  "it)", flush=True)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # CPU sums differ with the thread count: one thread, the same set on any machine
+            try:
+                tensors, meta = build_toy_dataset(pipe, kind, n, seed, **kw)
+            finally:
+                torch.set_num_threads(threads)
         dataset.save(folder, tensors, meta)
         return tensors, meta
 

@@ -347,7 +347,8 @@ def pretrain_lrm(args, data, text_tokens, latent_shape, device, run):
                       args.lrm_layers, seed=args.seed).to(device)
     lrm.set_text_statistics(text_tokens.to(device))
     common.shard(types.SimpleNamespace(blocks=()), *lrm.members)  # torchrun: FSDP2, each member whole (fit_members)
-    opt = torch.optim.AdamW(lrm.parameters(), lr=args.rm_lr, weight_decay=1e-4)
+    # foreach: a CPU's default AdamW loops over the tensors; the same numbers, ~2x faster
+    opt = torch.optim.AdamW(lrm.parameters(), lr=args.rm_lr, weight_decay=1e-4, foreach=True)
     steps = run.steps("rm", args.rm_epochs * max(1, len(train) // (args.rm_batch * args.grad_accum)), dict(lrm=lrm),
                       opt, every=args.checkpoint_every, stop_at=args.max_steps, desc="pretrain LRMs")
     for step, loss in fit_members(lrm, opt, part(z, train), text[train], y[train], steps, args,
@@ -390,7 +391,7 @@ def finetune(args, pipe, lrm, teacher, prompts, embeds, text_tokens, mode: str, 
     params = [p for p in tr.parameters() if p.requires_grad] if common.rank_world()[1] > 1 else params
     glob = lambda t: common.gather((t if t.dim() else t[None]).to(dev)).cpu()  # all ranks' values (NCCL: on GPU)
     opt = torch.optim.AdamW([dict(params=params, lr=args.lr, weight_decay=0.0)] + ([dict(  # moves what has grads
-        params=list(lrm.parameters()), lr=args.align_lr, weight_decay=1e-4)] if align else []))
+        params=list(lrm.parameters()), lr=args.align_lr, weight_decay=1e-4)] if align else []), foreach=True)
     geo = common.backbone_geometry(pipe)  # the latent shape, and the schedule's shift (the checkpoint's)
     shape, sigmas = geo["latent_shape"], common.sigma_schedule(args.num_steps, geo["flow_shift"])
     buffer, g, g_align = ReplayBuffer(args.buffer_size, shape, tr.dtype), torch.Generator(), torch.Generator()

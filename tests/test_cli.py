@@ -1,12 +1,16 @@
 """The four method scripts speak one CLI vocabulary, and --help shows what will run (issue 15)."""
 import importlib
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import common
 import rundir
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["prfl", "velr", "prism", "dina_lrm"]
 SHARED = ["--stage", "--backbone", "--data", "--out-dir", "--seed", "--device", "--dtype", "--height", "--width",
           "--num-frames", "--num-steps", "--guidance-scale", "--eval-samples", "--save-videos", "--max-steps",
@@ -47,3 +51,18 @@ def test_help_shows_the_value_that_runs_on_each_backbone(name, capsys):
     help_text(name, ["--backbone", "wan2.1-1.3b"])
     text = " ".join(capsys.readouterr().out.split())
     assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(str(paper)) + r"\)", text)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_missing_data_ends_the_process_with_one_error_line(name, tmp_path):
+    """The one test per script that checks the process boundary: `python <name>.py` as a user types it. Every other
+    bad-input test runs the same entry point in the test process (conftest's `cli`, no 2.7 s interpreter start-up);
+    this one shows that the exit status and stderr a shell sees are what those tests assert: a data mistake exits 1
+    with an `error:` message naming the cause, no Traceback, no run folder."""
+    for argv, code, names in [(["--data", tmp_path / "nowhere"], 1, "nowhere")]:
+        r = subprocess.run([sys.executable, f"{name}.py", *map(str, argv), "--out-dir", str(tmp_path / "run")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == code, (argv, r.returncode, r.stderr[-2000:])
+        assert r.stderr.startswith(("error:", "usage:")) and names in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -378,6 +379,18 @@ def test_toy_dataset_is_the_same_whatever_the_thread_count(pipe, tmp_path):
     assert all(torch.equal(built[1][k], built[2][k]) for k in built[1])
 
 
+def test_a_binary_toy_set_read_off_cached_pairs_equals_one_built_alone(pipe, tmp_path):
+    """PRFL's binary toy set is taken from PRISM's / DiNa-LRM's pairs set when that is cached (the demo builds it
+    once): it must be the set a fresh build gives, tensor for tensor, with a label of each class."""
+    alone, meta = toy.toy_dataset(pipe, "binary", 16, cache_dir=tmp_path / "alone")
+    toy.toy_dataset(pipe, "pairs", 16, cache_dir=tmp_path / "shared")
+    reused, meta2 = toy.toy_dataset(pipe, "binary", 16, cache_dir=tmp_path / "shared")
+    assert alone.keys() == reused.keys() and all(torch.equal(alone[k], reused[k]) for k in alone), alone.keys()
+    assert meta == meta2 and 0 < reused["label"].mean() < 1
+    folder, = (tmp_path / "shared").glob("binary-16-0-*")
+    assert all(torch.equal(v, dataset.load(folder, "binary")[0][k]) for k, v in reused.items())  # cached as a set
+
+
 # ---------------------------------------------------------------- plumbing
 @dataclasses.dataclass
 class _Args:
@@ -435,23 +448,27 @@ def test_parse_args_refuses_out_of_range_and_non_finite_numbers(argv, capsys):
     assert rundir.parse_args(_RangeArgs, {}, ["--steps", "1", "--lr", "1e-9", "--edges", "0", "1"]).steps == 1
 
 
-def test_cli_prints_user_errors_without_traceback(tmp_path):
-    script = tmp_path / "s.py"
-    script.write_text(
-        "import dataclasses, common, rundir\n"
-        "@dataclasses.dataclass\nclass Args:\n    backbone: str = common.arg('tiny', 'b')\n"
-        "    n: int = common.arg(1, 'n')\n"
-        "def main(args):\n    if args.n < 1: raise common.UserError(f'--n {args.n}: must be >= 1', code=2)\n"
-        "    raise RuntimeError('a bug')\n"
-        "rundir.cli(main, Args, {})\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True, env=env)
-    bad = run("--n", "0")
-    assert bad.returncode == 2 and "error: --n 0: must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
-    debug = run("--n", "0", "--debug")
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
-    bug = run()  # a programming error keeps its traceback
-    assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
+def test_cli_prints_user_errors_without_traceback(cli):
+    """rundir.cli, run in this process as a script's `__main__` line runs it (conftest's `cli`; a subprocess only
+    added 2.7 s of imports): a UserError ends as one `error:` line and its exit code; with --debug, and for a
+    programming error, the exception escapes rundir.cli, which a process prints as a Traceback and exit status 1."""
+    @dataclasses.dataclass
+    class Args:
+        backbone: str = C.arg("tiny", "b")
+        n: int = C.arg(1, "n")
+
+    def main(args):
+        if args.n < 1:
+            raise C.UserError(f"--n {args.n}: must be >= 1", code=2)
+        raise RuntimeError("a bug")
+
+    script = types.SimpleNamespace(__name__="s", main=main, Args=Args, TINY={})
+    code, _, err = cli(script, ["--n", "0"])
+    assert code == 2 and "error: --n 0: must be >= 1" in err and "Traceback" not in err
+    with pytest.raises(C.UserError, match="--n 0: must be >= 1"):  # --debug: its traceback
+        cli(script, ["--n", "0", "--debug"])
+    with pytest.raises(RuntimeError, match="a bug"):  # a programming error keeps its traceback
+        cli(script, [])
 
 
 def test_run_dir_and_atomic_checkpoint(tmp_path):

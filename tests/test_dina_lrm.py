@@ -413,15 +413,14 @@ def test_demo_refl_raises_the_true_toy_reward(demo):
 
 
 # ---------------------------------------------------------------- CLI smoke and saved LoRA
-def test_cli_tune_stage_and_lora_loads(trained, tmp_path, data):
+def test_cli_tune_stage_and_lora_loads(trained, tmp_path, data, cli):
     _, out, _ = trained
-    cmd = [sys.executable, str(ROOT / "dina_lrm.py"), "--stage", "tune", "--reward-ckpt",
-           str(out / "reward_model.safetensors"), "--out-dir", str(tmp_path / "cli"), "--data", data,
-           "--tune-steps", "2", "--batch-size", "2", "--num-steps", "4",
-           "--eval-samples", "12", "--save-videos", "1", "--no-ema"]  # 2 steps: the 8-step EMA would still be B = 0
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "true_reward" in res.stdout
+    argv = ["--stage", "tune", "--reward-ckpt", out / "reward_model.safetensors", "--out-dir", tmp_path / "cli",
+            "--data", data, "--tune-steps", "2", "--batch-size", "2", "--num-steps", "4",
+            "--eval-samples", "12", "--save-videos", "1", "--no-ema"]  # 2 steps: the 8-step EMA would still be B = 0
+    code, stdout, err = cli("dina_lrm", argv, cwd=tmp_path)  # `python dina_lrm.py`, in this process (conftest)
+    assert code == 0, err[-3000:]
+    assert "true_reward" in stdout
     assert (tmp_path / "cli" / "videos" / "after_0.mp4").stat().st_size > 0
     pipe = common.load_backbone("tiny")
     x, e = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 32, 32)
@@ -544,9 +543,10 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("name, make, code, names", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_ends_as_one_error_line(name, make, code, names, tmp_path):
-    """Each bad input through the CLI: exit 2 (a flag) or 1 (data, files), `error:` naming the cause, no traceback,
-    nothing loaded, and the earlier run folder passed as --out-dir and the dataset unchanged byte for byte."""
+def test_bad_input_ends_as_one_error_line(name, make, code, names, tmp_path, cli):
+    """Each bad input through the CLI's entry point (in this process: conftest's `cli`): exit 2 (a flag) or 1 (data,
+    files), `error:` naming the cause, no traceback, nothing loaded, and the earlier run folder passed as --out-dir
+    and the dataset unchanged byte for byte."""
     earlier = tmp_path / "earlier-run"
     write_pairs(earlier / "data")  # any files: args.json, metrics, a safetensors
     (earlier / "args.json").write_text('{"seed": 0}\n')
@@ -554,11 +554,11 @@ def test_bad_input_ends_as_one_error_line(name, make, code, names, tmp_path):
     argv = make(tmp_path)
     argv = ["--out-dir", str(earlier)] * ("--out-dir" not in argv) + argv
     before = [tree_hash(earlier), tree_hash(tmp_path / "data") if (tmp_path / "data").exists() else None]
-    res = run_cli(*argv, cwd=tmp_path)
-    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
-    lines = res.stderr.strip().splitlines()  # progress bars, then the error (a list of rows may follow its line)
+    returncode, _, stderr = cli("dina_lrm", argv, cwd=tmp_path)
+    assert returncode == code, (returncode, stderr[-2000:])
+    lines = stderr.strip().splitlines()  # progress bars, then the error (a list of rows may follow its line)
     first = next((i for i, line in enumerate(lines) if line.startswith(("error:", "dina_lrm.py: error:"))), None)
-    assert first is not None and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert first is not None and "Traceback" not in stderr, stderr[-2000:]
     message = "\n".join(lines[first:])
     assert all(n in message for n in names), message
     assert [tree_hash(earlier), tree_hash(tmp_path / "data") if (tmp_path / "data").exists() else None] == before
@@ -631,13 +631,15 @@ def same_tensors(a, b):
 
 def test_max_steps_then_resume_equals_one_run(trained, tmp_path, data):
     """Each stage stopped by --max-steps, then --resume'd, ends bit-identical to one run: stage 1 (the reward model
-    resumes; the ablation after it reruns from its start) and ReFL (its LoRA, AdamW, generator and EMA)."""
+    resumes; the ablation after it reruns from its start) and ReFL (its LoRA, AdamW, generator and EMA). Bookkeeping,
+    not learning: small batches and 10% held out (six runs of main, each scored)."""
     ckpt = str(trained[1] / "reward_model.safetensors")
     for stage, stop, kw, product, keys in [
-            ("rm", 3, dict(rm_steps=6, ablation=True, eval_sigmas=[0.4]), "reward_model.safetensors",
+            ("rm", 2, dict(rm_steps=4, rm_batch=8, ablation=True, eval_sigmas=[0.4], test_fraction=0.1),
+             "reward_model.safetensors",
              ["acc_sigma_0.4", "acc_ensemble", "ablation_acc_sigma_0.4", "ablation_acc_ensemble"]),
-            ("tune", 9, dict(reward_ckpt=ckpt, tune_steps=10, ema=True, eval_samples=4),  # an EMA update at step 8
-             "policy_lora/pytorch_lora_weights.safetensors", ["dina_reward_gain", "true_reward_gain"])]:
+            ("tune", 9, dict(reward_ckpt=ckpt, tune_steps=10, ema=True, eval_samples=4, batch_size=1),  # an EMA update
+             "policy_lora/pytorch_lora_weights.safetensors", ["dina_reward_gain", "true_reward_gain"])]:  # at step 8
         one = D.main(small_args(tmp_path / f"{stage}-one", data, stage=stage, **kw))
         D.main(small_args(tmp_path / f"{stage}-two", data, stage=stage, max_steps=stop, **kw))
         two = D.main(small_args(tmp_path / f"{stage}-two", data, stage=stage, resume=True, **kw))
@@ -645,13 +647,13 @@ def test_max_steps_then_resume_equals_one_run(trained, tmp_path, data):
         assert all(one[k] == two[k] for k in keys), (stage, one, two)
 
 
-def test_sigint_mid_stage_saves_and_resume_gives_the_same_result(tmp_path, data):
-    argv = ["--data", data, "--stage", "rm", "--rm-steps", "40", "--rm-batch", "8", "--rm-lr", "3e-3", "--ablation",
-            "--test-fraction", "0.25", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4", "--checkpoint-every", "7"]
+def test_sigint_mid_stage_saves_and_resume_gives_the_same_result(tmp_path, data, cli):
+    argv = ["--data", data, "--stage", "rm", "--rm-steps", "20", "--rm-batch", "8", "--rm-lr", "3e-3", "--ablation",
+            "--test-fraction", "0.1", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4", "--checkpoint-every", "7"]
     p = subprocess.Popen([sys.executable, str(ROOT / "dina_lrm.py"), *argv, "--out-dir", str(tmp_path / "r")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     seen = b""
-    while not re.search(rb"rm-ablation:\s+\d+%\|[^|]*\|\s*[1-9]\d*/40", seen):  # the second stage is under way
+    while not re.search(rb"rm-ablation:\s+\d+%\|[^|]*\|\s*[1-9]\d*/20", seen):  # the second stage is under way
         chunk = p.stderr.read1(4096)
         assert chunk, seen.decode(errors="replace")[-2000:]
         seen += chunk
@@ -659,8 +661,8 @@ def test_sigint_mid_stage_saves_and_resume_gives_the_same_result(tmp_path, data)
     err = (seen + p.stderr.read()).decode(errors="replace")
     assert p.wait(timeout=120) == 130 and "Traceback" not in err, err[-2000:]
     assert "SIGINT at step" in err and "stage 'rm-ablation'" in err and "--resume" in err.splitlines()[-1]
-    r = run_cli(*argv, "--out-dir", str(tmp_path / "r"), "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    code, _, err = cli("dina_lrm", [*argv, "--out-dir", tmp_path / "r", "--resume"], cwd=tmp_path)  # in this process
+    assert code == 0, err[-2000:]
     one = D.main(rundir.parse_args(D.Args, D.TINY, [*argv, "--out-dir", str(tmp_path / "one")]))
     two = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert same_tensors(tmp_path / "one" / "reward_model.safetensors", tmp_path / "r" / "reward_model.safetensors")
@@ -677,19 +679,15 @@ def test_an_existing_out_dir_is_refused_without_resume_and_has_its_plots(trained
 
 
 # ---------------------------------------------------------------- the defaults mechanism on the command line
-def run_cli(*argv, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "dina_lrm.py"), *argv], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def test_typed_values_win_on_tiny_even_the_paper_default(tmp_path, data):
+def test_typed_values_win_on_tiny_even_the_paper_default(tmp_path, data, cli):
     # --rm-lr 5e-5, --grad-accum 4 and --gradient-checkpointing are the paper's values, TINY has others: typed, they
-    # must be used. Effect of --grad-accum 4: every logged ReFL step holds 4 micro-batches (4 mid steps).
-    res = run_cli("--data", data, "--out-dir", str(tmp_path / "run"), "--rm-steps", "3", "--rm-lr", "5e-5",
-                  "--no-ablation", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4", "--tune-steps", "2",
-                  "--batch-size", "1", "--grad-accum", "4", "--num-steps", "2", "--eval-samples", "1",
-                  "--save-videos", "0", "--gradient-checkpointing", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # must be used. Effect of --grad-accum 4: the logged ReFL step holds 4 micro-batches (4 mid steps).
+    # `python dina_lrm.py ...` through its entry point, in this process (conftest's `cli`)
+    code, _, err = cli("dina_lrm", ["--data", data, "--out-dir", tmp_path / "run", "--rm-steps", "3", "--rm-lr", "5e-5",
+                                    "--no-ablation", "--eval-sigmas", "0.4", "--ensemble-sigmas", "0.4", "--tune-steps",
+                                    "1", "--batch-size", "1", "--grad-accum", "4", "--num-steps", "2", "--eval-samples",
+                                    "1", "--save-videos", "0", "--gradient-checkpointing"], cwd=tmp_path)
+    assert code == 0, err[-3000:]
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["rm_lr"] == 5e-5 != D.TINY["rm_lr"] and args["grad_accum"] == 4 != D.TINY["grad_accum"]
     assert args["gradient_checkpointing"] is True and args["ablation"] is False
@@ -697,39 +695,40 @@ def test_typed_values_win_on_tiny_even_the_paper_default(tmp_path, data):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "rm-reward"] == [0, 1, 2]
     refl = [r for r in rows if r["stage"] == "refl"]
-    assert len(refl) == 2 and all(len(r["mid_step"]) == 4 for r in refl)
+    assert len(refl) == 1 and all(len(r["mid_step"]) == 4 for r in refl)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "ablation_acc_sigma_0.4" not in summary
 
 
-def test_help_shows_the_effective_tiny_values_and_bad_flags_say_error(tmp_path):
-    res = run_cli("--help", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    text = " ".join(res.stdout.split())
+def test_help_shows_the_effective_tiny_values_and_bad_flags_say_error(tmp_path, cli):
+    code, out, err = cli("dina_lrm", ["--help"], cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    text = " ".join(out.split())
     assert "--toy-size" in text and "~70% are strict" in text  # a % in a help string once crashed --help
     for key in ("tune_steps", "grad_accum", "eval_samples", "rm_lr"):  # the two columns, and tiny's as the default
         tiny, paper = D.TINY[key], getattr(D.Args, key)
         assert tiny != paper and f"[paper: {paper}; tiny: {tiny}] (default: {tiny})" in text, key
-    real = " ".join(run_cli("--backbone", "wan2.1-1.3b", "--help", cwd=tmp_path).stdout.split())
+    real = " ".join(cli("dina_lrm", ["--backbone", "wan2.1-1.3b", "--help"], cwd=tmp_path)[1].split())
     tiny, paper = D.TINY["tune_steps"], D.Args.tune_steps
     assert f"[paper: {paper}; tiny: {tiny}] (default: {paper})" in real
-    bad = run_cli("--stage", "tune", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --stage tune needs --reward-ckpt")
-    assert "Traceback" not in bad.stderr
+    code, _, err = cli("dina_lrm", ["--stage", "tune"], cwd=tmp_path)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --stage tune needs --reward-ckpt"), err
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------- multi-GPU (issue #18): torchrun on CPU (gloo)
-def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, data):
+def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, data, cli):
     """Both stages (and the ablation) under `torchrun --nproc_per_node 2` with FSDP2: one run folder, one reward
     model and one policy LoRA, equal to one process's on the same global batches; the held-out numbers too."""
-    argv = ["dina_lrm.py", "--data", data, "--rm-steps", "2", "--tune-steps", "2", "--max-steps", "2", "--rm-batch",
+    argv = ["--data", data, "--rm-steps", "2", "--tune-steps", "2", "--max-steps", "2", "--rm-batch",
             "4", "--batch-size", "4", "--eval-samples", "4", "--num-steps", "3", "--eval-sigmas", "0.4",
             "--ensemble-sigmas", "0.2", "0.5", "--ablation", "--test-fraction", "0.05", "--save-videos", "0"]
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
-    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
-        r = subprocess.run([sys.executable, *launcher, *argv, "--out-dir", str(tmp_path / out)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = cli("dina_lrm", [*argv, "--out-dir", tmp_path / "one"])  # one process (`python dina_lrm.py`): this
+    assert code == 0, err[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "dina_lrm.py", *argv,
+                        "--out-dir", str(tmp_path / "two")], cwd=ROOT, env=dict(__import__("os").environ,
+                       OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("summary: ") == 1  # rank 1 prints nothing
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 6  # 3 stages x 2 steps, rank 0
     for f in ("reward_model.safetensors", "policy_lora/pytorch_lora_weights.safetensors"):

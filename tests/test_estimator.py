@@ -151,12 +151,18 @@ def _config_only_folder(path, name):
     return path
 
 
-def test_a_folder_backbone_estimates_as_its_hub_name(tmp_path):
+def test_a_folder_backbone_estimates_as_its_hub_name(tmp_path, monkeypatch):
+    # Wan2.1-1.3B's DiT with 2 of its 30 blocks, under the name and in the folder alike (num_layers is read back from
+    # the folder's config.json as every other field is): two fake training steps of the 30 blocks took 40 s on a CPU
+    real = common.WAN_CONFIGS["wan2.1-1.3b"]
+    two_blocks = dict(real, transformer=dict(real["transformer"], num_layers=2))
+    monkeypatch.setitem(common.WAN_CONFIGS, "wan2.1-1.3b", two_blocks)
     folder = _config_only_folder(tmp_path / "Wan2.1-T2V-1.3B", "wan2.1-1.3b")
     cfg = common.backbone_config(str(folder))
+    assert cfg["transformer"]["num_layers"] == 2
     for k in ("height", "width", "num_frames", "flow_shift", "max_sequence_length"):
         assert cfg[k] == common.WAN_CONFIGS["wan2.1-1.3b"][k], k
-    small = dict(height=64, width=64, num_frames=9)  # the real 30-block DiT, a small video: a few seconds
+    small = dict(height=64, width=64, num_frames=9)  # 1.3B's widths and heads, a small video
     by_name = estimate_training_step_of("wan2.1-1.3b", small)
     by_folder = estimate_training_step_of(str(folder), small)
     assert by_folder["peak_bytes"] == by_name["peak_bytes"] and by_folder["flops"] == by_name["flops"]

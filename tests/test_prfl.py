@@ -410,18 +410,19 @@ def test_outputs_saved_and_lora_loads_into_wan_pipeline(demo, shared_toy_cache):
     assert same_tensors(lora, load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")))
 
 
-def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
-    """The CLI on tiny: typed values are the values used, also --eval-samples 16 (the paper's value; TINY's is
-    96); untyped fields take TINY. The chosen loss and pooling reach the checkpoint's metadata and the summary.
-    --max-steps 2 caps both stages (3 PAVRM steps asked); args.json records the size and dtype that ran."""
+def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache, cli):
+    """The CLI on tiny (its entry point, in this process: conftest's `cli`): typed values are the values used, also
+    --eval-samples 16 (the paper's value; TINY's is 384); untyped fields take TINY. The chosen loss and pooling reach
+    the checkpoint's metadata and the summary. --max-steps 2 caps both stages (3 PAVRM steps asked); args.json records
+    the size and dtype that ran."""
     out = tmp_path / "cli"
-    cmd = [sys.executable, "prfl.py", "--out-dir", str(out), "--toy-size", "256", "--toy-cache",
-           str(toy_cache), "--rm-steps", "3", "--tune-steps", "2", "--batch-size", "2", "--eval-samples", "16",
-           "--save-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt", "--max-steps", "2"]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "pavrm_accuracy" in res.stdout and "true_reward" in res.stdout and "pavrm_score" in res.stdout
-    assert "plots: pavrm_accuracy.png, rm.png, tune.png" in res.stdout
+    code, stdout, err = cli("prfl", [
+        "--out-dir", out, "--toy-size", "256", "--toy-cache", toy_cache, "--rm-steps", "3", "--tune-steps", "2",
+        "--batch-size", "2", "--eval-samples", "16", "--save-videos", "1", "--rm-pooling", "mean", "--rm-loss", "bt",
+        "--max-steps", "2"])
+    assert code == 0, err[-2000:]
+    assert "pavrm_accuracy" in stdout and "true_reward" in stdout and "pavrm_score" in stdout
+    assert "plots: pavrm_accuracy.png, rm.png, tune.png" in stdout
     assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in ("pavrm_accuracy.png", "rm.png", "tune.png"))
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((out / "videos").glob("*.mp4"))) == 2  # before + after
@@ -430,14 +431,14 @@ def test_cli_smoke_and_typed_values_win_on_tiny(tmp_path, toy_cache):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["rm"] * 2 + ["tune"] * 2
     assert (args["height"], args["width"], args["num_frames"], args["dtype"]) == (32, 32, 9, "fp32")
-    assert f"fine-tuned lora: {out / 'lora'}/ -> WanPipeline.from_pretrained('tiny').load_lora_weights(" in res.stdout
+    assert f"fine-tuned lora: {out / 'lora'}/ -> WanPipeline.from_pretrained('tiny').load_lora_weights(" in stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert "gain (paired) (n=16)" in res.stdout  # the evaluation ran on the typed 16 samples
+    assert "gain (paired) (n=16)" in stdout  # the evaluation ran on the typed 16 samples
     assert summary["pavrm"] == dict(blocks=8, heads=8, pooling="mean", loss="bt")
     assert prfl.load_pavrm(out / "pavrm.safetensors", common.load_backbone("tiny").transformer).config() == summary["pavrm"]
 
 
-def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys):
+def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys, cli):
     with pytest.raises(SystemExit):
         rundir.parse_args(prfl.Args, prfl.TINY, ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
@@ -445,10 +446,9 @@ def test_help_shows_tiny_values_and_a_user_error_is_one_line(capsys):
     assert f"(default: {tiny['rm_steps']})" in text.split("--rm-steps RM_STEPS")[-1].split("--")[0]
     assert f"[paper: {paper.rm_steps}; tiny: {tiny['rm_steps']}]" in text
     assert f"[paper: {paper.num_steps}; tiny: {tiny['num_steps']}]" in text
-    res = subprocess.run([sys.executable, "prfl.py", "--stage", "tune"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 2 and res.stderr.startswith("error: --stage tune needs --reward-ckpt"), res.stderr
-    assert "Traceback" not in res.stderr
+    code, _, err = cli("prfl", ["--stage", "tune"])  # `python prfl.py --stage tune`, in this process
+    assert code == 2 and err.startswith("error: --stage tune needs --reward-ckpt"), err
+    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------- run folders, checkpoints, resume (issue #14) ----
@@ -504,9 +504,10 @@ def test_each_stage_stopped_by_max_steps_then_resumed_equals_one_run(unbroken, t
     assert same_tensors(before, run_tensors(tmp_path / "r"))
 
 
-def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, toy_cache, tmp_path):
+def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, toy_cache, tmp_path, cli):
     """Ctrl-C in the middle of the PRFL stage of a CLI run: it saves a checkpoint, prints how to resume and exits 130
-    without a traceback; the printed command finishes the run with the unbroken run's tensors and numbers."""
+    without a traceback; the printed command (run through prfl.py's entry point in this process: conftest's `cli`)
+    finishes the run with the unbroken run's tensors and numbers."""
     full, ref = unbroken
     out, flags = tmp_path / "r", [f"--{k.replace('_', '-')}={v}" for k, v in RESUME.items()]
     cmd = [sys.executable, "prfl.py", "--out-dir", str(out), "--toy-cache", str(toy_cache), *flags,
@@ -526,8 +527,8 @@ def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, toy_cache,
         assert 1 <= json.loads(f.metadata()["state"])["step"] < 6  # stopped mid-stage
     resume = shlex.split(err.split("resume with: ")[1].splitlines()[0])
     assert resume[:2] == ["python", "prfl.py"] and resume[-1] == "--resume"
-    res = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, _, err = cli("prfl", resume[2:])  # cwd ROOT, as the subprocess; one thread, as it
+    assert code == 0, err[-2000:]
     assert same_tensors(run_tensors(ref), run_tensors(out))
     assert numbers(json.loads((out / "summary.json").read_text())) == numbers(json.loads(json.dumps(full)))
 
@@ -629,21 +630,20 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_ends_in_one_named_error_and_changes_nothing(case, bad_world):
-    """Every user mistake (issue #19): exit 2 for a flag, 1 for data or files; `error: <cause>` naming the path, row
-    or flag; no traceback; the earlier run folder given as --out-dir and the datasets unchanged byte for byte. Each
-    case fails before the backbone loads (a few seconds: the interpreter's start)."""
+def test_bad_input_ends_in_one_named_error_and_changes_nothing(case, bad_world, cli):
+    """Every user mistake (issue #19), through the CLI's entry point (in this process: conftest's `cli`): exit 2 for a
+    flag, 1 for data or files; `error: <cause>` naming the path, row or flag; no traceback; the earlier run folder
+    given as --out-dir and the datasets unchanged byte for byte. Each case fails before the backbone loads."""
     _, argv, code, names = case
     w = bad_world
     argv = [str(a) for a in argv(w)]
     before = tree_hash(w["root"])
     out = [] if "--out-dir" in argv else ["--out-dir", str(w["run"])]
-    res = subprocess.run([sys.executable, "prfl.py", *argv, *out, "--toy-cache", str(w["root"] / "toy")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
-    assert "error: " in res.stderr and "Traceback" not in res.stderr + res.stdout, res.stderr[-2000:]
+    returncode, stdout, stderr = cli("prfl", [*argv, *out, "--toy-cache", str(w["root"] / "toy")])
+    assert returncode == code, (returncode, stderr[-2000:])
+    assert "error: " in stderr and "Traceback" not in stderr + stdout, stderr[-2000:]
     for name in names:
-        assert name in res.stderr, (name, res.stderr)
+        assert name in stderr, (name, stderr)
     assert tree_hash(w["root"]) == before  # the earlier run folder, the datasets, the files: not a byte changed
     assert not (w["root"] / "toy").exists()
 
@@ -677,7 +677,7 @@ def test_estimate_memory_on_a_folder_at_a_given_size(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- issue #18: torchrun; issue #14: streaming data ----
-def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, toy_cache):
+def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, toy_cache, cli):
     """`torchrun --nproc_per_node 2 prfl.py` on CPU (gloo), both stages, --max-steps 2: one run folder (rank 0 writes)
     with one PAVRM and one LoRA, equal to a single process's with the same arguments (the global batch split over the
     ranks, FSDP2 averaging the gradients; float tolerance: the sums run in another order). 6 evaluation samples: the
@@ -685,12 +685,13 @@ def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, toy_cach
     5.4e-6 (LoRA), the same evaluation numbers to 4 digits."""
     flags = ["--toy-size", "256", "--toy-cache", str(toy_cache), "--rm-steps", "3", "--rm-batch", "8", "--tune-steps",
              "3", "--batch-size", "4", "--eval-samples", "6", "--save-videos", "1", "--max-steps", "2"]
-    env, outs = dict(os.environ, OMP_NUM_THREADS="1"), {}
-    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
-        outs[name] = tmp_path / name
-        res = subprocess.run([sys.executable, *launch, "prfl.py", "--out-dir", str(outs[name]), *flags], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300, env=env)
-        assert res.returncode == 0, res.stderr[-3000:]
+    outs = dict(one=tmp_path / "one", two=tmp_path / "two")
+    code, _, err = cli("prfl", ["--out-dir", outs["one"], *flags])  # one process: `python prfl.py`, in this one
+    assert code == 0, err[-3000:]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "prfl.py",
+                          "--out-dir", str(outs["two"]), *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("run folder:") == 1  # rank 1 prints nothing
     for f in ("pavrm.safetensors", "lora/pytorch_lora_weights.safetensors"):
         one, two = load_file(str(outs["one"] / f)), load_file(str(outs["two"] / f))

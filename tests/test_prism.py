@@ -44,11 +44,6 @@ def small_args(cache, out, **kw):
     return dataclasses.replace(rundir.parse_args(prism.Args, prism.TINY, []), **{**base, **kw})
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, str(ROOT / "prism.py"), *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 # ---------------------------------------------------------------------------------------------- Eqs. (3)-(4)
 def test_rao_kupper_probabilities_sum_to_one_and_match_hand_values():
     g = torch.Generator().manual_seed(0)
@@ -339,11 +334,12 @@ def test_flops_are_counted_per_pass():
 
 
 # ---------------------------------------------------------------------------------------------- CLI, bad input
-def test_cli_smoke(toy_cache, tmp_path):
-    res = run_cli("--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--rm-steps", "3", "--max-steps", "2",
-                  "--eval-timesteps", "499", "--num-steps", "4", "--bon-steps", "1", "4", "--bon-n", "2",
-                  "--eval-samples", "22", "--save-videos", "1", "--out-dir", str(tmp_path / "run"))
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_cli_smoke(toy_cache, tmp_path, cli):  # `python prism.py ...` through its entry point, in this process
+    code, stdout, err = cli("prism", ["--toy-cache", toy_cache, "--toy-size", TOY_PAIRS, "--rm-steps", "3",
+                                      "--max-steps", "2", "--eval-timesteps", "499", "--num-steps", "4", "--bon-steps",
+                                      "1", "4", "--bon-n", "2", "--eval-samples", "22", "--save-videos", "1",
+                                      "--out-dir", tmp_path / "run"])
+    assert code == 0, err[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["train"]["steps"] == 2  # --max-steps caps --rm-steps
     args = json.loads((tmp_path / "run" / "args.json").read_text())
@@ -357,8 +353,8 @@ def test_cli_smoke(toy_cache, tmp_path):
     assert picks["step4"].shape == (22, 16, 3, 4, 4)  # 22 draws over the 21 toy Best-of-N prompts, one pick each
     assert prompts[21] == prompts[0] and len(set(prompts)) == 21  # the prompts are cycled ...
     assert not torch.equal(picks["step4"][0], picks["step4"][21])  # ... the same prompt, another draw of noise
-    assert "w/o ties" in res.stdout
-    assert "plots: accuracy_vs_t.png, bon_gain_vs_k.png, rm.png" in res.stdout and (tmp_path / "run" / "rm.png").is_file()
+    assert "w/o ties" in stdout
+    assert "plots: accuracy_vs_t.png, bon_gain_vs_k.png, rm.png" in stdout and (tmp_path / "run" / "rm.png").is_file()
 
 
 def test_bad_input_fails_early_with_a_message(toy_cache, tmp_path):
@@ -495,9 +491,10 @@ def bad_world(toy_cache, toy_trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case, argv, code, names", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_ends_in_one_error_line_and_touches_nothing(bad_world, tmp_path, case, argv, code, names):
-    """Through the CLI: exit 2 for a bad flag, 1 for bad data or files; `error:` naming the cause; no traceback; the
-    earlier run folder given as --out-dir and the dataset unchanged byte for byte (the failure is before loading)."""
+def test_bad_input_ends_in_one_error_line_and_touches_nothing(bad_world, tmp_path, case, argv, code, names, cli):
+    """Through the CLI's entry point (in this process: conftest's `cli`): exit 2 for a bad flag, 1 for bad data or
+    files; `error:` naming the cause; no traceback; the earlier run folder given as --out-dir and the dataset unchanged
+    byte for byte (the failure is before loading)."""
     scratch, earlier = bad_world
     data = scratch / "good"
     if argv[1:2] == ["{data}"]:
@@ -510,29 +507,30 @@ def test_bad_input_ends_in_one_error_line_and_touches_nothing(bad_world, tmp_pat
     before = tree_hash(earlier), tree_hash(data)
     argv = [a.format(data=data, good=scratch / "good", dir=scratch, earlier=earlier) for a in argv]
     defaults = {"--data": str(scratch / "good"), "--out-dir": str(earlier)}
-    res = run_cli(*argv, *[x for k, v in defaults.items() if k not in argv for x in (k, v)])
-    assert res.returncode == code, (res.returncode, res.stderr[-2000:])
-    assert "error:" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert all(n in res.stderr for n in names), res.stderr[-2000:]
+    returncode, _, stderr = cli("prism", [*argv, *[x for k, v in defaults.items() if k not in argv for x in (k, v)]])
+    assert returncode == code, (returncode, stderr[-2000:])
+    assert "error:" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert all(n in stderr for n in names), stderr[-2000:]
     assert (tree_hash(earlier), tree_hash(data)) == before
 
 
-def test_cli_user_error_is_one_line_before_any_model_loads(tmp_path):
-    res = run_cli("--bon-steps", "60", "--out-dir", str(tmp_path / "run"))
-    assert res.returncode == 2 and res.stderr.startswith("error: --bon-steps [60]"), res.stderr[-2000:]
-    assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
+def test_cli_user_error_is_one_line_before_any_model_loads(tmp_path, cli):
+    code, _, err = cli("prism", ["--bon-steps", "60", "--out-dir", tmp_path / "run"])
+    assert code == 2 and err.startswith("error: --bon-steps [60]"), err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------- one defaults mechanism
-def test_cli_typed_values_win_on_tiny_even_the_papers(toy_cache, tmp_path):
+def test_cli_typed_values_win_on_tiny_even_the_papers(toy_cache, tmp_path, cli):
     """--rm-batch 16, --rm-lr 1e-4 and --guidance-scale 5.0 are the paper's values, where TINY has 32, 1e-3 and 1.0:
-    typed, they are used (the old mechanism silently replaced them). --head-dim, not typed, is TINY's."""
+    typed, they are used (the old mechanism silently replaced them). --head-dim, not typed, is TINY's. (`python
+    prism.py` through its entry point, in this process: conftest's `cli`.)"""
     out = tmp_path / "run"
-    res = run_cli("--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--rm-steps", "3", "--rm-batch", "16",
-                  "--rm-lr", "1e-4", "--guidance-scale", "5.0", "--eval-timesteps", "0", "--num-steps", "2",
-                  "--bon-steps", "2", "--bon-n", "2", "--eval-samples", "3", "--save-videos", "0",
-                  "--out-dir", str(out))
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, err = cli("prism", ["--toy-cache", toy_cache, "--toy-size", TOY_PAIRS, "--rm-steps", "3", "--rm-batch",
+                                 "16", "--rm-lr", "1e-4", "--guidance-scale", "5.0", "--eval-timesteps", "0",
+                                 "--num-steps", "2", "--bon-steps", "2", "--bon-n", "2", "--eval-samples", "3",
+                                 "--save-videos", "0", "--out-dir", out])
+    assert code == 0, err[-3000:]
     args = json.loads((out / "args.json").read_text())
     assert (args["rm_steps"], args["rm_batch"], args["rm_lr"], args["guidance_scale"]) == (3, 16, 1e-4, 5.0)
     assert (args["head_dim"], args["eval_samples"]) == (64, 3)
@@ -544,16 +542,17 @@ def test_cli_typed_values_win_on_tiny_even_the_papers(toy_cache, tmp_path):
     assert load_file(str(out / "bon_picks.safetensors"))["step2"].shape[0] == 3
 
 
-def test_help_shows_the_effective_tiny_value_and_the_papers():
+def test_help_shows_the_effective_tiny_value_and_the_papers(cli):
     def flag(out, name):  # the help entry of one flag, on one line
         return " ".join(next(b for b in re.split(r"\n(?=  --)", out) if b.lstrip().startswith(name + " ")).split())
 
-    tiny = run_cli("--help").stdout
+    code, tiny, _ = cli("prism", ["--help"])
+    assert code == 0
     paper, tiny_steps = prism.Args.rm_steps, prism.TINY["rm_steps"]
     assert f"[paper: {paper}; tiny: {tiny_steps}] (default: {tiny_steps})" in flag(tiny, "--rm-steps"), flag(tiny, "--rm-steps")
     assert f"(default: {prism.TINY['eval_samples']})" in flag(tiny, "--eval-samples")
     assert "(default: None)" in flag(tiny, "--flow-shift")
-    real = run_cli("--backbone", "wan2.1-1.3b", "--help").stdout
+    real = cli("prism", ["--backbone", "wan2.1-1.3b", "--help"])[1]
     assert f"(default: {paper})" in flag(real, "--rm-steps") and "(default: None)" in flag(real, "--eval-samples")
 
 
@@ -620,10 +619,11 @@ def test_stopped_by_max_steps_then_resumed_equals_one_run(toy_cache, tmp_path):
     assert same_tensors(tmp_path / "full/prism_head.safetensors", tmp_path / "part/prism_head.safetensors")
 
 
-def test_sigint_mid_stage_then_the_printed_resume_command_gives_the_unbroken_result(toy_cache, tmp_path):
-    """The CLI gets SIGINT once its first checkpoint exists (step 5 of 150): it saves, prints how to resume and exits
-    130 without a traceback; the printed command finishes the run, whose head equals an unbroken run's."""
-    argv = ["--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--stage", "rm", "--rm-steps", "150",
+def test_sigint_mid_stage_then_the_printed_resume_command_gives_the_unbroken_result(toy_cache, tmp_path, cli):
+    """The CLI gets SIGINT once its first checkpoint exists (step 5 of 60): it saves, prints how to resume and exits
+    130 without a traceback; the printed command (through prism.py's entry point, in this process: conftest's `cli`)
+    finishes the run, whose head equals an unbroken run's."""
+    argv = ["--toy-cache", str(toy_cache), "--toy-size", str(TOY_PAIRS), "--stage", "rm", "--rm-steps", "60",
             "--rm-batch", "8", "--checkpoint-every", "5", "--eval-timesteps", "0"]
     out, ckpt = tmp_path / "run", tmp_path / "run/checkpoints/rm.safetensors"
     with open(tmp_path / "stderr.txt", "w") as err:
@@ -637,11 +637,11 @@ def test_sigint_mid_stage_then_the_printed_resume_command_gives_the_unbroken_res
     err = (tmp_path / "stderr.txt").read_text()
     stop = re.search(r"SIGINT at step (\d+) of stage 'rm': checkpoint saved in (\S+)", err)
     assert p.returncode == 130 and "Traceback" not in err and stop, err[-2000:]
-    assert 5 <= int(stop[1]) < 150 and Path(stop[2]) == ckpt, stop[0]
+    assert 5 <= int(stop[1]) < 60 and Path(stop[2]) == ckpt, stop[0]
     command = err.split("resume with: ")[1].splitlines()[0].split()
-    assert command[0] == "python" and command[-1] == "--resume", command
-    r = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert command[0] == "python" and Path(command[1]).name == "prism.py" and command[-1] == "--resume", command
+    code, _, err = cli("prism", command[2:])  # cwd ROOT, as the subprocess
+    assert code == 0, err[-2000:]
     prism.main(rundir.parse_args(prism.Args, prism.TINY, [*argv, "--out-dir", str(tmp_path / "unbroken")]))
     assert same_tensors(out / "prism_head.safetensors", tmp_path / "unbroken/prism_head.safetensors")
     assert json.loads((out / "summary.json").read_text())["accuracy"] == \

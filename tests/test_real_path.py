@@ -1,7 +1,8 @@
 """The real path, end to end, as a user with a GPU runs it, on the CPU: a diffusers Wan checkpoint *folder* (the tiny
 backbone saved with save_pretrained), mp4 clips on disk at a size other than tiny's default, prepare.py for every
 dataset kind, then every method script through every stage with --backbone <folder> --data <dataset> --max-steps 2
---eval-samples 2 --dtype bf16, and every saved LoRA loaded into WanPipeline.from_pretrained(folder) to generate.
+--eval-samples 2 --dtype bf16 (10 sampler steps, small batches: METHODS), and every saved LoRA loaded into
+WanPipeline.from_pretrained(folder) to generate.
 Nothing here uses the toy world's datasets: the scripts see what a real run sees."""
 import json
 import os
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import prepare
+import rundir
 import toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +59,12 @@ def world(tmp_path_factory):
         manifest = videos / f"{kind}.csv"
         manifest.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in body]) + "\n")
         data[kind] = d / "data" / kind
-        run("prepare.py", "--input", manifest, "--out-dir", data[kind], "--backbone", backbone, *SIZE_FLAGS,
-            *(["--score-source", "human"] if kind == "score" else []))
+        argv = ["--input", manifest, "--out-dir", data[kind], "--backbone", backbone, *SIZE_FLAGS,
+                *(["--score-source", "human"] if kind == "score" else [])]
+        if kind == "binary":  # `python prepare.py ...` as a user runs it
+            run("prepare.py", *argv)
+        else:  # the same parse and main, in this process: a process start (~8 s of imports) each buys nothing more
+            prepare.main(rundir.parse_args(prepare.Args, {}, list(map(str, argv))))
         meta = json.loads((data[kind] / "meta.json").read_text())
         assert (meta["height"], meta["width"], meta["num_frames"]) == (48, 64, 13)
     prompts_txt = d / "prompts.txt"
@@ -78,13 +85,20 @@ def generate_with_lora(backbone, lora_dir):
 
 
 COMMON = ["--max-steps", "2", "--eval-samples", "2", "--dtype", "bf16", "--save-videos", "1"]
+# The paper's sampler steps (40 or 50, with CFG) and batches are most of each run on a CPU in bf16; 10 steps, one
+# micro-batch and small batches run the same code. Measured: PRFL's 40 steps x 5 micro-batches were 55 s of its 65
+# (20 s now); VELR's 50 steps with the gradient window at 15-25 (K = 10) 40 s of 65 (window at 3-5, K = 2); PRISM's 50
+# steps and Best-of-5 at k = 1, 5, 10, 25, 50 (k = 50: the clean latent) 45 s of 78 (Best-of-2 at k = 1, 5, 10);
+# DiNa-LRM's ReFL at its official 40 steps x 4 micro-batches of 16 prompts 2 of its 2.5 CPU minutes
 METHODS = {
-    "prfl": lambda w: ["--data", w["data"]["binary"], "--sft-data", w["data"]["sft"]],
-    "velr": lambda w: ["--data", w["data"]["score"], "--prompts", w["prompts"], "--ensemble-size", "2"],
-    "prism": lambda w: ["--data", w["data"]["pairs"]],
-    # DiNa-LRM's ReFL at its official 40 steps x 4 micro-batches of 16 is 2 of this test's 2.5 CPU minutes (bf16 on a
-    # CPU); 10 steps and one micro-batch run the same code
-    "dina_lrm": lambda w: ["--data", w["data"]["pairs"], "--num-steps", "10", "--grad-accum", "1"],
+    "prfl": lambda w: ["--data", w["data"]["binary"], "--sft-data", w["data"]["sft"], "--num-steps", "10",
+                       "--grad-accum", "1"],
+    "velr": lambda w: ["--data", w["data"]["score"], "--prompts", w["prompts"], "--ensemble-size", "2",
+                       "--num-steps", "10", "--mid-step", "3", "5", "--truncated-steps", "2", "--batch-size", "2"],
+    "prism": lambda w: ["--data", w["data"]["pairs"], "--num-steps", "10", "--bon-steps", "1", "5", "10",
+                        "--bon-n", "2", "--rm-batch", "4"],
+    "dina_lrm": lambda w: ["--data", w["data"]["pairs"], "--num-steps", "10", "--grad-accum", "1", "--batch-size", "2",
+                           "--rm-batch", "4"],
 }
 
 
@@ -103,10 +117,10 @@ def test_every_stage_on_a_folder_backbone_with_prepared_data(method, world):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_a_size_that_conflicts_with_the_data_is_refused_before_loading(method, world, tmp_path):
-    r = subprocess.run([sys.executable, f"{method}.py", "--backbone", str(world["backbone"]),
-                        *map(str, METHODS[method](world)), "--height", "32", "--out-dir", str(tmp_path / "run")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "error:" in r.stderr and "48" in r.stderr and "--height" in r.stderr
+def test_a_size_that_conflicts_with_the_data_is_refused_before_loading(method, world, tmp_path, cli):
+    # `python <method>.py ...` through its entry point, in this process (conftest's `cli`: no interpreter start-up)
+    code, _, err = cli(method, ["--backbone", world["backbone"], *METHODS[method](world), "--height", "32",
+                                "--out-dir", tmp_path / "run"])
+    assert code != 0 and "Traceback" not in err
+    assert "error:" in err and "48" in err and "--height" in err
     assert not (tmp_path / "run").exists()  # a failed start leaves no run folder

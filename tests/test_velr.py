@@ -417,22 +417,21 @@ def test_module_function_teacher(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- CLI, bad input
-def test_cli_smoke_and_lora_loads_into_wan_pipeline(world, tmp_path):
+def test_cli_smoke_and_lora_loads_into_wan_pipeline(world, tmp_path, cli):
     _, _, cache = world
     out, prompts = tmp_path / "run", tmp_path / "eval.txt"
     prompts.write_text("a red patch moving right\na blue patch moving up\n")
     common_flags = ["--toy-size", "256", "--toy-cache", str(cache), "--eval-prompts", str(prompts),
                     "--eval-samples", "2", "--tune-steps", "1"]
-    res = subprocess.run([sys.executable, "velr.py", *common_flags, "--ensemble-size", "2", "--rm-epochs", "1",
-                          "--save-videos", "1", "--compare", "pixel", "--out-dir", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, stdout, err = cli("velr", [*common_flags, "--ensemble-size", "2", "--rm-epochs", "1", "--save-videos", "1",
+                                     "--compare", "pixel", "--out-dir", out])  # `python velr.py`, in this process
+    assert code == 0, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["runs"]) == {"velr", "pixel"} and [r["LRM"] for r in summary["lrm"]] == ["en-1", "en-2"]
-    assert "| velr " in res.stdout and "| pixel " in res.stdout and "gain (paired) (n=2)" in res.stdout
+    assert "| velr " in stdout and "| pixel " in stdout and "gain (paired) (n=2)" in stdout
     assert (out / "lrm.safetensors").is_file() and (out / "videos" / "velr-0.mp4").is_file()
     plots = ["rm.png", "table3.png", "tune-pixel.png", "tune-velr.png"]
-    assert f"(plots: {', '.join(plots)})" in res.stdout and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+    assert f"(plots: {', '.join(plots)})" in stdout and all((out / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
     assert json.loads((out / "args.json").read_text())["num_steps"] == velr.TINY["num_steps"]  # untyped: TINY
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows if r["stage"].startswith("tune")] == ["tune-velr", "tune-pixel"]  # 1 update each
@@ -448,15 +447,15 @@ def test_cli_smoke_and_lora_loads_into_wan_pipeline(world, tmp_path):
     assert list(again["runs"]) == ["velr"] and "lrm" not in again
 
 
-def test_typed_values_win_on_tiny_also_the_papers(world, tmp_path):
+def test_typed_values_win_on_tiny_also_the_papers(world, tmp_path, cli):
     """On tiny, a typed value is the value used, also one equal to the paper's default where TINY differs
-    (--rm-epochs 3; TINY: 8): args.json records it and the number of logged LRM steps follows it."""
+    (--rm-epochs 3; TINY: 8): args.json records it and the number of logged LRM steps follows it. (`python velr.py`
+    through its entry point, in this process: conftest's `cli`.)"""
     _, _, cache = world
     out = tmp_path / "rm"
-    res = subprocess.run([sys.executable, "velr.py", "--stage", "rm", "--toy-size", "256", "--toy-cache", str(cache),
-                          "--ensemble-size", "1", "--rm-epochs", "3", "--rm-batch", "16", "--align-every", "10",
-                          "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, err = cli("velr", ["--stage", "rm", "--toy-size", "256", "--toy-cache", cache, "--ensemble-size", "1",
+                                "--rm-epochs", "3", "--rm-batch", "16", "--align-every", "10", "--out-dir", out])
+    assert code == 0, err[-3000:]
     args = json.loads((out / "args.json").read_text())
     assert all(args[k] == velr.TINY[k] for k in ("rm_lr", "lrm_dim", "num_steps"))  # untyped: TINY
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -464,7 +463,7 @@ def test_typed_values_win_on_tiny_also_the_papers(world, tmp_path):
     assert json.loads((out / "summary.json").read_text())["lrm_en-1_test_mse"] > 0
 
 
-def test_help_shows_the_effective_values(capsys):
+def test_help_shows_the_effective_values(capsys, cli):
     paper, tiny = velr.Args(), velr.TINY
     for argv, rm_epochs in (([], tiny["rm_epochs"]), (["--backbone", "wan2.1-1.3b"], paper.rm_epochs)):
         with pytest.raises(SystemExit):
@@ -472,11 +471,10 @@ def test_help_shows_the_effective_values(capsys):
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         assert f"[paper: {paper.rm_epochs}; tiny: {tiny['rm_epochs']}] (default: {rm_epochs})" in text
         assert f"[paper: {paper.align_every}; tiny: {tiny['align_every']}]" in text  # --align-every, in updates
-    res = subprocess.run([sys.executable, "velr.py", "--mid-step", "6", "9"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    code, _, err = cli("velr", ["--mid-step", "6", "9"])  # `python velr.py --mid-step 6 9`, in this process
     K, N = velr.TINY["truncated_steps"], velr.TINY["num_steps"]
-    assert res.returncode == 2 and res.stderr.startswith(f"error: --mid-step 6 9 with K={K} does not fit {N} steps")
-    assert "Traceback" not in res.stderr
+    assert code == 2 and err.startswith(f"error: --mid-step 6 9 with K={K} does not fit {N} steps"), err
+    assert "Traceback" not in err
 
 
 def test_estimate_memory_runs_the_real_step_functions(monkeypatch, capsys):
@@ -638,9 +636,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_fails_early_with_a_message_and_changes_nothing(case, tmp_path):
-    """Each mistake, through the CLI: `error: <cause>` naming the flag / file / row, exit 2 for flags and 1 for data,
-    no traceback, nothing loaded (it fails in seconds), and the dataset and an earlier run folder unchanged."""
+def test_bad_input_fails_early_with_a_message_and_changes_nothing(case, tmp_path, cli):
+    """Each mistake, through the CLI (its entry point, in this process: conftest's `cli`): `error: <cause>` naming the
+    flag / file / row, exit 2 for flags and 1 for data, no traceback, nothing loaded (it fails in seconds), and the
+    dataset and an earlier run folder unchanged."""
     argv, code, names = BAD[case]
     data = bad_data(tmp_path, {"wrong kind": "kind"}.get(case, case))
     run = tmp_path / "earlier-run"
@@ -657,11 +656,10 @@ def test_bad_input_fails_early_with_a_message_and_changes_nothing(case, tmp_path
     before = dict(data=tree_hash(data), run=tree_hash(run))
     argv = [a.replace("DATA", str(data)).replace("TMP", str(tmp_path)) for a in argv]
     argv += [] if "--out-dir" in argv else ["--out-dir", str(run)]
-    res = subprocess.run([sys.executable, "velr.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert res.returncode == code, res.stderr[-2000:]
-    assert res.stderr.startswith(("error:", "usage:")) and names in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr + res.stdout
+    returncode, out, err = cli("velr", argv)
+    assert returncode == code, err[-2000:]
+    assert err.startswith(("error:", "usage:")) and names in err, err
+    assert "Traceback" not in err + out
     assert dict(data=tree_hash(data), run=tree_hash(run)) == before
 
 
@@ -720,9 +718,10 @@ def test_every_stage_stopped_by_max_steps_then_resumed_equals_one_run(unbroken, 
     assert tree_hash(tmp_path / "r") == before
 
 
-def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, world, tmp_path):
+def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, world, tmp_path, cli):
     """Ctrl-C in VELR's fine-tuning stage of a CLI run: a checkpoint, how to resume, exit 130, no traceback; the
-    printed command finishes the run with the unbroken run's tensors and numbers."""
+    printed command (through velr.py's entry point, in this process: conftest's `cli`) finishes the run with the
+    unbroken run's tensors and numbers."""
     full, ref = unbroken
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in RESUME.items() if k != "compare"]
     out, ckpt = tmp_path / "r", tmp_path / "r" / "checkpoints" / "tune-velr.safetensors"
@@ -742,24 +741,25 @@ def test_sigint_mid_stage_then_resume_gives_the_same_result(unbroken, world, tmp
         assert 1 <= json.loads(f.metadata()["state"])["step"] < 4  # stopped mid-stage
     resume = shlex.split(err.split("resume with: ")[1].splitlines()[0])
     assert resume[:2] == ["python", "velr.py"] and resume[-1] == "--resume"
-    res = subprocess.run([sys.executable, *resume[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, _, err = cli("velr", resume[2:])  # cwd ROOT, as the subprocess; one thread, as it
+    assert code == 0, err[-2000:]
     assert same_tensors(run_tensors(ref), run_tensors(out))
     assert numbers(json.loads((out / "summary.json").read_text())) == numbers(json.loads(json.dumps(full)))
 
 
-def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):
+def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path, cli):
     """Issue #18: `torchrun --nproc_per_node 2 velr.py` on CPU (gloo): LRM pretraining (members sharded whole, each
     rank half of every member's batch) and VELR fine-tuning with online alignment (the LoRA'd blocks sharded, each rank
     half of the prompts, the replay buffer gathered) write one run folder whose ensemble and LoRA equal one process's."""
     flags = ["--toy-cache", str(world[2]), "--toy-size", "256", "--ensemble-size", "2", "--rm-batch", "32",
              "--max-steps", "2", "--batch-size", "2", "--align-every", "1", "--buffer-size", "4", "--eval-samples", "4",
              "--save-videos", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for out, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
-        r = subprocess.run([sys.executable, *launch, "velr.py", "--out-dir", str(tmp_path / out), *flags], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = cli("velr", ["--out-dir", tmp_path / "one", *flags])  # one process: `python velr.py`, this one
+    assert code == 0, err[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "velr.py", "--out-dir",
+                        str(tmp_path / "two"), *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
     one, two = (run_tensors(tmp_path / d) for d in ("one", "two"))
     weights = [k for k in one if k.startswith(("lrm.safetensors", "lora-velr"))]
     assert one.keys() == two.keys() and len(weights) > 300 and sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
