@@ -1,8 +1,8 @@
 """The real path, end to end, as a user with a GPU runs it, on the CPU: a diffusers Wan checkpoint *folder* (the tiny
 backbone saved with save_pretrained), mp4 clips on disk at a size other than tiny's default, prepare.py for every
-dataset kind, then every method script through every stage with --backbone <folder> --data <dataset> --max-steps 2
---eval-samples 2 --dtype bf16 (10 sampler steps, small batches: METHODS), and every saved LoRA loaded into
-WanPipeline.from_pretrained(folder) to generate.
+dataset kind, then every method script (its CLI entry point) through every stage with --backbone <folder> --data
+<dataset> --max-steps 2 --eval-samples 2 --dtype bf16 (10 sampler steps, small batches: METHODS), and every saved
+LoRA loaded into WanPipeline.from_pretrained(folder) to generate.
 Nothing here uses the toy world's datasets: the scripts see what a real run sees."""
 import json
 import os
@@ -103,12 +103,16 @@ METHODS = {
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_every_stage_on_a_folder_backbone_with_prepared_data(method, world):
+def test_every_stage_on_a_folder_backbone_with_prepared_data(method, world, cli):
+    """`python <method>.py --backbone <folder> --data <prepared> ...` through its entry point, in this process
+    (conftest's `cli`: the ~8 s of imports a process start costs buy nothing more; tests/test_cli.py runs each script
+    as a real process, and prepare.py runs as one in `world`)."""
     out = world["root"] / f"run-{method}"
-    r = run(f"{method}.py", "--backbone", world["backbone"], *METHODS[method](world), *COMMON, "--out-dir", out)
+    code, _, err = cli(method, ["--backbone", world["backbone"], *METHODS[method](world), *COMMON, "--out-dir", out])
+    assert code == 0, err[-3000:]
     args = json.loads((out / "args.json").read_text())
     assert (args["height"], args["width"], args["num_frames"]) == (48, 64, 13)  # the data's size, not tiny's
-    assert (out / "summary.json").is_file() and "error" not in r.stderr
+    assert (out / "summary.json").is_file() and "error" not in err
     for lora in sorted(out.glob("**/pytorch_lora_weights.safetensors")):
         generate_with_lora(world["backbone"], lora.parent)
     if method != "prism":  # PRISM fine-tunes nothing: its product is the head and the Best-of-N samples
